@@ -1,0 +1,131 @@
+"""The one error hierarchy of safepoint.
+
+Every error derives from :class:`SafepointError`; where a builtin means the same thing it is
+a base too (``CheckpointNotFound`` is a ``FileNotFoundError``), so ``except OSError`` code
+keeps working. Errors carry typed fields and survive pickling, so they cross process and
+Dask boundaries intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SafepointError(Exception):
+    """Base of every error raised by safepoint.
+
+    Subclasses keep their constructor arguments in ``self._init`` so that pickling (which
+    calls ``cls(*args)``) rebuilds them with every field, not only the message.
+    """
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for key, value in fields.items():
+            setattr(self, key, value)
+        self._fields = fields
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self._fields))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[SafepointError], message: str, fields: dict[str, Any]) -> SafepointError:
+    error = cls.__new__(cls)
+    SafepointError.__init__(error, message, **fields)
+    return error
+
+
+class InvalidName(SafepointError, ValueError):
+    """A checkpoint name or step would escape the store root or is malformed."""
+
+    def __init__(self, message: str, *, name: str = "") -> None:
+        super().__init__(message, name=name)
+
+
+class CheckpointNotFound(SafepointError, FileNotFoundError):
+    """No committed checkpoint matches the request."""
+
+    def __init__(self, message: str, *, name: str = "", step: int | None = None) -> None:
+        super().__init__(message, name=name, step=step)
+
+
+class CorruptCheckpoint(SafepointError):
+    """Stored data failed its integrity check: a checksum, a size, or the manifest's syntax."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "",
+        step: int | None = None,
+        expected: str | None = None,
+        actual: str | None = None,
+    ) -> None:
+        super().__init__(message, path=path, step=step, expected=expected, actual=actual)
+
+
+class UnsafeCheckpoint(SafepointError):
+    """Loading would unpickle (execute) data, and ``allow_pickle=True`` was not given."""
+
+    def __init__(self, message: str, *, path: str = "", leaves: list[str] | None = None) -> None:
+        super().__init__(message, path=path, leaves=leaves or [])
+
+
+class UnsupportedType(SafepointError, TypeError):
+    """A value in a state tree has a type the format cannot store without pickle."""
+
+    def __init__(self, message: str, *, tree_path: str = "", type_name: str = "") -> None:
+        super().__init__(message, tree_path=tree_path, type_name=type_name)
+
+
+class StepExists(SafepointError, FileExistsError):
+    """A save would replace an existing step, or go back before the latest one."""
+
+    def __init__(self, message: str, *, name: str = "", step: int | None = None) -> None:
+        super().__init__(message, name=name, step=step)
+
+
+class SaveFailed(SafepointError, OSError):
+    """A save could not complete; the previous checkpoints are untouched."""
+
+    def __init__(self, message: str, *, name: str = "", step: int | None = None) -> None:
+        super().__init__(message, name=name, step=step)
+
+
+class StaleAttempt(SafepointError):
+    """A newer attempt of this job has started; this older attempt may no longer commit."""
+
+    def __init__(self, message: str, *, name: str = "", attempt: int = 0, current: int = 0) -> None:
+        super().__init__(message, name=name, attempt=attempt, current=current)
+
+
+class StateMismatch(SafepointError, ValueError):
+    """Saved state does not fit the live object or tree it is being restored into."""
+
+    def __init__(self, message: str, *, tree_path: str = "") -> None:
+        super().__init__(message, tree_path=tree_path)
+
+
+class InputChanged(SafepointError):
+    """The input a run was reading has changed since its checkpoint."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message, path=path)
+
+
+__all__ = [
+    "CheckpointNotFound",
+    "CorruptCheckpoint",
+    "InputChanged",
+    "InvalidName",
+    "SafepointError",
+    "SaveFailed",
+    "StaleAttempt",
+    "StateMismatch",
+    "StepExists",
+    "UnsafeCheckpoint",
+    "UnsupportedType",
+]

@@ -1,0 +1,399 @@
+"""State trees to JSON nodes plus raw blobs, and back.
+
+A node is plain JSON. Native JSON values stand for themselves (``null``, booleans, ints,
+finite floats, strings, lists, and objects whose keys are strings other than ``"$"``).
+Everything else is an object tagged with ``"$"``::
+
+    {"$": "tuple", "items": [...]}                    tuple
+    {"$": "dict", "items": [[key, value], ...]}       dict with non-str keys (or a "$" key)
+    {"$": "odict", "items": [[key, value], ...]}      collections.OrderedDict
+    {"$": "float", "bits": "7ff8000000000000"}         nan, inf, -inf (exact bits)
+    {"$": "complex", "bits": "<16 bytes hex>"}
+    {"$": "bytes", "b64": "..."} | {"$": "bytes", "blob": 0}
+    {"$": "ndarray", "dtype": ..., "shape": [...], "order": "C", "b64" | "blob": ...}
+    {"$": "npscalar", "dtype": ..., "b64": "..."}
+    {"$": "leaf", "kind": "torch.Tensor", "attrs": {...}, "array": <ndarray node>}
+    {"$": "pickle", "b64" | "blob": ...}                only with allow_pickle=True
+
+Arrays larger than ``inline_limit`` bytes become blobs: the encoder hands out a view of the
+array's own memory (no copy for C- or Fortran-contiguous arrays), and the decoder builds the
+array directly on the bytes it is given (a read buffer, an mmap, or a caller's array).
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from safepoint.errors import CorruptCheckpoint, UnsafeCheckpoint, UnsupportedType
+from safepoint.format.codecs import LeafCodec, active_codecs, codec_for_kind
+
+INLINE_LIMIT = 4096
+"""Arrays and bytes of at most this many bytes are stored inside the manifest."""
+
+_ML_DTYPES = {
+    "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2",
+    "float8_e5m2fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float4_e2m1fn",
+    "float6_e2m3fn", "float6_e3m2fn", "int2", "int4", "uint2", "uint4",
+}
+
+
+@dataclass
+class BlobRef:
+    """A large leaf to be written as its own blob."""
+
+    data: memoryview  # 1-D bytes view of the leaf's memory
+    tree_path: str
+
+
+def _b64(data: bytes | memoryview) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def encode_dtype(dtype: np.dtype) -> Any:
+    """A JSON description of a numpy dtype that :func:`decode_dtype` rebuilds exactly."""
+    if type(dtype).__module__.startswith("ml_dtypes") or dtype.type.__module__.startswith("ml_dtypes"):
+        return {"ml_dtypes": dtype.name}
+    if dtype.fields is not None:
+        return {"descr": _descr_to_json(dtype.descr), "itemsize": dtype.itemsize,
+                "names": list(dtype.names or ()),
+                "offsets": [dtype.fields[n][1] for n in dtype.names or ()],
+                "formats": [encode_dtype(dtype.fields[n][0]) for n in dtype.names or ()]}
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return {"subdtype": encode_dtype(base), "shape": list(shape)}
+    if dtype.kind == "O":
+        raise TypeError("object arrays")
+    return dtype.str
+
+
+def _descr_to_json(descr: Any) -> Any:
+    return [[name, _descr_to_json(fmt) if isinstance(fmt, list) else fmt, *rest]
+            for name, fmt, *rest in descr]
+
+
+def decode_dtype(spec: Any) -> np.dtype:
+    if isinstance(spec, str):
+        dtype = np.dtype(spec)
+        if dtype.kind == "O":
+            raise CorruptCheckpoint(f"manifest names an object dtype {spec!r}")
+        return dtype
+    if isinstance(spec, dict) and "ml_dtypes" in spec:
+        name = spec["ml_dtypes"]
+        if name not in _ML_DTYPES:
+            raise CorruptCheckpoint(f"unknown ml_dtypes dtype {name!r} in manifest")
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise UnsupportedType(
+                f"this checkpoint holds {name} arrays; install ml_dtypes to load them "
+                "(pip install ml_dtypes, or safepoint[jax])", type_name=name) from exc
+        return np.dtype(getattr(ml_dtypes, name))
+    if isinstance(spec, dict) and "subdtype" in spec:
+        return np.dtype((decode_dtype(spec["subdtype"]), tuple(spec["shape"])))
+    if isinstance(spec, dict) and "names" in spec:
+        return np.dtype({
+            "names": spec["names"],
+            "formats": [decode_dtype(f) for f in spec["formats"]],
+            "offsets": spec["offsets"],
+            "itemsize": spec["itemsize"],
+        })
+    raise CorruptCheckpoint(f"unreadable dtype {spec!r} in manifest")
+
+
+def _float_bits(value: float) -> str:
+    return struct.pack("<d", value).hex()
+
+
+def _bits_float(text: str) -> float:
+    return struct.unpack("<d", bytes.fromhex(text))[0]
+
+
+class Encoder:
+    """Turns one state tree into a JSON node and a list of blobs.
+
+    ``snapshot`` (used by asynchronous saves) is called with each large array and returns
+    the array whose memory is written: a copy in a reusable buffer, so that the caller may
+    change the live array while the write goes on.
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_pickle: bool = False,
+        inline_limit: int = INLINE_LIMIT,
+        snapshot: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        self.allow_pickle = allow_pickle
+        self.inline_limit = inline_limit
+        self.snapshot = snapshot
+        self.blobs: list[BlobRef] = []
+        self.pickled: list[str] = []
+        self._codecs: list[LeafCodec] = active_codecs()
+        self._active: set[int] = set()
+
+    def encode(self, obj: Any, path: str = "state") -> Any:
+        kind = type(obj)
+        if obj is None or kind is bool or kind is int or kind is str:
+            return obj
+        if kind is float:
+            if obj != obj or obj in (float("inf"), float("-inf")):
+                return {"$": "float", "bits": _float_bits(obj)}
+            return obj
+        if kind is complex:
+            return {"$": "complex", "bits": struct.pack("<dd", obj.real, obj.imag).hex()}
+        if kind is bytes or kind is bytearray:
+            tag = "bytes" if kind is bytes else "bytearray"
+            return {"$": tag, **self._data(memoryview(obj), path)}
+        if kind in (list, tuple, dict, OrderedDict):
+            return self._container(obj, path)
+        if isinstance(obj, np.ndarray) and (kind is np.ndarray or isinstance(obj, np.memmap)):
+            return self._ndarray(obj, path)
+        if isinstance(obj, np.generic):
+            return self._npscalar(obj, path)
+        for codec in self._codecs:
+            if codec.matches(obj):
+                array, attrs = codec.to_numpy(obj)
+                return {"$": "leaf", "kind": codec.kind, "attrs": attrs,
+                        "array": self._ndarray(np.asarray(array), path)}
+        return self._pickle(obj, path)
+
+    def _container(self, obj: Any, path: str) -> Any:
+        if id(obj) in self._active:
+            raise UnsupportedType(f"{path}: the state tree contains itself (a cycle)",
+                                  tree_path=path, type_name=type(obj).__name__)
+        self._active.add(id(obj))
+        try:
+            if type(obj) is list:
+                return [self.encode(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+            if type(obj) is tuple:
+                return {"$": "tuple", "items": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
+            plain = type(obj) is dict and all(type(k) is str and k != "$" for k in obj)
+            if plain:
+                return {k: self.encode(v, f"{path}[{k!r}]") for k, v in obj.items()}
+            items = [[self._key(k, path), self.encode(v, f"{path}[{k!r}]")] for k, v in obj.items()]
+            return {"$": "odict" if type(obj) is OrderedDict else "dict", "items": items}
+        finally:
+            self._active.discard(id(obj))
+
+    def _key(self, key: Any, path: str) -> Any:
+        if type(key) in (str, int, float, bool, bytes, tuple) or key is None:
+            return self.encode(key, f"{path} key {key!r}")
+        raise UnsupportedType(
+            f"{path}: cannot store a dict key of type {type(key).__name__} ({key!r}); "
+            "keys may be str, int, float, bool, None, bytes or tuples of those",
+            tree_path=path, type_name=type(key).__name__)
+
+    def _data(self, data: memoryview, path: str) -> dict[str, Any]:
+        if data.nbytes <= self.inline_limit:
+            return {"b64": _b64(data)}
+        self.blobs.append(BlobRef(data.cast("B") if data.ndim != 1 or data.format != "B" else data, path))
+        return {"blob": len(self.blobs) - 1}
+
+    def _ndarray(self, array: np.ndarray, path: str) -> dict[str, Any]:
+        try:
+            dtype = encode_dtype(array.dtype)
+        except TypeError:
+            return self._pickle(array, path)
+        if array.flags.c_contiguous:
+            order, flat = "C", array
+        elif array.flags.f_contiguous:
+            order, flat = "F", array.T
+        else:
+            order, flat = "C", np.ascontiguousarray(array)
+        node: dict[str, Any] = {"$": "ndarray", "dtype": dtype, "shape": list(array.shape), "order": order}
+        if flat.nbytes > self.inline_limit and self.snapshot is not None:
+            flat = self.snapshot(path, flat)
+        node.update(self._data(_bytes_view(flat), path))
+        return node
+
+    def _npscalar(self, value: np.generic, path: str) -> Any:
+        try:
+            dtype = encode_dtype(value.dtype)
+        except TypeError:
+            return self._pickle(value, path)
+        return {"$": "npscalar", "dtype": dtype, "b64": _b64(np.asarray(value).tobytes())}
+
+    def _pickle(self, obj: Any, path: str) -> Any:
+        name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        if not self.allow_pickle:
+            raise UnsupportedType(
+                f"{path}: cannot store a {type(obj).__qualname__} ({name}); a state tree holds "
+                "dicts, lists, tuples, None, bool, int, float, complex, str, bytes, numpy "
+                "arrays and scalars (and torch/jax arrays); convert it, give it "
+                "state_dict()/load_state_dict(), or pass allow_pickle=True to save and load "
+                "it with pickle",
+                tree_path=path, type_name=name)
+        self.pickled.append(path)
+        data = pickle.dumps(obj, protocol=5)
+        return {"$": "pickle", "type": name, **self._data(memoryview(data), path)}
+
+
+def _bytes_view(array: np.ndarray) -> memoryview:
+    """The memory of a contiguous array as a 1-D byte view, without copying."""
+    if array.nbytes == 0:
+        return memoryview(b"")
+    try:
+        return memoryview(array).cast("B")
+    except (TypeError, ValueError):  # dtypes the buffer protocol cannot express
+        return memoryview(array.reshape(-1).view(np.uint8))
+
+
+class Decoder:
+    """Rebuilds a state tree from a node; ``load_blob(i)`` supplies blob ``i``'s bytes.
+
+    ``load_blob(i, into)`` may read straight into ``into`` (a writable byte view of an
+    existing array, see ``target``) and must then return it.
+    """
+
+    def __init__(
+        self,
+        load_blob: Callable[[int, memoryview | None], memoryview | np.ndarray],
+        *,
+        allow_pickle: bool = False,
+    ) -> None:
+        self.load_blob = load_blob
+        self.allow_pickle = allow_pickle
+
+    def decode(self, node: Any, target: Any = None) -> Any:
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            targets = target if isinstance(target, (list, tuple)) and len(target) == len(node) else None
+            return [self.decode(v, targets[i] if targets else None) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            raise CorruptCheckpoint(f"unexpected node {node!r} in manifest")
+        tag = node.get("$")
+        if tag is None:
+            sub = target if isinstance(target, dict) else {}
+            return {k: self.decode(v, sub.get(k)) for k, v in node.items()}
+        handler = getattr(self, f"_decode_{tag}", None)
+        if handler is None:
+            raise CorruptCheckpoint(f"unknown node type {tag!r} in manifest; a newer safepoint may have written it")
+        return handler(node, target)
+
+    def _decode_tuple(self, node: dict[str, Any], target: Any) -> tuple[Any, ...]:
+        items = node["items"]
+        targets = target if isinstance(target, (list, tuple)) and len(target) == len(items) else None
+        return tuple(self.decode(v, targets[i] if targets else None) for i, v in enumerate(items))
+
+    def _pairs(self, node: dict[str, Any], target: Any) -> list[tuple[Any, Any]]:
+        sub = target if isinstance(target, dict) else {}
+        pairs = []
+        for k, v in node["items"]:
+            key = self.decode(k)
+            pairs.append((key, self.decode(v, sub.get(key) if _hashable(key) else None)))
+        return pairs
+
+    def _decode_dict(self, node: dict[str, Any], target: Any) -> dict[Any, Any]:
+        return dict(self._pairs(node, target))
+
+    def _decode_odict(self, node: dict[str, Any], target: Any) -> OrderedDict[Any, Any]:
+        return OrderedDict(self._pairs(node, target))
+
+    def _decode_float(self, node: dict[str, Any], target: Any) -> float:
+        return _bits_float(node["bits"])
+
+    def _decode_complex(self, node: dict[str, Any], target: Any) -> complex:
+        real, imag = struct.unpack("<dd", bytes.fromhex(node["bits"]))
+        return complex(real, imag)
+
+    def _raw(self, node: dict[str, Any], into: memoryview | None = None) -> memoryview | np.ndarray | bytes:
+        if "b64" in node:
+            return _unb64(node["b64"])
+        return self.load_blob(int(node["blob"]), into)
+
+    def _decode_bytes(self, node: dict[str, Any], target: Any) -> bytes:
+        return bytes(self._raw(node))
+
+    def _decode_bytearray(self, node: dict[str, Any], target: Any) -> bytearray:
+        return bytearray(self._raw(node))
+
+    def _decode_ndarray(self, node: dict[str, Any], target: Any) -> np.ndarray:
+        dtype = decode_dtype(node["dtype"])
+        shape = tuple(int(n) for n in node["shape"])
+        order = node.get("order", "C")
+        stored_shape = shape[::-1] if order == "F" else shape
+        into = None
+        if (
+            isinstance(target, np.ndarray)
+            and target.dtype == dtype
+            and target.shape == shape
+            and target.flags.writeable
+            and (target.flags.c_contiguous if order == "C" else target.flags.f_contiguous)
+            and "blob" in node
+        ):
+            into = _bytes_view(target if order == "C" else target.T)
+        raw = self._raw(node, into)
+        if into is not None and raw is into:
+            return target
+        count = int(np.prod(stored_shape, dtype=np.int64))
+        expected = count * dtype.itemsize
+        buffer = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+        if buffer.nbytes != expected:
+            raise CorruptCheckpoint(f"array data has {buffer.nbytes} bytes, expected {expected}")
+        array = buffer.view(dtype) if expected else np.empty(0, dtype)
+        array = array.reshape(stored_shape)
+        return array.T if order == "F" else array
+
+    def _decode_npscalar(self, node: dict[str, Any], target: Any) -> np.generic:
+        dtype = decode_dtype(node["dtype"])
+        return np.frombuffer(_unb64(node["b64"]), dtype=dtype, count=1)[0].copy()
+
+    def _decode_leaf(self, node: dict[str, Any], target: Any) -> Any:
+        array = self._decode_ndarray(node["array"], None)
+        try:
+            codec = codec_for_kind(node["kind"])
+        except (KeyError, ImportError) as exc:
+            raise UnsupportedType(
+                f"this checkpoint holds {node['kind']} leaves; install the framework to load them",
+                type_name=node["kind"]) from exc
+        return codec.from_numpy(array, node.get("attrs") or {})
+
+    def _decode_pickle(self, node: dict[str, Any], target: Any) -> Any:
+        if not self.allow_pickle:
+            raise UnsafeCheckpoint(
+                f"the checkpoint holds a pickled {node.get('type', 'object')}; loading it would "
+                "run code from the checkpoint. Pass allow_pickle=True only if you trust it")
+        return pickle.loads(bytes(self._raw(node)))
+
+
+def _hashable(key: Any) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def pickled_paths(node: Any, path: str = "state") -> list[str]:
+    """Tree paths of the pickled leaves in a node, found without decoding anything."""
+    found: list[str] = []
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            found += pickled_paths(v, f"{path}[{i}]")
+    elif isinstance(node, dict):
+        tag = node.get("$")
+        if tag == "pickle":
+            found.append(path)
+        elif tag is None:
+            for k, v in node.items():
+                found += pickled_paths(v, f"{path}[{k!r}]")
+        elif tag in ("tuple",):
+            for i, v in enumerate(node["items"]):
+                found += pickled_paths(v, f"{path}[{i}]")
+        elif tag in ("dict", "odict"):
+            for k, v in node["items"]:
+                found += pickled_paths(k, f"{path} key") + pickled_paths(v, f"{path}[{k!r}]")
+    return found
