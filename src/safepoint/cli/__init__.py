@@ -1,0 +1,30 @@
+"""Layer 8: the ``safepoint`` command line.
+
+Commands live in focused modules that each register on :data:`app`:
+``inspect`` (ls, show, verify, rm, gc) and ``jobs`` (run, demo).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="safepoint",
+    help="Crash-safe checkpoints: list, inspect, verify and clean them; run jobs that resume.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+for _module in ("safepoint.cli.inspect", "safepoint.cli.jobs"):
+    try:
+        importlib.import_module(_module)
+    except ModuleNotFoundError as _exc:  # a command module not written yet
+        if _exc.name != _module:
+            raise
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
