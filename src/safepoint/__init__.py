@@ -15,6 +15,7 @@ from safepoint.errors import (
     UnsafeCheckpoint,
     UnsupportedType,
 )
+from safepoint.flow import Flow
 from safepoint.stateful import GlobalRNG, Stateful
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "Checkpointer",
     "CorruptCheckpoint",
     "CorruptCheckpointWarning",
+    "Flow",
     "GlobalRNG",
     "InputChanged",
     "InvalidName",

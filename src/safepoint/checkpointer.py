@@ -6,13 +6,17 @@ Layout in the store::
     <name>/<step, 12 digits>/<save id>-<i>.bin one raw blob per large array
 
 A step is visible only once its manifest is committed. Folders and blobs that no manifest
-names are leftovers of crashed saves: reads never see them, and ``gc`` (or the next save
-under the same name) removes them.
+names are leftovers of crashed saves: reads never see them; ``gc`` removes them, and so does
+the first save of a Checkpointer for those older than :data:`LEFTOVER_MIN_AGE`.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -34,6 +38,7 @@ from safepoint.errors import (
 from safepoint.format import (
     MANIFEST,
     Manifest,
+    json_copy,
     load_tree,
     prepare,
     read_manifest,
@@ -42,6 +47,13 @@ from safepoint.format import (
 )
 from safepoint.stateful import capture, restore_into
 from safepoint.store import Location, Store, check_name, open_store
+
+LEFTOVER_MIN_AGE = 3600.0
+"""Seconds after which the first save of a Checkpointer removes crash leftovers by itself.
+
+Younger ones may belong to a save in flight in another process (a job attempt being taken
+over), so only an explicit ``gc()`` removes them.
+"""
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -63,8 +75,14 @@ def split_location(name: str, location: Location) -> tuple[str, Location]:
         root, _, base = name.rstrip("/").rpartition("/")
         if root.endswith(":/"):  # "s3://bucket" has no name part
             raise InvalidName(f"{name!r}: give a name after the bucket, e.g. {name.rstrip('/')}/job", name=name)
-        return base, root or "/"
+        if not root:  # "/exp1" is exp1 in "/", "exp1/" is just exp1
+            return base, "/" if name.startswith("/") else None
+        return base, root
     return name, location
+
+
+def _is_step_folder(entry: str) -> bool:
+    return entry.isascii() and entry.isdigit()
 
 
 def _check_step(step: Any) -> int:
@@ -77,7 +95,7 @@ def list_steps(store: Store, name: str) -> list[int]:
     """Committed steps of ``name`` (folders with a manifest), ascending."""
     steps = []
     for entry in store.list(name):
-        if entry.isdigit() and store.exists(f"{name}/{entry}/{MANIFEST}"):
+        if _is_step_folder(entry) and store.exists(f"{name}/{entry}/{MANIFEST}"):
             steps.append(int(entry))
     return sorted(steps)
 
@@ -92,7 +110,7 @@ def list_names(store: Store) -> list[str]:
             check_name(entry)
         except InvalidName:
             continue
-        if any(e.isdigit() for e in store.list(entry)):
+        if any(_is_step_folder(e) for e in store.list(entry)):
             names.append(entry)
     return names
 
@@ -117,12 +135,12 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
         return mtime is None or now - mtime >= min_age
 
     for entry in store.list(name):
-        if not entry.isdigit():
+        if not _is_step_folder(entry):
             continue
         folder = f"{name}/{entry}"
         files = store.list(folder)
         if MANIFEST not in files:
-            if all(old(f"{folder}/{f}") for f in files):
+            if old(folder) and all(old(f"{folder}/{f}") for f in files):
                 store.delete(folder)
                 removed.append(folder)
             continue
@@ -177,10 +195,11 @@ class Checkpointer:
         handle_preemption: bool = False,
         fence: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         name, location = split_location(name, location)
         self.name = check_name(name)
-        self.store = open_store(location)
+        self.store = open_store(location, storage_options=storage_options)
         for label, value in (("keep", keep), ("keep_every", keep_every), ("keep_best", keep_best)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{label} must be a positive int or None, not {value!r}")
@@ -197,7 +216,7 @@ class Checkpointer:
         self.fence = fence
         self._clock = clock
         self._last_save_time = clock()
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers: dict[int, np.ndarray] = {}  # async snapshot buffers, by blob index
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -251,25 +270,26 @@ class Checkpointer:
                 f"{self.name!r} step {step} {what} in {self.store.url}; pass overwrite=True to "
                 "replace it, or save a newer step", name=self.name, step=step)
         tree = capture(state)
+        # An asynchronous save copies what the caller may change (arrays, bytearrays) into
+        # buffers reused across saves; bytes and pickles are immutable already.
         snapshot = None if blocking else self._snapshot
         prepared = prepare(tree, allow_pickle=self.allow_pickle, snapshot=snapshot)
-        if not blocking and prepared.blobs:
-            # Blobs not routed through a snapshot buffer (bytes, pickles) are immutable copies.
-            pass
+        metadata, extra = json_copy(metadata, "metadata"), json_copy(extra, "extra")
         request = _SaveRequest(step, prepared, metadata, overwrite, extra)
         self._last_save_time = self._clock()
         if blocking:
             self._write(request)
             return
+        _report_lost_errors_at_exit()
         self._thread = threading.Thread(
             target=self._write_in_background, args=(request,), name=f"safepoint-save-{self.name}")
         self._thread.start()
 
-    def _snapshot(self, path: str, array: np.ndarray) -> np.ndarray:
-        buffer = self._buffers.get(path)
+    def _snapshot(self, index: int, array: np.ndarray) -> np.ndarray:
+        buffer = self._buffers.get(index)
         if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
             buffer = np.empty_like(array, order="C")
-            self._buffers[path] = buffer
+            self._buffers[index] = buffer
         np.copyto(buffer, array, casting="no")
         return buffer
 
@@ -281,9 +301,10 @@ class Checkpointer:
 
     def _write(self, request: _SaveRequest) -> None:
         with self._lock:
-            if not self._cleaned:
-                collect_garbage(self.store, self.name)
-                self._cleaned = True
+            if not self._cleaned:  # housekeeping: never a reason to fail the save
+                with contextlib.suppress(OSError, CorruptCheckpoint):
+                    collect_garbage(self.store, self.name, min_age=LEFTOVER_MIN_AGE)
+                    self._cleaned = True
             folder = step_key(self.name, request.step)
             manifest = write_checkpoint(
                 self.store, folder, request.prepared, name=self.name, step=request.step,
@@ -316,6 +337,7 @@ class Checkpointer:
     # --------------------------------------------------------------- retention
 
     def _remember_metric(self, step: int, metadata: dict[str, Any]) -> None:
+        self._metrics.pop(step, None)  # an overwritten step may no longer have the metric
         if self.best_metric and self.best_metric in metadata:
             try:
                 self._metrics[step] = float(metadata[self.best_metric])
@@ -478,3 +500,20 @@ class Checkpointer:
 
 
 _live: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+@functools.cache
+def _report_lost_errors_at_exit() -> None:
+    """Once per process, at the first asynchronous save: register the exit report."""
+    atexit.register(_report_lost_errors)
+
+
+def _report_lost_errors() -> None:
+    # Runs after the interpreter has joined the save threads (they are not daemons, so a
+    # save in flight always completes). An error nobody collected with wait() is printed
+    # rather than lost.
+    for checkpointer in list(_live):
+        error = checkpointer._error
+        if error is not None:
+            print(f"safepoint: the asynchronous save of {checkpointer.name!r} failed and "
+                  f"nobody called wait() to see it: {error}", file=sys.stderr)

@@ -26,7 +26,10 @@ class SafepointError(Exception):
         self._fields = fields
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.message, self._fields))
+        # Read the fields back from the attributes: code may update one after raising
+        # (e.g. the step of a CorruptCheckpoint), and the copy must carry the new value.
+        fields = {key: getattr(self, key) for key in self._fields}
+        return (_rebuild, (type(self), self.message, fields))
 
     def __str__(self) -> str:
         return self.message
@@ -89,10 +92,16 @@ class StepExists(SafepointError, FileExistsError):
 
 
 class SaveFailed(SafepointError, OSError):
-    """A save could not complete; the previous checkpoints are untouched."""
+    """A save could not complete; the previous checkpoints are untouched.
 
-    def __init__(self, message: str, *, name: str = "", step: int | None = None) -> None:
-        super().__init__(message, name=name, step=step)
+    ``errno`` is the error number of the underlying ``OSError`` (``errno.ENOSPC`` when the
+    disk is full), or None.
+    """
+
+    def __init__(
+        self, message: str, *, name: str = "", step: int | None = None, errno: int | None = None
+    ) -> None:
+        super().__init__(message, name=name, step=step, errno=errno)
 
 
 class StaleAttempt(SafepointError):

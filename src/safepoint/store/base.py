@@ -1,7 +1,9 @@
 """The storage protocol: where a checkpoint's bytes live.
 
 A store maps keys (``"name/000000000012/manifest.json"``, always ``/``-separated and
-relative to the store root) to bytes. No other layer touches files directly.
+relative to the store root) to bytes. No other layer touches files directly. Every
+component of a key passes :func:`check_name`, so no key leaves the root; the empty key
+``""`` is the root itself, which ``stat``, ``exists``, ``list`` and ``delete`` accept.
 
 The commit protocol every backend follows, and every reader relies on:
 
@@ -39,7 +41,7 @@ def check_name(name: str, what: str = "name") -> str:
     """
     if not isinstance(name, str):
         raise InvalidName(f"{what} must be a str, not {type(name).__name__}", name=repr(name))
-    if not _COMPONENT.match(name) or ".." in name:
+    if not _COMPONENT.fullmatch(name) or ".." in name:
         raise InvalidName(
             f"invalid {what} {name!r}: use letters, digits, '_', '-' and '.', "
             "starting with a letter, digit or '_' (no path separators, no '..')",

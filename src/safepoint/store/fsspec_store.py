@@ -21,9 +21,16 @@ _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory",
 
 
 class FsspecStore(Store):
-    """Keys are objects under ``url`` on an fsspec filesystem."""
+    """Keys are objects under ``url`` on an fsspec filesystem.
+
+    ``storage_options`` go to the filesystem (e.g. ``client_kwargs={"endpoint_url": ...}``
+    for an S3-compatible server). Listings are not cached (``use_listings_cache=False``
+    unless given): another process may commit a checkpoint at any time, and ``list``,
+    ``exists`` and reads must see it.
+    """
 
     def __init__(self, url: str, **storage_options: Any) -> None:
+        storage_options.setdefault("use_listings_cache", False)
         self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
         self.root = root.rstrip("/")
         self.url = url
@@ -33,13 +40,16 @@ class FsspecStore(Store):
     def _path(self, key: str) -> str:
         return f"{self.root}/{check_key(key)}" if key else self.root
 
+    def _file(self, key: str) -> str:
+        return f"{self.root}/{check_key(key)}"  # values live under the root, never at it
+
     def write_blob(self, key: str, chunks: Iterable[Buffer], *, durable: bool) -> None:
-        with self.fs.open(self._path(key), "wb") as f:
+        with self.fs.open(self._file(key), "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
 
     def commit(self, key: str, data: bytes, *, durable: bool) -> None:
-        path = self._path(key)
+        path = self._file(key)
         if self._atomic_put:
             self.fs.pipe_file(path, bytes(data))
             return
@@ -49,7 +59,7 @@ class FsspecStore(Store):
         self.fs.mv(tmp, path)
 
     def create(self, key: str, data: bytes, *, durable: bool) -> bool:
-        path = self._path(key)
+        path = self._file(key)
         try:
             with self.fs.open(path, "xb") as f:
                 f.write(data)
@@ -65,11 +75,11 @@ class FsspecStore(Store):
             return True
 
     def read(self, key: str) -> bytes:
-        return self.fs.cat_file(self._path(key))
+        return self.fs.cat_file(self._file(key))
 
     def read_into(self, key: str, out: memoryview) -> int:
         view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
-        with self.fs.open(self._path(key), "rb") as f:
+        with self.fs.open(self._file(key), "rb") as f:
             size = f.size if hasattr(f, "size") else None
             n = 0
             while n < len(view):
@@ -89,12 +99,11 @@ class FsspecStore(Store):
     def list(self, prefix: str = "") -> list[str]:
         path = self._path(prefix)
         try:
-            entries = self.fs.ls(path, detail=False, refresh=True)
-        except TypeError:
             entries = self.fs.ls(path, detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        # Listing a file gives the file itself: a file has nothing under it.
+        names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries if str(e).rstrip("/") != path}
         names.discard("")
         return sorted(names)
 

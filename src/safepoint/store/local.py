@@ -42,8 +42,12 @@ class LocalStore(Store):
         self.url = str(self.root)
 
     def path(self, key: str) -> Path:
-        """The file behind ``key`` (validated so that it cannot leave the root)."""
+        """The file behind ``key`` (validated so that it cannot leave the root); ``""`` is
+        the root itself."""
         return self.root / check_key(key) if key else self.root
+
+    def _file(self, key: str) -> Path:
+        return self.root / check_key(key)  # values live under the root, never at it
 
     def _ensure_parent(self, path: Path, durable: bool) -> None:
         parent = path.parent
@@ -60,7 +64,7 @@ class LocalStore(Store):
                 fsync_dir(directory.parent)
 
     def write_blob(self, key: str, chunks: Iterable[Buffer], *, durable: bool) -> None:
-        path = self.path(key)
+        path = self._file(key)
         self._ensure_parent(path, durable)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -72,7 +76,7 @@ class LocalStore(Store):
             os.close(fd)
 
     def commit(self, key: str, data: bytes, *, durable: bool) -> None:
-        path = self.path(key)
+        path = self._file(key)
         self._ensure_parent(path, durable)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
         try:
@@ -92,33 +96,34 @@ class LocalStore(Store):
             fsync_dir(path.parent)
 
     def create(self, key: str, data: bytes, *, durable: bool) -> bool:
-        path = self.path(key)
+        path = self._file(key)
         self._ensure_parent(path, durable)
         # Write a temp file, then link() it into place: link fails if the name exists, so
         # the value appears complete or not at all, and only one creator wins.
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_all(fd, memoryview(data))
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, memoryview(data))
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.link(tmp, path)
         except FileExistsError:
             return False
         finally:
-            tmp.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         if durable:
             fsync_dir(path.parent)
         return True
 
     def read(self, key: str) -> bytes:
-        return self.path(key).read_bytes()
+        return self._file(key).read_bytes()
 
     def read_into(self, key: str, out: memoryview) -> int:
-        with open(self.path(key), "rb", buffering=0) as f:
+        with open(self._file(key), "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
             n, total = 0, min(size, len(view))
@@ -130,7 +135,7 @@ class LocalStore(Store):
             return size
 
     def map(self, key: str) -> memoryview | None:
-        with open(self.path(key), "rb") as f:
+        with open(self._file(key), "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return memoryview(b"")
             return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))

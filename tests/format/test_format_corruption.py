@@ -1,0 +1,186 @@
+"""Damage to any byte of a checkpoint is detected, every time.
+
+A small checkpoint (a manifest of about 2 KB and one blob of about 4 KB) is damaged at every
+byte position (XOR 0x01 and 0xFF) and truncated at every length. Each time,
+``restore(step=2)`` raises CorruptCheckpoint naming the damaged file, and ``restore()``
+warns and falls back to the intact step 1, exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from safepoint.checkpointer import Checkpointer, CorruptCheckpointWarning
+from safepoint.errors import CorruptCheckpoint
+from safepoint.format import INLINE_LIMIT, MANIFEST, checksum, verify_checkpoint
+from safepoint.store import LocalStore
+
+
+def _state(step: int) -> dict[str, object]:
+    return {
+        "step": step,
+        "weights": np.arange(INLINE_LIMIT // 8 + 20, dtype=np.float64) * step,  # one blob
+        "bias": np.full(40, step, dtype=np.int32),  # inline
+        "names": ["alpha", "beta", ("gamma", step)],
+        "nested": {"lr": 0.001 * step, "nan": float("nan"), 7: b"seven"},
+    }
+
+
+@pytest.fixture
+def damaged(tmp_path: Path) -> Iterator[tuple[Checkpointer, Path]]:
+    store = LocalStore(tmp_path)
+    ckpt = Checkpointer("job", location=store)
+    ckpt.save(1, _state(1), metadata={"note": "intact"})
+    ckpt.save(2, _state(2), metadata={"note": "to be damaged"})
+    yield ckpt, tmp_path / "job" / "000000000002"
+
+
+STEP1 = _state(1)
+
+
+def _corrupt_error(ckpt: Checkpointer, step: int) -> CorruptCheckpoint:
+    """The error of ``restore(step=step)``, which must be CorruptCheckpoint (a plain try:
+    pytest.raises is slow for sweeps of thousands of cases)."""
+    try:
+        ckpt.restore(step=step)
+    except CorruptCheckpoint as error:
+        return error
+    raise AssertionError(f"restore(step={step}) accepted damaged data")
+
+
+def _expected_step1(ckpt: Checkpointer) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = ckpt.restore()
+    assert restored.step == 1
+    assert [w.category for w in caught] == [CorruptCheckpointWarning]
+    assert "step 2" in str(caught[0].message)
+    state = restored.state
+    assert state["step"] == 1 and restored.metadata == {"note": "intact"}
+    assert np.array_equal(state["weights"], STEP1["weights"])
+    assert np.array_equal(state["bias"], STEP1["bias"])
+
+
+def _damage_in_place(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Damage ``path`` one way at a time, in place, and yield (what, damaged contents);
+    the file is whole again afterwards. (Rewriting the file for each case would be slow:
+    file systems flush a file that is truncated and rewritten.)"""
+    original = path.read_bytes()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for position in range(len(original)):
+            for mask in (0x01, 0xFF):
+                damaged = bytearray(original)
+                damaged[position] ^= mask
+                os.pwrite(fd, damaged[position : position + 1], position)
+                yield f"byte {position} ^ {mask:#04x}", bytes(damaged)
+            os.pwrite(fd, original[position : position + 1], position)
+        for length in reversed(range(len(original))):
+            os.ftruncate(fd, length)
+            yield f"truncated to {length}", original[:length]
+        os.pwrite(fd, original, 0)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == original
+
+
+def _files(folder: Path) -> list[Path]:
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files if f.name != MANIFEST] and (folder / MANIFEST) in files
+    return files
+
+
+def test_every_damaged_byte_of_the_manifest_is_detected(damaged: tuple[Checkpointer, Path]) -> None:
+    ckpt, folder = damaged
+    path = folder / MANIFEST
+    assert 500 < path.stat().st_size < 4000
+    for what, _ in _damage_in_place(path):
+        error = _corrupt_error(ckpt, 2)
+        assert error.path.endswith("job/000000000002/manifest.json"), what
+        assert error.step == 2, what
+        _expected_step1(ckpt)
+    assert ckpt.restore().step == 2
+
+
+def test_every_damaged_byte_of_a_blob_is_detected(damaged: tuple[Checkpointer, Path]) -> None:
+    ckpt, folder = damaged
+    (entry,) = ckpt.manifest(2).blobs
+    path = folder / entry["file"]
+    size = entry["size"]
+    assert path.stat().st_size == size > INLINE_LIMIT
+    for what, data in _damage_in_place(path):
+        error = _corrupt_error(ckpt, 2)
+        assert error.path.endswith(f"job/000000000002/{entry['file']}"), what
+        assert entry["file"] in str(error), what
+        if len(data) == size:
+            assert (error.expected, error.actual) == (entry["crc32c"], checksum(data)), what
+        else:
+            assert (error.expected, error.actual) == (str(size), str(len(data))), what
+        _expected_step1(ckpt)
+    assert ckpt.restore().step == 2
+
+
+def test_damage_is_detected_through_mmap_and_verify(damaged: tuple[Checkpointer, Path]) -> None:
+    ckpt, folder = damaged
+    store = LocalStore(folder.parent.parent)
+    for path in _files(folder):
+        original = path.read_bytes()
+        for position in range(0, len(original), 61):
+            data = bytearray(original)
+            data[position] ^= 0x01
+            path.write_bytes(data)
+            with pytest.raises(CorruptCheckpoint):
+                ckpt.restore(step=2, mmap=True)
+            report = verify_checkpoint(store, "job/000000000002")
+            assert not report.ok and path.name in report.problems[0]
+        path.write_bytes(original)
+        assert verify_checkpoint(store, "job/000000000002").ok
+
+
+def test_a_missing_or_extra_file(damaged: tuple[Checkpointer, Path]) -> None:
+    ckpt, folder = damaged
+    (entry,) = ckpt.manifest(2).blobs
+    blob = folder / entry["file"]
+    original = blob.read_bytes()
+    blob.write_bytes(original + b"\0")  # longer than recorded
+    with pytest.raises(CorruptCheckpoint, match="expected"):
+        ckpt.restore(step=2)
+    blob.unlink()
+    with pytest.raises(CorruptCheckpoint, match="missing"):
+        ckpt.restore(step=2)
+    _expected_step1(ckpt)
+    (folder / MANIFEST).unlink()  # no manifest: step 2 was never committed
+    assert ckpt.steps() == [1]
+
+
+def test_when_every_step_is_damaged_restore_says_so(damaged: tuple[Checkpointer, Path]) -> None:
+    ckpt, folder = damaged
+    for step_folder in (folder, folder.parent / "000000000001"):
+        (step_folder / MANIFEST).write_bytes(b"{}")
+    with warnings.catch_warnings(record=True), pytest.raises(CorruptCheckpoint, match="every checkpoint"):
+        warnings.simplefilter("always")
+        ckpt.restore()
+
+
+def test_a_damaged_blob_never_lands_in_an_array_being_filled(damaged: tuple[Checkpointer, Path]) -> None:
+    ckpt, folder = damaged
+    (entry,) = ckpt.manifest(2).blobs
+    blob = folder / entry["file"]
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(data)
+    target = np.full_like(STEP1["weights"], -1.0)
+    with pytest.raises(CorruptCheckpoint):
+        ckpt.restore(step=2, into={"weights": target})
+    assert (target == -1.0).all()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        restored = ckpt.restore(into={"weights": target})
+    assert restored.step == 1 and restored.state["weights"] is target
+    assert np.array_equal(target, STEP1["weights"])

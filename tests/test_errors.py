@@ -1,0 +1,81 @@
+"""Every safepoint error survives pickling with all its fields (it crosses process and Dask
+boundaries), keeps its message, and is also the builtin it means."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+from typing import Any
+
+import pytest
+
+from safepoint import errors
+from safepoint.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    InputChanged,
+    InvalidName,
+    SafepointError,
+    SaveFailed,
+    StaleAttempt,
+    StateMismatch,
+    StepExists,
+    UnsafeCheckpoint,
+    UnsupportedType,
+)
+
+EXAMPLES: list[tuple[SafepointError, dict[str, Any], tuple[type, ...]]] = [
+    (SafepointError("base", extra=1), {"extra": 1}, ()),
+    (InvalidName("bad name '../x'", name="../x"), {"name": "../x"}, (ValueError,)),
+    (CheckpointNotFound("no step 3", name="job", step=3), {"name": "job", "step": 3},
+     (FileNotFoundError, OSError)),
+    (CorruptCheckpoint("checksum mismatch", path="/s/job/1/a.bin", step=1, expected="0a",
+                       actual="0b"),
+     {"path": "/s/job/1/a.bin", "step": 1, "expected": "0a", "actual": "0b"}, ()),
+    (UnsafeCheckpoint("pickled", path="m.json", leaves=["state['x']"]),
+     {"path": "m.json", "leaves": ["state['x']"]}, ()),
+    (UnsupportedType("state['a']: cannot store a Foo", tree_path="state['a']", type_name="m.Foo"),
+     {"tree_path": "state['a']", "type_name": "m.Foo"}, (TypeError,)),
+    (StepExists("step 5 exists", name="job", step=5), {"name": "job", "step": 5},
+     (FileExistsError, OSError)),
+    (SaveFailed("disk full", name="job", step=7, errno=errno.ENOSPC),
+     {"name": "job", "step": 7, "errno": errno.ENOSPC}, (OSError,)),
+    (StaleAttempt("taken over", name="job", attempt=1, current=2),
+     {"name": "job", "attempt": 1, "current": 2}, ()),
+    (StateMismatch("state['x']: wrong", tree_path="state['x']"), {"tree_path": "state['x']"},
+     (ValueError,)),
+    (InputChanged("data.csv changed", path="data.csv"), {"path": "data.csv"}, ()),
+]
+
+
+@pytest.mark.parametrize(("error", "fields", "builtins"), EXAMPLES, ids=lambda e: type(e).__name__)
+def test_errors_pickle_with_every_field(error: SafepointError, fields: dict[str, Any],
+                                        builtins: tuple[type, ...]) -> None:
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        copy = pickle.loads(pickle.dumps(error, protocol=protocol))
+        assert type(copy) is type(error)
+        assert str(copy) == str(error) == error.message
+        for key, value in fields.items():
+            assert getattr(copy, key) == value, key
+        assert isinstance(copy, SafepointError)
+        for builtin in builtins:
+            assert isinstance(copy, builtin)
+
+
+def test_fields_changed_after_raising_are_pickled_too() -> None:
+    error = CorruptCheckpoint("damaged", path="m.json")
+    error.step = 12  # e.g. the checkpointer adds the step it was restoring
+    assert pickle.loads(pickle.dumps(error)).step == 12
+
+
+def test_save_failed_is_an_oserror_with_its_errno() -> None:
+    error = SaveFailed("disk full", name="job", step=1, errno=errno.ENOSPC)
+    try:
+        raise error
+    except OSError as caught:
+        assert caught.errno == errno.ENOSPC
+
+
+def test_every_public_error_is_covered() -> None:
+    covered = {type(e) for e, _, _ in EXAMPLES}
+    assert {getattr(errors, n) for n in errors.__all__} == covered
