@@ -1,0 +1,133 @@
+"""The benchmark harness works: a quick run on tiny sizes writes complete results, modules
+are discovered and selected by name, and a module that skips or fails does not stop the
+others. No timing assertions: speed claims live in bench/ only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bench_pkg(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    monkeypatch.syspath_prepend(str(ROOT))
+    import bench
+
+    return bench
+
+
+def run_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--max-bytes", str(256 * 1024),
+         "--dir", str(tmp_path / "scratch"), "--out", str(tmp_path / "latest.json"), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+
+
+def test_quick_core_run_writes_every_section_and_target(tmp_path: Path) -> None:
+    done = run_bench(tmp_path, "--only", "core")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["quick"] is True and results["errors"] == {}
+    sections = {s["title"]: s for s in results["sections"]}
+    assert {"Large state: durable save", "Large state: load", "Asynchronous save: caller blocking time",
+            "Small state: durable save latency"} <= set(sections)
+    save = {r["method"]: r for r in sections["Large state: durable save"]["rows"]}
+    assert {"raw write, 1 file", "raw write, 8 files", "safepoint", "pickle (protocol 5)", "np.savez"} <= set(save)
+    assert save["raw write, 1 file"]["ratio_to_reference"] == 1.0
+    for section in results["sections"]:
+        for row in section["rows"]:
+            assert row["median_s"] > 0 and len(row["samples_s"]) >= 1, row
+    load = {r["method"] for r in sections["Large state: load"]["rows"]}
+    assert {"safepoint", "safepoint, into existing arrays", "safepoint, mmap"} <= load
+    assert all(t["met"] in (True, False) for t in results["targets"])
+    assert any(t["name"].startswith("small save") for t in results["targets"])
+    assert "| method | median | best | GB/s |" in done.stdout  # the Markdown lines for the README
+    assert not list((tmp_path / "scratch").glob("tmp-*")), "scratch folders were left behind"
+
+
+def test_quick_torch_run_compares_with_torch_save_and_dcp(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    done = run_bench(tmp_path, "--only", "bench_torch")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    rows = {r["method"] for s in results["sections"] for r in s["rows"]}
+    assert {"torch.save", "safepoint", "torch.load", "safepoint restore(into=model)"} <= rows
+    assert any(t["name"].startswith("torch: async save") for t in results["targets"])
+
+
+def test_unknown_module_name_is_refused_with_the_list(tmp_path: Path) -> None:
+    done = run_bench(tmp_path, "--only", "nosuch")
+    assert done.returncode != 0
+    assert "no benchmark module 'nosuch'" in done.stderr and "core" in done.stderr
+
+
+def test_discovery_and_selection(bench_pkg: types.ModuleType) -> None:
+    from bench.__main__ import discover, select
+
+    names = discover()
+    assert {"core", "torch"} <= set(names)
+    assert select(names, ["bench_torch", "core", "torch"]) == ["torch", "core"]
+    assert select(names, None) == names
+
+
+def test_a_skipping_or_failing_module_does_not_stop_the_others(bench_pkg: types.ModuleType) -> None:
+    from bench.__main__ import run_modules
+
+    def module(run: object) -> types.ModuleType:
+        made = types.ModuleType("fake")
+        made.run = run  # type: ignore[attr-defined]
+        return made
+
+    def skips(report: object, quick: bool) -> None:
+        raise bench_pkg.Skip("needs a GPU")
+
+    def fails(report: object, quick: bool) -> None:
+        raise RuntimeError("boom")
+
+    def works(report: bench_pkg.Report, quick: bool) -> None:
+        report.section("ok", reference="a").add("a", [0.5, 0.25, 1.0])
+
+    report = bench_pkg.Report(quick=True)
+    run_modules(report, {"s": lambda: module(skips), "f": lambda: module(fails), "w": lambda: module(works)},
+                Console(quiet=True))
+    assert report.skipped == {"s": "needs a GPU"}
+    assert list(report.errors) == ["f"] and "RuntimeError: boom" in report.errors["f"]
+    (section,) = report.sections
+    assert section.row("a").timing.median == 0.5 and section.row("a").timing.best == 0.25
+
+
+def test_compare_interleaves_rounds_and_report_sizes(bench_pkg: types.ModuleType) -> None:
+    order: list[str] = []
+    cases = {name: bench_pkg.Case(lambda _, name=name: order.append(name)) for name in "abc"}
+    timings = bench_pkg.compare(cases, repeat=3)
+    assert order == list("abcbcacab")  # each round starts one case later
+    assert all(len(t.samples) == 3 for t in timings.values())
+    report = bench_pkg.Report(quick=True, max_bytes=1000)
+    assert report.size(full=10**9, quick=10**6) == 1000
+    assert bench_pkg.Report(quick=False).size(full=7, quick=3) == 7
+    target = report.target("fast enough", 1.2, at_most=1.5)
+    assert target.met is True and target.measured == "1.20×"
+    assert report.target("too slow", 2.0, at_most=1.5).met is False
+
+
+def test_a_section_compares_by_its_statistic(bench_pkg: types.ModuleType) -> None:
+    report = bench_pkg.Report()
+    by_median = report.section("m", reference="ref", nbytes=10**9)
+    by_best = report.section("b", reference="ref", nbytes=10**9, statistic="best")
+    for section in (by_median, by_best):
+        section.add("ref", [1.0, 1.0, 1.0])
+        section.add("noisy", [0.5, 3.0, 4.0])  # fast once, slow mostly
+    assert by_median.ratio("noisy") == 3.0 and by_best.ratio("noisy") == 0.5
+    assert by_best.gbps(by_best.row("noisy")) == 2.0
+    assert report.to_json()["sections"][1]["rows"][1]["ratio_to_reference"] == 0.5
+    with pytest.raises(ValueError, match="statistic"):
+        report.section("x", statistic="mean")
