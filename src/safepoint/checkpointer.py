@@ -234,9 +234,12 @@ class Checkpointer:
         return list_steps(self.store, self.name)
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None."""
-        steps = self.steps()
-        return steps[-1] if steps else None
+        """The newest committed step, or None (stats manifests from the newest down only)."""
+        folders = sorted((e for e in self.store.list(self.name) if _is_step_folder(e)), key=int)
+        for entry in reversed(folders):
+            if self.store.exists(f"{self.name}/{entry}/{MANIFEST}"):
+                return int(entry)
+        return None
 
     def manifest(self, step: int) -> Manifest:
         """The verified manifest of ``step`` (metadata, tree structure, blob list)."""
@@ -263,9 +266,10 @@ class Checkpointer:
         """
         step = _check_step(step)
         self.wait()
-        existing = self.steps()
-        if not overwrite and existing and step <= existing[-1]:
-            what = "already exists" if step in existing else f"is older than the newest step {existing[-1]}"
+        latest = None if overwrite else self.latest_step()
+        if latest is not None and step <= latest:
+            exists = step == latest or self.store.exists(f"{step_key(self.name, step)}/{MANIFEST}")
+            what = "already exists" if exists else f"is older than the newest step {latest}"
             raise StepExists(
                 f"{self.name!r} step {step} {what} in {self.store.url}; pass overwrite=True to "
                 "replace it, or save a newer step", name=self.name, step=step)
@@ -370,6 +374,8 @@ class Checkpointer:
         return kept
 
     def _apply_retention(self, newest: int) -> None:
+        if self.keep is None and self.keep_every is None and self.keep_best is None:
+            return  # keep everything: no need to list
         steps = self.steps()
         if newest not in steps:  # never delete anything unless the new step is committed
             return

@@ -149,10 +149,15 @@ _TORCH_GENERATOR = _Adapter(
 )
 
 
+_PLAIN_TYPES = frozenset({
+    type(None), bool, int, float, complex, str, bytes, bytearray, dict, list, tuple, np.ndarray,
+})
+
+
 def _adapter_for(obj: Any) -> _Adapter | None:
     """The adapter for a live object, or None if ``obj`` is a container or a plain leaf."""
-    if isinstance(obj, type):
-        return None  # a class has these methods too, but no state of its own
+    if type(obj) in _PLAIN_TYPES or isinstance(obj, type):
+        return None  # plain leaves and containers (fast path); a class has no state of its own
     if isinstance(obj, random.Random):
         return _RANDOM
     if isinstance(obj, np.random.Generator):

@@ -209,3 +209,35 @@ def test_end_to_end_through_the_checkpointer(tmp_path: Path) -> None:
     plain = checkpointer.restore().state  # without a target: a plain tree of tensors
     weight = plain["model"]["0.weight"]
     assert weight.dtype == torch.bfloat16 and weight.shape == (8, 4)
+
+
+def test_restore_into_a_live_model_fills_its_tensors_in_place(tmp_path: Path) -> None:
+    from safepoint import Checkpointer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = Checkpointer("m", location=tmp_path)
+    ckpt.save(1, {"model": model})
+
+    fresh = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    pointers = {k: v.data_ptr() for k, v in fresh.state_dict().items()}
+    ckpt.restore(into={"model": fresh})
+
+    for key, value in fresh.state_dict().items():
+        assert value.data_ptr() == pointers[key]  # same memory: read in place
+        assert_bit_equal(value, saved[key])
+
+
+def test_a_target_of_another_dtype_is_not_filled_in_place(tmp_path: Path) -> None:
+    from safepoint import Checkpointer
+
+    # bfloat16 is stored through a uint16 carrier: a uint16 target must not receive its bits.
+    original = random_bits((100,), torch.bfloat16)
+    ckpt = Checkpointer("m", location=tmp_path)
+    ckpt.save(1, {"t": original})
+    target = {"t": torch.zeros(100, dtype=torch.uint16)}
+    restored = ckpt.restore(into=target).state["t"]
+    assert restored is not target["t"]
+    assert restored.dtype == torch.bfloat16
+    assert_bit_equal(restored, original)

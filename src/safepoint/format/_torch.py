@@ -97,5 +97,18 @@ class TorchTensorCodec:
             return torch.nn.Parameter(tensor, requires_grad=attrs.get("requires_grad", True))
         return tensor.requires_grad_(attrs.get("requires_grad", False))
 
+    def writable_view(self, obj: Any, attrs: dict[str, Any]) -> np.ndarray | None:
+        """A numpy view of a CPU tensor's memory, when it can be filled in place."""
+        if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+            return None
+        if obj.layout != torch.strided or obj.is_quantized or _dtype_name(obj.dtype) != attrs.get("dtype"):
+            return None
+        if obj.is_conj() or obj.is_neg() or not obj.is_contiguous():
+            return None
+        tensor = obj.detach()
+        if tensor.dtype not in _NUMPY_DTYPES:
+            tensor = tensor.view(_CARRIERS[tensor.dtype.itemsize])
+        return tensor.numpy()
+
 
 CODECS: list[LeafCodec] = [TorchTensorCodec()]

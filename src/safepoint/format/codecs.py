@@ -37,6 +37,12 @@ class LeafCodec(Protocol):
         ...
 
 
+# A codec may also define ``writable_view(obj, attrs) -> np.ndarray | None``: a writable numpy
+# view of a live leaf's memory when ``obj`` can take a stored leaf with ``attrs`` in place
+# (same framework dtype, on the CPU), else None. Restores into live trees then read blobs
+# straight into the framework's own memory.
+
+
 # framework module name -> module that defines CODECS: list[LeafCodec]
 _CODEC_MODULES: dict[str, str] = {
     "torch": "safepoint.format._torch",

@@ -429,14 +429,20 @@ class Decoder:
         return np.ndarray((), dtype=dtype, buffer=data)[()].copy()
 
     def _decode_leaf(self, node: dict[str, Any], target: Any) -> Any:
-        array = self._decode_ndarray(node["array"], None)
         try:
             codec = codec_for_kind(node["kind"])
         except (KeyError, ImportError) as exc:
             raise UnsupportedType(
                 f"this checkpoint holds {node['kind']} leaves; install the framework to load them",
                 type_name=node["kind"]) from exc
-        return codec.from_numpy(array, node.get("attrs") or {})
+        attrs = node.get("attrs") or {}
+        # A live tensor of the same kind, dtype and shape is filled in place: no allocation.
+        writable_view = getattr(codec, "writable_view", None)
+        view = writable_view(target, attrs) if target is not None and writable_view else None
+        array = self._decode_ndarray(node["array"], view)
+        if view is not None and array is view:
+            return target
+        return codec.from_numpy(array, attrs)
 
     def _decode_pickle(self, node: dict[str, Any], target: Any) -> Any:
         if not self.allow_pickle:
