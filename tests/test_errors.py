@@ -20,6 +20,8 @@ from safepoint.errors import (
     StaleAttempt,
     StateMismatch,
     StepExists,
+    StepMismatch,
+    SubstepCompleted,
     UnsafeCheckpoint,
     UnsupportedType,
 )
@@ -45,6 +47,11 @@ EXAMPLES: list[tuple[SafepointError, dict[str, Any], tuple[type, ...]]] = [
     (StateMismatch("state['x']: wrong", tree_path="state['x']"), {"tree_path": "state['x']"},
      (ValueError,)),
     (InputChanged("data.csv changed", path="data.csv"), {"path": "data.csv"}, ()),
+    (StepMismatch("step 1 was 'load', now 'clean'", name="job", index=1, recorded="load",
+                  current="clean"),
+     {"name": "job", "index": 1, "recorded": "load", "current": "clean"}, (ValueError,)),
+    (SubstepCompleted("'load' already ran", name="job", substep="load"),
+     {"name": "job", "substep": "load"}, (RuntimeError,)),
 ]
 
 

@@ -12,11 +12,15 @@ from safepoint.errors import (
     StaleAttempt,
     StateMismatch,
     StepExists,
+    StepMismatch,
+    SubstepCompleted,
     UnsafeCheckpoint,
     UnsupportedType,
 )
 from safepoint.flow import Flow
+from safepoint.policy import Policy, after_substep, every, manual, on_progress
 from safepoint.stateful import GlobalRNG, Stateful
+from safepoint.tasks import Task, TaskContext, run_task, task
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,7 @@ __all__ = [
     "GlobalRNG",
     "InputChanged",
     "InvalidName",
+    "Policy",
     "Restored",
     "SafepointError",
     "SaveFailed",
@@ -36,7 +41,17 @@ __all__ = [
     "StateMismatch",
     "Stateful",
     "StepExists",
+    "StepMismatch",
+    "SubstepCompleted",
+    "Task",
+    "TaskContext",
     "UnsafeCheckpoint",
     "UnsupportedType",
     "__version__",
+    "after_substep",
+    "every",
+    "manual",
+    "on_progress",
+    "run_task",
+    "task",
 ]

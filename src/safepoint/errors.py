@@ -125,6 +125,23 @@ class InputChanged(SafepointError):
         super().__init__(message, path=path)
 
 
+class StepMismatch(SafepointError, ValueError):
+    """A step recorded at an index under one name now sits there under another (or is gone):
+    reusing its result would be silently wrong."""
+
+    def __init__(
+        self, message: str, *, name: str = "", index: int = 0, recorded: str = "", current: str = ""
+    ) -> None:
+        super().__init__(message, name=name, index=index, recorded=recorded, current=current)
+
+
+class SubstepCompleted(SafepointError, RuntimeError):
+    """A ``with ctx.substep(name)`` block was entered again after it completed."""
+
+    def __init__(self, message: str, *, name: str = "", substep: str = "") -> None:
+        super().__init__(message, name=name, substep=substep)
+
+
 __all__ = [
     "CheckpointNotFound",
     "CorruptCheckpoint",
@@ -135,6 +152,8 @@ __all__ = [
     "StaleAttempt",
     "StateMismatch",
     "StepExists",
+    "StepMismatch",
+    "SubstepCompleted",
     "UnsafeCheckpoint",
     "UnsupportedType",
 ]

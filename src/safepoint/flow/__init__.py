@@ -1,8 +1,9 @@
 """Flows: a linear pipeline of heavy steps that restarts at the step that failed."""
 
+from safepoint.errors import StepMismatch
 from safepoint.flow.engine import Flow
 from safepoint.flow.log import NotAFlow
-from safepoint.flow.record import StepChangedWarning, StepMismatch, StepStatus
+from safepoint.flow.record import StepChangedWarning, StepStatus
 from safepoint.flow.stepdata import StepData
 
 __all__ = ["Flow", "NotAFlow", "StepChangedWarning", "StepData", "StepMismatch", "StepStatus"]

@@ -17,20 +17,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
-from safepoint.errors import CorruptCheckpoint, SafepointError
+from safepoint.errors import CorruptCheckpoint, StepMismatch
 
 RECORD_VERSION = 1
 Status = Literal["done", "failed", "pending"]
 _TRACEBACK_LIMIT = 20_000
 
 
-class StepMismatch(SafepointError, ValueError):
-    """A step that completed under one name now sits at its index under another (or is gone)."""
-
-    def __init__(
-        self, message: str, *, name: str = "", index: int = 0, recorded: str = "", current: str = ""
-    ) -> None:
-        super().__init__(message, name=name, index=index, recorded=recorded, current=current)
 
 
 class StepChangedWarning(UserWarning):

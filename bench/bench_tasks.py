@@ -1,0 +1,216 @@
+"""Task benchmarks: what a resume saves after a kill, and how fast Dask hands a task over.
+
+1. A 30-step job killed (SIGKILL) at 80%, then run again: total wall time from the first
+   start to the result, with safepoint (the rerun skips the 24 recorded steps) against the
+   same job without checkpoints (the rerun starts from scratch), and an uninterrupted run.
+   Every run is a fresh ``python`` process, so interpreter start-up counts in all rows.
+2. Dask: a task checkpointing every item on a 2-worker ``LocalCluster``; the worker running it
+   is SIGKILLed. Measured from the kill to the new attempt's marker (the scheduler has
+   rescheduled it and it has started) and to the new attempt's first checkpoint.
+
+    python -m bench --only tasks
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import Report, Skip
+from safepoint.checkpointer import list_steps
+from safepoint.fencing import attempt_key
+from safepoint.format import read_manifest, step_key
+from safepoint.policy import every
+from safepoint.store import LocalStore
+from safepoint.tasks import TaskContext, run_task, task
+from safepoint.tasks.context import ATTEMPT_STRIDE
+
+ROOT = str(Path(__file__).resolve().parents[1])
+"""The repository root: job processes and Dask workers import ``bench.bench_tasks`` from it."""
+STEPS = 30
+KILL_AFTER = 24  # 80%
+
+
+def busy(seconds: float) -> float:
+    """Burn CPU for ``seconds`` (a step's work) and return something computed."""
+    end, x = time.perf_counter() + seconds, 0.0
+    while time.perf_counter() < end:
+        x = (x * 1.000001 + 1.0) % 1e6
+    return x
+
+
+def work(i: int, seconds: float, progress: str) -> int:
+    busy(seconds)
+    with open(progress, "a") as f:
+        f.write(f"{i}\n")
+    return i * i
+
+
+@task
+def stepwise(ctx: TaskContext, seconds: float, progress: str) -> int:
+    return sum(ctx.step(f"step{i}", work, i, seconds, progress) for i in range(STEPS))
+
+
+def plain(seconds: float, progress: str) -> int:
+    return sum(work(i, seconds, progress) for i in range(STEPS))
+
+
+def child(kind: str, store: str, seconds: str, progress: str) -> None:
+    """Entry point of the job processes."""
+    if kind == "safepoint":
+        run_task(stepwise, float(seconds), progress, job_id="stepwise", location=store)
+    else:
+        plain(float(seconds), progress)
+
+
+def _start(kind: str, store: Path, seconds: float, progress: Path) -> subprocess.Popen[bytes]:
+    code = "import sys, bench.bench_tasks as b; b.child(*sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, kind, str(store), str(seconds), str(progress)],
+                            cwd=ROOT)
+
+
+def _steps_done(progress: Path) -> int:
+    return len(progress.read_text().splitlines()) if progress.exists() else 0
+
+
+def killed_and_rerun(kind: str, workdir: Path, seconds: float, *, kill: bool) -> float:
+    """Wall time of: start, SIGKILL once step ``KILL_AFTER`` is done (and, with safepoint,
+    committed), then a rerun to completion."""
+    store, progress = workdir / "store", workdir / "progress"
+    progress.unlink(missing_ok=True)
+    started = time.perf_counter()
+    first = _start(kind, store, seconds, progress)
+    if kill:
+        while _steps_done(progress) < KILL_AFTER:
+            time.sleep(0.002)
+        if kind == "safepoint":  # wait for the commit that records step KILL_AFTER
+            while not list_steps(LocalStore(store), "stepwise") or \
+                    list_steps(LocalStore(store), "stepwise")[-1] % ATTEMPT_STRIDE < KILL_AFTER:
+                time.sleep(0.002)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        first = _start(kind, store, seconds, progress)
+    if first.wait() != 0:
+        raise RuntimeError(f"the {kind} job failed with status {first.returncode}")
+    return time.perf_counter() - started
+
+
+def bench_kill_at_80(report: Report) -> None:
+    seconds = report.pick(full=0.1, quick=0.02)
+    repeat = report.pick(full=3, quick=1)
+    section = report.section(
+        f"{STEPS}-step job killed at 80%, then rerun", reference="restart from scratch",
+        description=f"{seconds * 1e3:.0f} ms of CPU per step; wall time from the first start "
+                    "to the result, two process starts per killed run")
+    cases = {"restart from scratch": ("plain", True), "safepoint task": ("safepoint", True),
+             "uninterrupted (no kill)": ("plain", False)}
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    with report.scratch("tasks") as workdir:
+        for round_ in range(repeat):
+            for name, (kind, kill) in cases.items():
+                folder = workdir / f"{kind}-{round_}-{kill}"
+                folder.mkdir()
+                samples[name].append(killed_and_rerun(kind, folder, seconds, kill=kill))
+    for name, values in samples.items():
+        section.add(name, values)
+    report.target("killed at 80%: safepoint total ≤ 0.75× a restart from scratch",
+                  section.ratio("safepoint task"), at_most=0.75)
+
+
+# ------------------------------------------------------------------------ Dask
+
+
+@task(policy=every(items=1))
+def ticking(ctx: TaskContext, n: int, seconds: float) -> int:
+    ctx.state.setdefault("total", 0)
+    for i in ctx.range(n):
+        busy(seconds)
+        ctx.state["total"] += i
+    return ctx.state["total"]
+
+
+def _marker(store: LocalStore, job: str, number: int) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.read(attempt_key(job, number)))
+    except FileNotFoundError:
+        return None
+
+
+def dask_handover(client: Any, workdir: Path, job: str) -> tuple[float, float]:
+    """Seconds from SIGKILL to the new attempt's marker, and to its first checkpoint."""
+    from safepoint.integrations.dask import submit
+
+    store = LocalStore(workdir / "store")
+    future = submit(client, ticking, 400, 0.01, job_id=job, location=store.root)
+    deadline = time.monotonic() + 60
+    while not list_steps(store, job) or list_steps(store, job)[-1] % ATTEMPT_STRIDE < 5:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Dask task made no checkpoints within 60 s")
+        time.sleep(0.005)
+    pid = _marker(store, job, 1)["pid"]
+    killed_at = time.time()
+    os.kill(pid, signal.SIGKILL)
+    while not any(s >= 2 * ATTEMPT_STRIDE for s in list_steps(store, job)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the new attempt made no checkpoint within 60 s")
+        time.sleep(0.001)
+    first = min(s for s in list_steps(store, job) if s >= 2 * ATTEMPT_STRIDE)
+    committed = read_manifest(store, step_key(job, first)).created
+    rescheduled = _marker(store, job, 2)["started"]
+    future.result(timeout=60)
+    return rescheduled - killed_at, committed - killed_at
+
+
+def bench_dask_handover(report: Report) -> None:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise Skip("dask[distributed] is not installed") from exc
+    repeat = report.pick(full=3, quick=1)
+    section = report.section(
+        "Dask: a killed worker's task resumes elsewhere", description=(
+            "2-worker LocalCluster (nannies), task checkpointing every 10 ms item; "
+            "seconds from the SIGKILL"))
+    handed, resumed = [], []
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, previous]))
+    try:
+        with report.scratch("tasks-dask") as workdir, distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, silence_logs=logging.CRITICAL) as cluster, \
+                distributed.Client(cluster) as client:
+            for round_ in range(repeat):
+                client.wait_for_workers(2, timeout=60)
+                folder = workdir / f"round{round_}"
+                folder.mkdir()
+                to_marker, to_checkpoint = dask_handover(client, folder, f"ticking{round_}")
+                handed.append(to_marker)
+                resumed.append(to_checkpoint)
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+    section.add("kill → new attempt started", handed)
+    section.add("kill → its first checkpoint", resumed)
+    median = sorted(resumed)[len(resumed) // 2]
+    report.target("Dask kill-to-resume (first checkpoint of the new attempt) ≤ 1 s", median,
+                  at_most=1.0, unit=" s")
+
+
+def run(report: Report, quick: bool) -> None:
+    bench_kill_at_80(report)
+    bench_dask_handover(report)
+
+
+if __name__ == "__main__":
+    from bench.__main__ import main
+
+    sys.exit(main(["--only", "tasks", *sys.argv[1:]]))

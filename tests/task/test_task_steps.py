@@ -1,0 +1,403 @@
+"""Sub-steps, loops, state and results of tasks, resumed after a failure in the same process."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import task_support
+
+from safepoint.checkpointer import Checkpointer, list_steps
+from safepoint.errors import InputChanged, SafepointError, UnsupportedType
+from safepoint.format import read_manifest, step_key
+from safepoint.policy import after_substep, every, manual
+from safepoint.store import LocalStore
+from safepoint.tasks import StepMismatch, SubstepCompleted, TaskContext, run_task, task
+
+
+class Crash(Exception):
+    """Stands for a crash at a chosen point of a task."""
+
+
+def crash_if(condition: bool) -> None:
+    if condition:
+        raise Crash
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+def test_a_step_runs_once_and_a_resume_returns_its_recorded_result(store: Path) -> None:
+    calls: list[str] = []
+
+    def load(n: int) -> np.ndarray:
+        calls.append("load")
+        return np.arange(n, dtype=np.int64)  # 80 kB: stored as a blob
+
+    @task(durable=False)
+    def job(ctx: TaskContext, n: int) -> int:
+        rows = ctx.step("load", load, n)
+        crash_if(ctx.attempt == 1)
+        return int(rows.sum())
+
+    with pytest.raises(Crash):
+        run_task(job, 10_000, job_id="j", location=store)
+    assert calls == ["load"]
+    assert run_task(job, 10_000, job_id="j", location=store) == sum(range(10_000))
+    assert calls == ["load"]  # the resumed attempt used the recorded array
+    assert not (store / "j").exists()
+
+
+def test_the_same_job_id_with_other_arguments_is_refused(store: Path) -> None:
+    @task(durable=False)
+    def job(ctx: TaskContext, path: str) -> None:
+        ctx.checkpoint()
+        crash_if(True)
+
+    with pytest.raises(Crash):
+        run_task(job, "a.csv", job_id="j", location=store)
+    with pytest.raises(InputChanged, match=r"other arguments \(recorded: .*a.csv"):
+        run_task(job, "b.csv", job_id="j", location=store)
+
+
+def test_steps_with_the_same_name_in_a_loop_are_told_apart_by_their_index(store: Path) -> None:
+    calls: list[int] = []
+
+    def square(i: int) -> int:
+        calls.append(i)
+        return i * i
+
+    @task(durable=False)
+    def job(ctx: TaskContext) -> list[int]:
+        out = [ctx.step("square", square, i) for i in range(4)]
+        crash_if(ctx.attempt == 1)
+        out.append(ctx.step("none", lambda: None) is None)
+        return out
+
+    with pytest.raises(Crash):
+        run_task(job, job_id="loop", location=store)
+    assert run_task(job, job_id="loop", location=store) == [0, 1, 4, 9, True]
+    assert calls == [0, 1, 2, 3]
+
+
+def test_a_recorded_step_under_another_name_is_an_error_not_reuse(store: Path) -> None:
+    order = ["a", "b"]
+
+    @task(durable=False)
+    def job(ctx: TaskContext) -> None:
+        for name in order:
+            ctx.step(name, str.upper, name)
+        crash_if(True)
+
+    with pytest.raises(Crash):
+        run_task(job, job_id="j", location=store)
+    order.reverse()
+    with pytest.raises(StepMismatch, match=r"sub-step 0 was recorded as 'a'.*now calls 'b'") as info:
+        run_task(job, job_id="j", location=store)
+    assert (info.value.index, info.value.recorded, info.value.current) == (0, "a", "b")
+
+
+def test_substep_blocks_with_completed_and_results(store: Path) -> None:
+    runs: list[str] = []
+
+    @task(durable=False)
+    def job(ctx: TaskContext) -> float:
+        if not ctx.completed("train"):
+            with ctx.substep("train"):
+                runs.append("train")
+                ctx.results["weights"] = np.linspace(0, 1, 2000)
+        crash_if(ctx.attempt == 1)
+        with pytest.raises(SubstepCompleted, match="guard the block"), ctx.substep("train"):
+            runs.append("twice")
+        return float(ctx.results["weights"].sum())
+
+    with pytest.raises(Crash):
+        run_task(job, job_id="blocks", location=store)
+    assert run_task(job, job_id="blocks", location=store) == pytest.approx(1000.0)
+    assert runs == ["train"]
+
+
+def test_a_block_that_raises_is_not_recorded(store: Path) -> None:
+    @task(durable=False)
+    def job(ctx: TaskContext) -> bool:
+        if ctx.attempt == 1:
+            with ctx.substep("x"):
+                raise Crash
+        return ctx.completed("x")
+
+    with pytest.raises(Crash):
+        run_task(job, job_id="j", location=store)
+    assert run_task(job, job_id="j", location=store) is False
+
+
+def test_sub_steps_do_not_nest(store: Path) -> None:
+    @task(durable=False)
+    def job(ctx: TaskContext) -> None:
+        ctx.step("outer", lambda: ctx.step("inner", int))
+
+    with pytest.raises(SafepointError, match="'inner' started inside sub-step 'outer'"):
+        run_task(job, job_id="j", location=store)
+
+
+def test_range_resumes_after_the_last_checkpointed_item(store: Path) -> None:
+    done: list[tuple[int, int]] = []
+
+    @task(policy=every(items=4), durable=False)
+    def job(ctx: TaskContext, n: int) -> int:
+        ctx.state.setdefault("total", 0)
+        for i in ctx.range(n):
+            crash_if(ctx.attempt == 1 and i == 10)
+            done.append((ctx.attempt, i))
+            ctx.state["total"] += i
+        return ctx.state["total"]
+
+    with pytest.raises(Crash):
+        run_task(job, 20, job_id="r", location=store)
+    assert run_task(job, 20, job_id="r", location=store) == sum(range(20))
+    # checkpoints after items 3 and 7: items 8 and 9 are redone, nothing else
+    assert done == [(1, i) for i in range(10)] + [(2, i) for i in range(8, 20)]
+
+
+def test_nested_ranges_resume_at_the_exact_inner_item(store: Path) -> None:
+    seen: list[tuple[int, int]] = []
+
+    @task(policy=every(items=1), durable=False)
+    def job(ctx: TaskContext) -> list[tuple[int, int]]:
+        for epoch in ctx.range(3):
+            for batch in ctx.range(5):
+                crash_if(ctx.attempt == 1 and (epoch, batch) == (1, 2))
+                crash_if(ctx.attempt == 2 and (epoch, batch) == (2, 4))
+                seen.append((epoch, batch))
+        return seen
+
+    for _ in range(2):
+        with pytest.raises(Crash):
+            run_task(job, job_id="nested", location=store)
+    run_task(job, job_id="nested", location=store)
+    assert seen == [(e, b) for e in range(3) for b in range(5)]
+
+
+def test_a_loop_whose_length_changed_is_refused(store: Path) -> None:
+    sizes = [5, 6]
+
+    @task(durable=False, policy=every(items=1))
+    def job(ctx: TaskContext) -> None:
+        for i in ctx.range(sizes.pop(0)):
+            crash_if(i == 2)
+
+    with pytest.raises(Crash):
+        run_task(job, job_id="j", location=store)
+    with pytest.raises(InputChanged, match=r"had 5 items .* 6 now"):
+        run_task(job, job_id="j", location=store)
+
+
+def test_state_attempt_and_resumed(store: Path) -> None:
+    seen: list[tuple[int, bool, dict[str, Any]]] = []
+
+    @task(policy=manual(), durable=False)
+    def job(ctx: TaskContext) -> None:
+        seen.append((ctx.attempt, ctx.resumed, dict(ctx.state)))
+        ctx.state["visits"] = ctx.state.get("visits", 0) + 1
+        ctx.checkpoint()
+        crash_if(ctx.attempt < 3)
+
+    for _ in range(2):
+        with pytest.raises(Crash):
+            run_task(job, job_id="s", location=store)
+    run_task(job, job_id="s", location=store)
+    assert seen == [(1, False, {}), (2, True, {"visits": 1}), (3, True, {"visits": 2})]
+
+
+def test_keep_completed_returns_the_recorded_result_without_running(store: Path) -> None:
+    runs: list[int] = []
+
+    @task(keep_completed=True, durable=False)
+    def job(ctx: TaskContext, x: int) -> dict[str, Any]:
+        runs.append(x)
+        ctx.step("big", np.zeros, 10_000)
+        assert (store / "keep" / "step-results").is_dir()  # removed once the job completes
+        return {"x": x, "array": np.full(3000, x)}
+
+    first = run_task(job, 7, job_id="keep", location=store)
+    again = run_task(job, 7, job_id="keep", location=store)
+    assert runs == [7]
+    assert again["x"] == 7 and np.array_equal(again["array"], first["array"])
+    local = LocalStore(store)
+    steps = list_steps(local, "keep")
+    assert len(steps) == 1 and not (store / "keep" / "step-results").exists()
+    body = read_manifest(local, step_key("keep", steps[0])).body
+    assert (body["kind"], body["status"], body["progress"], body["attempt"]) == ("task", "completed", 1.0, 1)
+
+
+def test_without_keep_completed_a_rerun_runs_again(store: Path) -> None:
+    runs: list[int] = []
+
+    @task(durable=False)
+    def job(ctx: TaskContext) -> int:
+        runs.append(ctx.attempt)
+        return len(runs)
+
+    assert run_task(job, job_id="again", location=store) == 1
+    assert run_task(job, job_id="again", location=store) == 2
+    assert runs == [1, 1]  # a fresh job: attempt numbers start over
+
+
+def test_checkpoints_show_kind_progress_and_attempt(store: Path) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    @task(policy=manual(), durable=False)
+    def job(ctx: TaskContext) -> None:
+        ctx.progress(0.25, "a quarter")
+        ctx.checkpoint()
+        local = LocalStore(store)
+        bodies.append(read_manifest(local, step_key("show", list_steps(local, "show")[-1])).body)
+
+    run_task(job, job_id="show", location=store)
+    body = bodies[0]
+    assert (body["kind"], body["progress"], body["attempt"], body["status"]) == ("task", 0.25, 1, "running")
+    assert body["metadata"]["message"] == "a quarter"
+
+
+def test_default_job_id_is_the_function_name_and_an_argument_hash(store: Path) -> None:
+    @task(durable=False)
+    def add(ctx: TaskContext, a: int, *, b: int = 0, c: int = 0) -> int:
+        return a + b + c
+
+    job_id = add.job_id(1, b=2, c=3)
+    assert job_id.startswith("test_default_job_id_is_the_function_name_and_an_argument_hash._locals_.add-")
+    assert job_id == add.job_id(1, c=3, b=2)  # keyword order does not matter
+    assert job_id != add.job_id(2, b=2, c=3)
+    assert job_id != add.job_id(1, b=2, c=4)
+    assert run_task(add, 1, b=2, c=3, location=store) == 6
+
+
+def test_calling_a_task_runs_it_as_a_job_in_the_default_store(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEPOINT_DIR", str(store))
+
+    @task(keep_completed=True, durable=False)
+    def double(ctx: TaskContext, x: int) -> int:
+        return 2 * x
+
+    assert double(21) == 42
+    assert (store / double.job_id(21)).is_dir()
+
+
+def test_a_job_id_used_by_another_function_is_refused(store: Path) -> None:
+    @task(keep_completed=True, durable=False)
+    def one(ctx: TaskContext) -> int:
+        return 1
+
+    @task(durable=False)
+    def two(ctx: TaskContext) -> int:
+        return 2
+
+    run_task(one, job_id="shared", location=store)
+    with pytest.raises(InputChanged, match=r"was started by .*one, not .*two"):
+        run_task(two, job_id="shared", location=store)
+
+
+def test_a_name_holding_plain_checkpoints_is_not_taken_for_a_task(store: Path) -> None:
+    Checkpointer("plain", location=store, durable=False).save(1, {"x": 1})
+    with pytest.raises(SafepointError, match="not a task's"):
+        run_task(task(lambda ctx: 1), job_id="plain", location=store)
+
+
+def test_arguments_must_be_state_tree_values(store: Path) -> None:
+    @task(durable=False)
+    def job(ctx: TaskContext, thing: object) -> None:
+        pass
+
+    with pytest.raises(UnsupportedType, match="arguments are recorded with the job"):
+        run_task(job, object(), location=store)
+
+
+def test_bad_calls_get_clear_errors(store: Path) -> None:
+    @task(durable=False)
+    def job(ctx: TaskContext, what: str) -> None:
+        if what == "progress":
+            ctx.progress(1.5)
+        elif what == "name":
+            ctx.step("", int)
+        elif what == "fn":
+            ctx.step("x", 42)  # type: ignore[arg-type]
+        elif what == "async":
+            async def fetch() -> int:
+                return 1
+            ctx.step("fetch", fetch)
+
+    with pytest.raises(ValueError, match=r"progress must be a number in \[0, 1\]"):
+        run_task(job, "progress", location=store)
+    with pytest.raises(TypeError, match="sub-step name must be a non-empty str"):
+        run_task(job, "name", location=store)
+    with pytest.raises(TypeError, match="needs a callable fn"):
+        run_task(job, "fn", location=store)
+    with pytest.raises(TypeError, match=r"await ctx.astep\('fetch'"):
+        run_task(job, "async", location=store)
+    with pytest.raises(SafepointError, match="invalid job_id"):
+        run_task(job, "x", job_id="../escape", location=store)
+
+
+def test_async_tasks_and_async_steps(store: Path) -> None:
+    calls: list[str] = []
+
+    async def fetch(x: int) -> int:
+        calls.append("fetch")
+        await asyncio.sleep(0)
+        return x + 1
+
+    @task(durable=False, policy=after_substep())
+    async def job(ctx: TaskContext, x: int) -> int:
+        y = await ctx.astep("fetch", fetch, x)
+        z = await ctx.astep("plain", lambda v: v * 10, y)
+        crash_if(ctx.attempt == 1)
+        return z
+
+    with pytest.raises(Crash):
+        asyncio.run(run_task(job, 1, job_id="a", location=store))
+    assert asyncio.run(run_task(job, 1, job_id="a", location=store)) == 20
+    assert calls == ["fetch"]
+
+
+def test_tasks_pickle_by_reference_or_by_value() -> None:
+    assert pickle.loads(pickle.dumps(task_support.three_steps)) is task_support.three_steps
+    cloudpickle = pytest.importorskip("cloudpickle")
+
+    @task(keep_completed=True, policy=every(items=5))
+    def local(ctx: TaskContext) -> int:
+        return 5
+
+    copy = cloudpickle.loads(cloudpickle.dumps(local))
+    assert copy.keep_completed and copy.qualified_name == local.qualified_name
+    assert copy.fn(None) == 5
+
+
+def test_small_results_live_in_the_record_and_large_ones_in_their_own_folder(store: Path) -> None:
+    folders: list[list[str]] = []
+
+    def listing() -> list[str]:
+        path = store / "sizes" / "step-results"
+        return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+    @task(durable=False)
+    def job(ctx: TaskContext) -> tuple[int, list[int], np.ndarray]:
+        small = ctx.step("small", int, "7")
+        folders.append(listing())
+        long = ctx.step("long", list, range(5000))  # no array, but too long for the record
+        folders.append(listing())
+        array = ctx.step("array", np.ones, 1000)
+        folders.append(listing())
+        crash_if(ctx.attempt == 1)
+        return small, long, array
+
+    with pytest.raises(Crash):
+        run_task(job, job_id="sizes", location=store)
+    small, long, array = run_task(job, job_id="sizes", location=store)
+    assert (small, long, array.tolist()) == (7, list(range(5000)), [1.0] * 1000)
+    assert folders[:3] == [[], ["00000001-000001"], ["00000001-000001", "00000001-000002"]]
