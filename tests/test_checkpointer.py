@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,43 @@ def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(local_module.os, "fsync", counting)
     return calls
+
+
+class _CountingStore(LocalStore):
+    """A LocalStore that counts the protocol calls it receives."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: Counter[str] = Counter()
+
+    def list(self, prefix: str = "") -> list[str]:
+        self.calls["list"] += 1
+        return super().list(prefix)
+
+    def stat(self, key: str) -> Any:
+        self.calls["stat"] += 1
+        return super().stat(key)
+
+    def read(self, key: str) -> bytes:
+        self.calls["read"] += 1
+        return super().read(key)
+
+    def commit(self, key: str, data: bytes, *, durable: bool) -> None:
+        self.calls["commit"] += 1
+        super().commit(key, data, durable=durable)
+
+
+def test_a_small_save_lists_once_stats_once_and_reads_nothing(tmp_path: Path) -> None:
+    store = _CountingStore(tmp_path)
+    ckpt = Checkpointer("job", location=store)
+    for step in range(5):
+        ckpt.save(step, {"step": step})
+    store.calls.clear()
+    ckpt.save(5, {"step": 5})
+    assert store.calls == {"list": 1, "stat": 1, "commit": 1}  # the newest step, then commit
+    store.calls.clear()
+    ckpt.save(5, {"step": "again"}, overwrite=True)
+    assert store.calls["read"] == 1  # the manifest it replaces, kept to roll back a failure
 
 
 def test_durable_saves_fsync_and_durable_false_does_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from safepoint.errors import (
 )
 from safepoint.flow import Flow
 from safepoint.policy import Policy, after_substep, every, manual, on_progress
+from safepoint.run import resume
 from safepoint.stateful import GlobalRNG, Stateful
 from safepoint.tasks import Task, TaskContext, run_task, task
 
@@ -52,6 +53,7 @@ __all__ = [
     "every",
     "manual",
     "on_progress",
+    "resume",
     "run_task",
     "task",
 ]

@@ -313,7 +313,7 @@ class Checkpointer:
             manifest = write_checkpoint(
                 self.store, folder, request.prepared, name=self.name, step=request.step,
                 metadata=request.metadata, durable=self.durable, extra=request.manifest_extra,
-                before_commit=self.fence)
+                before_commit=self.fence, replaces=request.overwrite)
             if request.overwrite:
                 referenced = {b["file"] for b in manifest.blobs} | {MANIFEST}
                 for f in self.store.list(folder):

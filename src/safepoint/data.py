@@ -15,7 +15,7 @@ checkpoint as live objects: ``save(step, {"model": model, "data": batches})``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -233,7 +233,7 @@ class Resumable(Generic[T]):
 
     def validate_state(self, state: dict[str, Any]) -> None:
         """Raise :class:`StateMismatch` if ``state`` was not made by :meth:`state_dict`."""
-        consumed = state.get("consumed")
+        consumed = state.get("consumed") if isinstance(state, Mapping) else None
         if not isinstance(consumed, (int, np.integer)) or consumed < 0:
             raise StateMismatch(
                 f"not a Resumable state: {state!r}; pass the dict that Resumable.state_dict() "

@@ -5,8 +5,10 @@ them with ``|`` (any) and ``&`` (all); a plain callable taking a :class:`Tick` w
 
     policy = every(items=1000) | every(seconds=30)
 
-Time-based policies do not read the clock on every item: they read it every ``stride``
-items and adapt the stride so that the clock is read a few dozen times per period.
+Time-based policies read the clock each time they are asked, so a deadline is missed by at
+most the time between two boundaries, however suddenly items become slow. Asking rarely
+enough is the caller's job: a run asks at segment ends (a few hundred times a second at
+most), not after every item.
 """
 
 from __future__ import annotations
@@ -124,32 +126,13 @@ class _Items(Policy):
 
 
 class _Seconds(Policy):
-    """Time since the last checkpoint, reading the clock every ``stride`` calls."""
-
-    _MAX_STRIDE = 1 << 16
-
     def __init__(self, seconds: float) -> None:
-        if seconds <= 0:
+        if not seconds > 0:
             raise ValueError(f"every(seconds=...) needs a positive period, not {seconds}")
         self.seconds = seconds
-        self._stride = 1
-        self._calls = 0
-        self._last_read: float | None = None
 
     def __call__(self, tick: Tick) -> bool:
-        self._calls += 1
-        if self._calls < self._stride:
-            return False
-        self._calls = 0
-        now = tick.now()
-        if self._last_read is not None:
-            gap = now - self._last_read
-            if gap < self.seconds / 50 and self._stride < self._MAX_STRIDE:
-                self._stride *= 2
-            elif gap > self.seconds / 10 and self._stride > 1:
-                self._stride //= 2
-        self._last_read = now
-        return now - tick.last_checkpoint_at >= self.seconds
+        return tick.now() - tick.last_checkpoint_at >= self.seconds
 
     def __repr__(self) -> str:
         return f"every(seconds={self.seconds})"

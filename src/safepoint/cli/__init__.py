@@ -1,7 +1,7 @@
 """Layer 8: the ``safepoint`` command line.
 
 Commands live in focused modules that each register on :data:`app`:
-``inspect`` (ls, show, verify, rm, gc) and ``jobs`` (run, demo).
+``inspect`` (ls, show, verify, rm, gc), ``jobs`` (run) and ``demo``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _module in ("safepoint.cli.inspect", "safepoint.cli.jobs"):
-    try:
-        importlib.import_module(_module)
-    except ModuleNotFoundError as _exc:  # a command module not written yet
-        if _exc.name != _module:
-            raise
+for _module in ("safepoint.cli.inspect", "safepoint.cli.jobs", "safepoint.cli.demo"):
+    importlib.import_module(_module)
 
 
 def main() -> None:

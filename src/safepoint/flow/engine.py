@@ -202,8 +202,7 @@ class Flow:
     ) -> Generator[Call, Any, State]:
         steps = list(self._steps)
         names = [s.name for s in steps]
-        found = self._log.latest()
-        record = found[1] if found else FlowRecord()
+        record = self._record()
         start = self._choose_start(record, steps, start_at)
         if start is None:
             if initial_state is not None and not _same_tree(initial_state, record.states[0]):

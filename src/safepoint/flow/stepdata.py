@@ -18,7 +18,7 @@ class StepData(MutableMapping[str, Any]):
 
     def __init__(self, values: dict[str, Any], stored: dict[str, Callable[[], Any]]) -> None:
         self._values = values
-        self._stored = {k: v for k, v in stored.items() if k not in values}
+        self._stored = {k: v for k, v in stored.items() if k not in values}  # never both
 
     def __getitem__(self, key: str) -> Any:
         if key in self._values:
@@ -50,10 +50,10 @@ class StepData(MutableMapping[str, Any]):
 
     def __iter__(self) -> Iterator[str]:
         yield from list(self._values)
-        yield from [k for k in self._stored if k not in self._values]
+        yield from list(self._stored)
 
     def __len__(self) -> int:
-        return len(self._values) + sum(1 for k in self._stored if k not in self._values)
+        return len(self._values) + len(self._stored)
 
     def is_loaded(self, key: str) -> bool:
         """True when ``key`` is in memory (False for a stored output not read yet)."""

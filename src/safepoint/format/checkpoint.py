@@ -206,6 +206,7 @@ def write_checkpoint(
     durable: bool = True,
     extra: dict[str, Any] | None = None,
     before_commit: Callable[[], None] | None = None,
+    replaces: bool = True,
 ) -> Manifest:
     """Write blobs, then commit the manifest (steps 1 and 2 of the store's protocol).
 
@@ -213,7 +214,9 @@ def write_checkpoint(
     raising there (a fencing check) leaves nothing visible. On any failure the blobs of this
     save are removed again (best effort) and a manifest it may have published is rolled
     back, so readers see the checkpoint as it was before; an ``OSError`` is raised as
-    :class:`SaveFailed` with what happened and what to do.
+    :class:`SaveFailed` with what happened and what to do. ``replaces=False`` says that
+    ``folder`` holds no committed manifest (a new step): the previous manifest, kept for
+    that rollback, is then not read, which saves a read per save (a GET on object stores).
     """
     meta_json = json_copy(metadata, "metadata")
     extra_json = json_copy(extra, "extra")
@@ -253,7 +256,7 @@ def write_checkpoint(
         data = encode_manifest(body)
         if before_commit is not None:
             before_commit()
-        previous = _read_if_exists(store, manifest_key)
+        previous = _read_if_exists(store, manifest_key) if replaces else None
         published = True
         store.commit(manifest_key, data, durable=durable)
     except BaseException as exc:

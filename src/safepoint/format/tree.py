@@ -449,7 +449,7 @@ class Decoder:
             raise UnsafeCheckpoint(
                 f"the checkpoint holds a pickled {node.get('type', 'object')}; loading it would "
                 "run code from the checkpoint. Pass allow_pickle=True only if you trust it")
-        return pickle.loads(bytes(self._raw(node)))
+        return pickle.loads(self._raw(node))  # reads any buffer: no copy of a large blob
 
 
 def _hashable(key: Any) -> bool:

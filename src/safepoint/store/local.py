@@ -32,6 +32,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_temp(path: Path, data: Buffer, durable: bool) -> Path:
+    """Write ``data`` to a fresh hidden temp file beside ``path`` (fsync'd if durable)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, memoryview(data))
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    return tmp
+
+
 class LocalStore(Store):
     """Keys are files under ``root``; commit is temp file, fsync, rename, fsync directory."""
 
@@ -78,15 +95,8 @@ class LocalStore(Store):
     def commit(self, key: str, data: bytes, *, durable: bool) -> None:
         path = self._file(key)
         self._ensure_parent(path, durable)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp = _write_temp(path, data, durable)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                _write_all(fd, memoryview(data))
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -100,15 +110,8 @@ class LocalStore(Store):
         self._ensure_parent(path, durable)
         # Write a temp file, then link() it into place: link fails if the name exists, so
         # the value appears complete or not at all, and only one creator wins.
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp = _write_temp(path, data, durable)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                _write_all(fd, memoryview(data))
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
             os.link(tmp, path)
         except FileExistsError:
             return False

@@ -1,0 +1,188 @@
+"""Run benchmarks: what a resumable stream costs, per item, per commit, and to resume.
+
+On a file of random integers (1,000,000 lines; 100,000 with ``--quick``), side by side in
+one run, every loop with the same body (``state["total"] += int(line)``):
+
+1. a plain ``for line in open(path)`` loop against ``run.lines`` with the default policy,
+   with ``every(items=1000)`` (durable commits), and with ``every(items=1000)`` and
+   ``commit="async"``;
+2. the cost of one durable commit inside the loop (the every-1000 loop less the
+   default-policy loop, divided by the extra commits) against the floor: the plain loop
+   appending a record of the same size to a file and calling ``fdatasync`` every 1000
+   lines (less the plain loop, divided by the appends), measured in the same rounds;
+3. resuming at 90% against resuming at 0% (open the run, read the first line), and a naive
+   resume that re-reads the file up to 90%.
+
+    python -m bench --only runs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bench import Case, Report, compare
+from safepoint.policy import every, manual
+from safepoint.run import JOURNAL, resume
+from safepoint.store.journal import MAGIC, scan
+
+_sync = getattr(os, "fdatasync", os.fsync)
+
+
+class _Stop(Exception):
+    """Leaves a run block without completing the run."""
+
+
+def write_numbers(path: Path, count: int) -> None:
+    rng = random.Random(0)
+    path.write_text("\n".join(str(rng.randint(-(10**9), 10**9)) for _ in range(count)) + "\n")
+
+
+def plain(path: Path) -> int:
+    state = {"total": 0}
+    with open(path) as f:
+        for line in f:
+            state["total"] += int(line)
+    return state["total"]
+
+
+def resumable(path: Path, store: Path, **options: Any) -> int:
+    """The same loop in a run; returns the commits it made."""
+    with resume("bench", location=store, **options) as run:
+        state = run.state
+        state["total"] = 0
+        for line in run.lines(path):
+            state["total"] += int(line)
+    return run.commits
+
+
+def record_size(path: Path, store: Path) -> int:
+    """Bytes of one journal record of the benchmark's run (for the floor)."""
+    with contextlib.suppress(_Stop), resume("probe", location=store, policy=manual()) as run:
+        run.state["total"] = 0
+        for index, line in enumerate(run.lines(path)):
+            run.state["total"] += int(line)
+            if index == 1000:
+                run.checkpoint()
+                raise _Stop
+    size = scan((store / "probe" / JOURNAL).read_bytes()).end - len(MAGIC)
+    shutil.rmtree(store / "probe")
+    return size
+
+
+def plain_with_appends(path: Path, directory: Path, size: int, every_n: int) -> int:
+    """The plain loop, appending a ``size``-byte record to a file and calling fdatasync
+    every ``every_n`` lines: the floor of a durable small commit at that rate."""
+    record = b"x" * size
+    fd = os.open(directory / "floor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o644)
+    state, count = {"total": 0}, 0
+    try:
+        with open(path) as f:
+            for line in f:
+                state["total"] += int(line)
+                count += 1
+                if count == every_n:
+                    os.write(fd, record)
+                    _sync(fd)
+                    count = 0
+    finally:
+        os.close(fd)
+    return state["total"]
+
+
+def park_at(path: Path, store: Path, name: str, lines: int) -> None:
+    """Leave run ``name`` with a checkpoint after ``lines`` lines."""
+    with contextlib.suppress(_Stop), resume(name, location=store, policy=manual()) as run:
+        run.state["total"] = 0
+        for index, line in enumerate(run.lines(path)):
+            run.state["total"] += int(line)
+            if index + 1 == lines:
+                run.checkpoint()
+                raise _Stop
+
+
+def first_line_after_resume(path: Path, store: Path, name: str) -> str:
+    with contextlib.suppress(_Stop), resume(name, location=store) as run:
+        line = next(iter(run.lines(path)))
+        raise _Stop
+    return line
+
+
+def first_line_after_rereading(path: Path, skip: int) -> str:
+    with open(path) as f:
+        for index, line in enumerate(f):
+            if index == skip:
+                return line
+    raise ValueError("short file")
+
+
+def run(report: Report, quick: bool) -> None:
+    count = report.pick(full=1_000_000, quick=100_000)
+    repeat = report.pick(full=7, quick=2)
+    with report.scratch("runs") as scratch:
+        path, store = scratch / "numbers.txt", scratch / "store"
+        write_numbers(path, count)
+        size = record_size(path, store)
+        commits: dict[str, list[int]] = {"default": [], "every": [], "async": []}
+
+        def loop(label: str, **options: Any) -> Case:
+            return Case(lambda _: resumable(path, store, **options), after=commits[label].append)
+
+        floor_name = f"plain loop + append {size} B & fdatasync every 1000"
+        timings = compare({
+            "plain loop": Case(lambda _: plain(path)),
+            "run.lines, default policy": loop("default"),
+            "run.lines, every(items=1000)": loop("every", policy=every(items=1000)),
+            "run.lines, every(items=1000), async": loop("async", policy=every(items=1000), commit="async"),
+            floor_name: Case(lambda _: plain_with_appends(path, scratch, size, 1000)),
+        }, repeat=repeat)
+        stream = report.section(
+            "Stream: a resumable loop against a plain one", reference="plain loop", statistic="best",
+            description=f"{count:,} lines; every loop's body is state['total'] += int(line); "
+                        f"durable commits; best of {repeat}")
+        stream.add_all(timings, notes={
+            "run.lines, default policy": f"{max(commits['default'])} commits",
+            "run.lines, every(items=1000)": f"{max(commits['every'])} commits",
+            "run.lines, every(items=1000), async": f"{min(commits['async'])}-{max(commits['async'])} "
+                                                    "commits written (coalesced)",
+            floor_name: f"{count // 1000} appends",
+        })
+
+        # One commit: what it adds to a loop, per round (the rounds are interleaved).
+        rounds = zip(timings["run.lines, every(items=1000)"].samples,
+                     timings["run.lines, default policy"].samples, commits["every"], commits["default"],
+                     timings[floor_name].samples, timings["plain loop"].samples, strict=True)
+        ours, floor = [], []
+        for every_s, default_s, every_n, default_n, floor_s, plain_s in rounds:
+            ours.append((every_s - default_s) / (every_n - default_n))
+            floor.append((floor_s - plain_s) / (count // 1000))
+        commit = report.section(
+            "Stream: one durable commit inside a loop", reference="append + fdatasync",
+            description="time a commit every 1000 lines adds to the loop, median of the rounds")
+        commit.add("append + fdatasync", floor, note=f"{size} B, the size of one of our records")
+        commit.add("safepoint commit", ours, note="journal record: state, offset, file identity")
+
+        start, ninety = 1, int(count * 0.9)
+        park_at(path, store, "at-start", start)
+        park_at(path, store, "at-90", ninety)
+        resumes = compare({
+            "resume at 0%": Case(lambda _: first_line_after_resume(path, store, "at-start")),
+            "resume at 90%": Case(lambda _: first_line_after_resume(path, store, "at-90")),
+            "re-read to 90% (no seek)": Case(lambda _: first_line_after_rereading(path, ninety)),
+        }, repeat=report.pick(full=15, quick=3))
+        resume_section = report.section(
+            "Resume: open the run and read the next line", reference="resume at 0%",
+            description="includes the durable commit of the new attempt number")
+        resume_section.add_all(resumes)
+
+    report.target("run.lines, default policy: overhead ≤ 5%",
+                  stream.ratio("run.lines, default policy"), at_most=1.05)
+    report.target("every(items=1000): one commit ≤ 2× append + fdatasync",
+                  commit.ratio("safepoint commit"), at_most=2.0)
+    report.target("commit=\"async\", every(items=1000): overhead ≤ 20%",
+                  stream.ratio("run.lines, every(items=1000), async"), at_most=1.2)
+    report.target("resume at 90% ≤ 1.1× resume at 0%", resume_section.ratio("resume at 90%"), at_most=1.1)

@@ -1,0 +1,205 @@
+"""What is in a store, gathered for the commands: names, runs, steps and leftovers.
+
+Everything here reads manifests (and run journals) only, never the blobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from safepoint.checkpointer import list_names, list_steps
+from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
+from safepoint.format import Manifest, iter_tree_summary, read_manifest, step_key
+from safepoint.store import Store, check_name
+
+# Manifest keys shown in their own place (by ``show``); the others came from
+# ``save(..., extra=...)`` and are listed as they are. "run" is a run's record.
+_KNOWN_KEYS = {"format", "version", "name", "step", "created", "save_id", "metadata",
+               "pickled", "blobs", "tree", "kind", "progress", "attempt", "table", "run"}
+
+
+@dataclass
+class NameSummary:
+    """One row of ``safepoint ls``."""
+
+    name: str
+    kind: str
+    steps: int
+    latest_step: int | None
+    progress: float | None
+    attempt: int | None
+    complete: bool | None
+    updated: float | None  # seconds since the epoch
+    nbytes: int
+    damaged: int  # steps whose manifest cannot be read, plus 1 for a damaged run record
+
+
+def _run_describer() -> Callable[[Store, str], Any] | None:
+    """``safepoint.run.describe_run`` where the run layer is installed, else None."""
+    try:
+        from safepoint.run import describe_run
+    except ImportError:
+        return None
+    return describe_run
+
+
+def _describe_run(store: Store, name: str) -> tuple[Any, CorruptCheckpoint | None]:
+    """The run info of ``name`` (None if it is not a run), or the damage that hides it."""
+    describe_run = _run_describer()
+    if describe_run is None:
+        return None, None
+    try:
+        return describe_run(store, name), None
+    except CorruptCheckpoint as exc:
+        return None, exc
+
+
+def _number(value: Any, kind: type) -> Any:
+    """``value`` if it is a number usable as ``kind`` (bools excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return kind(value)
+
+
+def summarize_name(store: Store, name: str) -> NameSummary | None:
+    """What ``ls`` shows about ``name``, or None if it holds neither steps nor a run."""
+    steps = list_steps(store, name)
+    run, damage = _describe_run(store, name)
+    if not steps and run is None and damage is None:
+        return None
+    summary = NameSummary(name=name, kind="checkpoint", steps=len(steps),
+                          latest_step=steps[-1] if steps else None, progress=None, attempt=None,
+                          complete=None, updated=None, nbytes=0, damaged=int(damage is not None))
+    described = False
+    for step in reversed(steps):
+        try:
+            manifest = read_manifest(store, step_key(name, step))
+        except (CorruptCheckpoint, CheckpointNotFound):
+            summary.damaged += 1
+            continue
+        summary.nbytes += manifest.nbytes
+        if not described:  # the newest readable step describes the name
+            described = True
+            body = manifest.body
+            summary.kind = str(body.get("kind") or "checkpoint")
+            summary.progress = _number(body.get("progress"), float)
+            summary.attempt = _number(body.get("attempt"), int)
+            summary.updated = manifest.created
+    if run is not None or damage is not None:
+        summary.kind = "run"
+    if run is not None:
+        for field in ("progress", "attempt", "complete", "updated"):
+            value = getattr(run, field, None)
+            if value is not None:
+                setattr(summary, field, value)
+        summary.nbytes = max(summary.nbytes, int(getattr(run, "nbytes", 0) or 0))
+    return summary
+
+
+def summarize_store(store: Store) -> list[NameSummary]:
+    """Every checkpoint name and run in ``store``, by name."""
+    names = set(list_names(store))
+    if _run_describer() is not None:  # a run may have no step folder (only its journal)
+        names.update(e for e in store.list("") if valid_name(e))
+    summaries = (summarize_name(store, name) for name in sorted(names))
+    return [s for s in summaries if s is not None]
+
+
+def valid_name(entry: str) -> bool:
+    """Whether a store entry can be a name (hidden and temporary entries cannot)."""
+    try:
+        check_name(entry)
+    except InvalidName:
+        return False
+    return True
+
+
+def find_name(store: Store, name: str) -> tuple[list[int], Any, str | None]:
+    """The committed steps of ``name``, its run info (None if not a run) and what is wrong
+    with its run record; raises :class:`CheckpointNotFound` if it holds neither."""
+    check_name(name)
+    steps = list_steps(store, name)
+    run, damage = _describe_run(store, name)
+    if not steps and damage is not None:
+        raise damage
+    if not steps and run is None:
+        raise CheckpointNotFound(
+            f"no checkpoint named {name!r} in {store.url}; `safepoint ls {store.url}` lists "
+            "what is there", name=name)
+    return steps, run, None if damage is None else str(damage)
+
+
+def _tree_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    rows = iter_tree_summary(manifest.body["tree"], blobs=manifest.blobs)
+    return [{"path": p, "type": t, "dtype": d, "shape": s, "nbytes": n} for p, t, d, s, n in rows]
+
+
+def _flow_table(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    table = body.get("table")
+    if isinstance(table, list) and all(isinstance(row, dict) for row in table):
+        return table
+    return None
+
+
+def describe_step(store: Store, name: str, step: int | None) -> dict[str, Any]:
+    """Everything ``show`` prints about one step (the newest if ``step`` is None)."""
+    steps, run, run_damage = find_name(store, name)
+    run_info = None if run is None else asdict(run)
+    if not steps and step is None:  # a run whose commits are all in its journal
+        return {"name": name, "location": store.url, "kind": "run", "steps": [], "run": run_info}
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointNotFound(
+            f"{name!r} has no step {step} in {store.url}; its steps are "
+            f"{', '.join(map(str, steps)) or 'none'}", name=name, step=step)
+    manifest = read_manifest(store, step_key(name, step))
+    body = manifest.body
+    try:
+        tree = _tree_rows(manifest)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{store.url}/{manifest.key}: malformed tree ({exc!r})",
+                                path=manifest.key, step=step) from exc
+    return {
+        "name": name,
+        "location": store.url,
+        "step": step,
+        "steps": steps,
+        "kind": str(body.get("kind") or "checkpoint"),
+        "progress": _number(body.get("progress"), float),
+        "attempt": _number(body.get("attempt"), int),
+        "created": manifest.created,
+        "nbytes": manifest.nbytes,
+        "format_version": body.get("version"),
+        "metadata": manifest.metadata,
+        "extra": {k: v for k, v in body.items() if k not in _KNOWN_KEYS},
+        "pickled": list(body.get("pickled") or []),
+        "tree": tree,
+        "table": _flow_table(body),
+        "run": run_info,
+        "run_damage": run_damage,
+    }
+
+
+def leftover_sizes(store: Store, name: str) -> dict[str, int]:
+    """Size of every file in the step folders of ``name`` (to report what gc frees)."""
+    sizes = {}
+    for entry in store.list(name):
+        if not entry.isdigit():
+            continue
+        for f in store.list(f"{name}/{entry}"):
+            key = f"{name}/{entry}/{f}"
+            try:
+                sizes[key] = store.stat(key).size
+            except FileNotFoundError:
+                pass
+    return sizes
+
+
+def freed_bytes(sizes: dict[str, int], key: str) -> int:
+    """Bytes that removing ``key`` (a file or a folder) freed, from :func:`leftover_sizes`."""
+    if key in sizes:
+        return sizes[key]
+    return sum(size for k, size in sizes.items() if k.startswith(key + "/"))

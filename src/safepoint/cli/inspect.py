@@ -1,0 +1,337 @@
+"""``safepoint ls | show | verify | rm | gc``: look at, check and clean a store.
+
+Every command reads manifests only (small JSON files), except ``verify``, which reads every
+blob to check its checksum. Nothing here writes to a store except ``rm`` and ``gc``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from safepoint.checkpointer import Checkpointer, collect_garbage, list_names, list_steps
+from safepoint.cli import app
+from safepoint.cli.catalog import (
+    describe_step,
+    find_name,
+    freed_bytes,
+    leftover_sizes,
+    summarize_store,
+    valid_name,
+)
+from safepoint.cli.output import (
+    err,
+    human_age,
+    human_bytes,
+    human_progress,
+    out,
+    print_json,
+    reporting_errors,
+)
+from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SafepointError
+from safepoint.format import read_manifest, step_key, verify_checkpoint
+from safepoint.store import Store, check_name, open_store
+
+PROGRESS_MIN_BYTES = 64 << 20
+"""``verify`` shows a progress bar when it has at least this many bytes to read (or when
+stdout is a terminal)."""
+
+DEFAULT_GC_MIN_AGE = 300.0
+"""``gc`` leaves leftovers younger than this alone: they may be a save still in progress."""
+
+LocationOption = Annotated[
+    Optional[str],  # noqa: UP045 - typer reads this annotation at run time
+    typer.Option("--location", "-l", help="Store: a directory or fsspec URL "
+                 "[default: $SAFEPOINT_DIR or ./.safepoint]", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _open(location: str | None) -> Store:
+    try:
+        return open_store(location or None)
+    except (ValueError, ImportError) as exc:  # fsspec: unknown protocol, backend not installed
+        raise SafepointError(f"cannot open the store {location!r}: {exc}") from exc
+
+
+def _table(title: str) -> Table:
+    """A compact table: a rule under the header, one space between columns."""
+    return Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, title=title,
+                 title_justify="left")
+
+
+# ------------------------------------------------------------------------- ls
+
+
+@app.command("ls")
+def list_command(
+    location: Annotated[Optional[str], typer.Argument(  # noqa: UP045
+        help="Store: a directory or fsspec URL [default: $SAFEPOINT_DIR or ./.safepoint]",
+        show_default=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the checkpoints and runs in a store."""
+    with reporting_errors():
+        store = _open(location)
+        summaries = summarize_store(store)
+    if as_json:
+        print_json([asdict(s) for s in summaries])
+        return
+    if not summaries:
+        out().print(f"no checkpoints in {escape(store.url)}")
+        return
+    now = time.time()
+    table = _table(escape(store.url))
+    for column in ("name", "kind", "steps", "latest", "progress", "attempt", "age", "size"):
+        justify = "right" if column in ("steps", "latest", "progress", "attempt", "size") else "left"
+        if column == "name":  # long names fold; the other columns never wrap
+            width = min(12, max(len(s.name) for s in summaries))
+            table.add_column(column, overflow="fold", min_width=width)
+        else:
+            table.add_column(column, justify=justify, no_wrap=True)
+    for s in summaries:
+        steps = str(s.steps) + (f" [red]({s.damaged} bad)[/]" if s.damaged else "")
+        progress = "done" if s.complete else human_progress(s.progress)
+        table.add_row(
+            escape(s.name), s.kind, steps, "-" if s.latest_step is None else str(s.latest_step),
+            progress, "-" if s.attempt is None else str(s.attempt),
+            human_age(None if s.updated is None else now - s.updated), human_bytes(s.nbytes))
+    out().print(table)
+
+
+# ----------------------------------------------------------------------- show
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="The checkpoint name.")],
+    step: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--step", "-s", min=0, help="Which step [default: the newest].")] = None,
+    location: LocationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one checkpoint: metadata and the structure of its state (reads no array data)."""
+    with reporting_errors():
+        info = describe_step(_open(location), name, step)
+    if as_json:
+        print_json(info)
+        return
+    console = out()
+    if "step" not in info:
+        console.print(f"[bold]{escape(name)}[/] (run) in {escape(info['location'])}: no checkpoint "
+                      "steps; its commits are in its journal", soft_wrap=True)
+        console.print(_run_line(info["run"]), soft_wrap=True)
+        return
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["created"]))
+    lines = [
+        f"[bold]{escape(name)}[/] step {info['step']} ({info['kind']}) in {escape(info['location'])}",
+        f"saved    {created} ({human_age(time.time() - info['created'])}), "
+        f"{human_bytes(info['nbytes'])}",
+        f"steps    {_step_list(info['steps'])}",
+    ]
+    if info["run"] is not None:
+        lines.append(_run_line(info["run"]))
+    elif info["run_damage"]:
+        lines.append(f"[red]run      record damaged: {escape(info['run_damage'])}[/]")
+    elif info["progress"] is not None or info["attempt"] is not None:
+        lines.append(f"progress {human_progress(info['progress'])}, attempt "
+                     f"{'-' if info['attempt'] is None else info['attempt']}")
+    for label, values in (("metadata", info["metadata"]), ("extra", info["extra"])):
+        for key, value in values.items():
+            lines.append(f"{label} {escape(str(key))} = {escape(repr(value))}")
+    if info["pickled"]:
+        lines.append(f"[yellow]pickled  {escape(', '.join(info['pickled']))} "
+                     "(restore needs allow_pickle=True)[/]")
+    for line in lines:
+        console.print(line, soft_wrap=True)
+    tree = _table("state")
+    for column in ("path", "type", "dtype", "shape", "size"):
+        tree.add_column(column, justify="right" if column == "size" else "left")
+    for row in info["tree"]:
+        tree.add_row(escape(row["path"]), row["type"], escape(row["dtype"]), escape(row["shape"]),
+                     human_bytes(row["nbytes"]) if row["nbytes"] else "")
+    console.print(tree)
+    if info["table"]:
+        console.print(_dict_table(info["table"], "steps"))
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    total = run.get("total")
+    where = f"{run.get('position')}" + ("" if total is None else f" of {total}")
+    done = ", complete" if run.get("complete") else ""
+    updated = run.get("updated")
+    age = human_age(None if updated is None else time.time() - updated)
+    return (f"run      position {where} ({human_progress(run.get('progress'))}), attempt "
+            f"{run.get('attempt')}{done}, updated {age}")
+
+
+def _step_list(steps: list[int], limit: int = 12) -> str:
+    if len(steps) <= limit:
+        return ", ".join(map(str, steps))
+    head = ", ".join(map(str, steps[: limit // 2]))
+    tail = ", ".join(map(str, steps[-limit // 2 :]))
+    return f"{head}, ... {tail} ({len(steps)} in all)"
+
+
+def _dict_table(rows: list[dict[str, Any]], title: str) -> Table:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(str(k) for k in row if str(k) not in columns)
+    table = _table(title)
+    for column in columns:
+        table.add_column(escape(column))
+    for row in rows:
+        cells = {str(k): v for k, v in row.items()}
+        table.add_row(*(escape("" if cells.get(c) is None else str(cells[c])) for c in columns))
+    return table
+
+
+# --------------------------------------------------------------------- verify
+
+
+@app.command()
+def verify(
+    name: Annotated[Optional[str], typer.Argument(  # noqa: UP045
+        help="The checkpoint name [default: every name in the store].", show_default=False)] = None,
+    location: LocationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check every checksum of every step; exit status 1 if anything is damaged."""
+    with reporting_errors():
+        store = _open(location)
+        if name is not None:
+            targets = [(name, s) for s in find_name(store, name)[0]]
+        else:
+            targets = [(n, s) for n in list_names(store) for s in list_steps(store, n)]
+        total = sum(_blob_bytes(store, n, s) for n, s in targets)
+        show_bar = not as_json and (total >= PROGRESS_MIN_BYTES or sys.stdout.isatty())
+        results = _verify_all(store, targets, total, show_bar)
+    ok = all(r["ok"] for r in results)
+    if as_json:
+        print_json({"ok": ok, "location": store.url, "results": results})
+    else:
+        _print_verify(store, results)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _verify_all(store: Store, targets: list[tuple[str, int]], total: int, show_bar: bool
+                ) -> list[dict[str, Any]]:
+    results = []
+    columns = (TextColumn("verifying"), BarColumn(), DownloadColumn(binary_units=True),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err(), transient=True, disable=not show_bar) as progress:
+        task = progress.add_task("verify", total=total)
+        for name, step in targets:
+            report = verify_checkpoint(store, step_key(name, step),
+                                       on_bytes=lambda size: progress.advance(task, size))
+            results.append({"name": name, "step": step, "ok": report.ok,
+                            "checked_bytes": report.checked_bytes, "problems": report.problems})
+    return results
+
+
+def _blob_bytes(store: Store, name: str, step: int) -> int:
+    try:
+        return sum(int(b.get("size", 0)) for b in read_manifest(store, step_key(name, step)).blobs)
+    except (CorruptCheckpoint, CheckpointNotFound, TypeError, ValueError, AttributeError):
+        return 0  # verify reports it
+
+
+def _print_verify(store: Store, results: list[dict[str, Any]]) -> None:
+    console = out()
+    if not results:
+        console.print(f"nothing to verify in {escape(store.url)}")
+        return
+    table = _table(escape(store.url))
+    for column in ("name", "step", "status", "checked"):
+        table.add_column(column, justify="right" if column in ("step", "checked") else "left")
+    for r in results:
+        status = "[green]ok[/]" if r["ok"] else f"[red]DAMAGED ({len(r['problems'])})[/]"
+        table.add_row(escape(r["name"]), str(r["step"]), status, human_bytes(r["checked_bytes"]))
+    console.print(table)
+    damaged = [r for r in results if not r["ok"]]
+    for r in damaged:
+        for problem in r["problems"]:
+            console.print(f"[red]{escape(r['name'])} step {r['step']}: {escape(problem)}[/]",
+                          soft_wrap=True)
+    if damaged:
+        console.print(f"[red]{len(damaged)} of {len(results)} checkpoints are damaged.[/] "
+                      "`restore()` skips them; `safepoint rm NAME --step N` removes one.")
+    else:
+        what = "1 checkpoint" if len(results) == 1 else f"all {len(results)} checkpoints"
+        console.print(f"[green]{what} intact[/] "
+                      f"({human_bytes(sum(r['checked_bytes'] for r in results))} checked)")
+
+
+# ------------------------------------------------------------------------- rm
+
+
+@app.command()
+def rm(
+    name: Annotated[str, typer.Argument(help="The checkpoint name to remove.")],
+    step: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--step", "-s", min=0, help="Remove only this step.")] = None,
+    location: LocationOption = None,
+) -> None:
+    """Remove a name (all its steps, leftovers and run records), or one step of it."""
+    with reporting_errors():
+        store = _open(location)
+        check_name(name)
+        if step is not None:
+            Checkpointer(name, location=store).delete(step)
+            out().print(f"removed {escape(name)} step {step} from {escape(store.url)}")
+            return
+        if not store.exists(name):
+            raise CheckpointNotFound(
+                f"nothing named {name!r} in {store.url}; `safepoint ls {store.url}` lists "
+                "what is there", name=name)
+        count = len(list_steps(store, name))
+        store.delete(name)
+    out().print(f"removed {escape(name)} ({count} step{'' if count == 1 else 's'}) "
+                f"from {escape(store.url)}")
+
+
+# ------------------------------------------------------------------------- gc
+
+
+@app.command()
+def gc(
+    min_age: Annotated[float, typer.Option(
+        "--min-age", min=0, help="Remove only leftovers at least this many seconds old, so "
+        "that a save in progress elsewhere is never broken.")] = DEFAULT_GC_MIN_AGE,
+    location: LocationOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove what crashed saves left behind (never a committed checkpoint)."""
+    with reporting_errors():
+        store = _open(location)
+        removed = []
+        for name in (e for e in store.list("") if valid_name(e)):
+            sizes = leftover_sizes(store, name)
+            for key in collect_garbage(store, name, min_age=min_age):
+                removed.append({"key": key, "nbytes": freed_bytes(sizes, key)})
+    freed = sum(r["nbytes"] for r in removed)
+    if as_json:
+        print_json({"location": store.url, "count": len(removed), "nbytes": freed,
+                    "removed": removed})
+        return
+    console = out()
+    for r in removed:
+        console.print(f"removed {escape(r['key'])} ({human_bytes(r['nbytes'])})", soft_wrap=True)
+    console.print(f"{len(removed)} leftover{'' if len(removed) == 1 else 's'} removed, "
+                  f"{human_bytes(freed)} freed from {escape(store.url)}")

@@ -1,0 +1,66 @@
+"""Graceful interruption: SIGINT and SIGTERM stop a run at the next item boundary.
+
+While a run's loop is active, the first signal only sets a flag and cuts the loop's current
+segment short; when the item in progress is done, the run checkpoints and then raises
+``KeyboardInterrupt`` (SIGINT) or exits with ``SystemExit(143)`` (SIGTERM, 128 + 15). A second
+signal stops at once, like an unhandled one: the previous checkpoint stays. Outside a loop
+(no boundary is coming) a signal stops at once too.
+
+Handlers are installed only in the main thread (Python runs signal handlers there) and the
+previous ones are put back when the run ends.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_now(signum: int) -> BaseException:
+    """The exception that stops the program for ``signum``."""
+    if signum == signal.SIGINT:
+        return KeyboardInterrupt()
+    return SystemExit(128 + signum)
+
+
+class Interrupts:
+    """Signal handling for one run.
+
+    ``defer()`` returns whether the signal can wait for a boundary (a loop is active), and
+    cuts that loop's segment short.
+    """
+
+    def __init__(self, defer: Callable[[], bool]) -> None:
+        self.defer = defer
+        self.pending: int | None = None
+        """The first signal received."""
+        self.stopped_at_once = False
+        """A signal stopped the run at once (a second one, or one outside a loop)."""
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.pending is None:
+            self.pending = signum
+            if self.defer():
+                return
+        self.stopped_at_once = True
+        raise stop_now(signum)
+
+
+__all__ = ["SIGNALS", "Interrupts", "stop_now"]

@@ -1,0 +1,169 @@
+"""``safepoint verify``, ``rm`` and ``gc`` on real stores, damaged and with crash leftovers."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from cli_support import Invoke, parse_json, weights
+
+from safepoint import Checkpointer
+from safepoint.cli import inspect
+from safepoint.format import checksum
+
+
+def step_folder(store_dir: Path, name: str, step: int) -> Path:
+    return store_dir / name / f"{step:012d}"
+
+
+def flip_a_byte(path: Path, offset: int = 100) -> tuple[str, str]:
+    """Flip one bit of ``path``; returns the checksums before and after."""
+    data = bytearray(path.read_bytes())
+    before = checksum(bytes(data))
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    return before, checksum(bytes(data))
+
+
+# --------------------------------------------------------------------- verify
+
+
+def test_verify_an_intact_store(invoke: Invoke, store_dir: Path) -> None:
+    result = invoke("verify", "-l", store_dir)
+    assert result.exit_code == 0, result.output
+    assert "all 5 checkpoints intact" in result.stdout
+    report = parse_json(invoke("verify", "-l", store_dir, "--json"))
+    assert report["ok"] is True
+    assert sorted((r["name"], r["step"]) for r in report["results"]) == [
+        ("prep", 0), ("solo", 7), ("train", 10), ("train", 20), ("train", 30)]
+    checked = {(r["name"], r["step"]): r["checked_bytes"] for r in report["results"]}
+    assert checked["train", 20] == 80_000 + 64 * 64 * 2
+
+
+def test_verify_flipped_byte_exits_1_and_names_the_file(invoke: Invoke, store_dir: Path) -> None:
+    blob = max(step_folder(store_dir, "train", 20).glob("*.bin"), key=lambda p: p.stat().st_size)
+    expected, actual = flip_a_byte(blob)
+    result = invoke("verify", "train", "-l", store_dir)
+    assert result.exit_code == 1
+    out = " ".join(result.stdout.split())  # long lines may wrap
+    assert str(blob) in out
+    assert f"expected {expected}, got {actual}" in out
+    assert "1 of 3 checkpoints are damaged" in out
+
+    report = parse_json(invoke("verify", "-l", store_dir, "--json"))
+    bad = [r for r in report["results"] if not r["ok"]]
+    assert report["ok"] is False and [(r["name"], r["step"]) for r in bad] == [("train", 20)]
+    assert str(blob) in bad[0]["problems"][0]
+
+
+def test_verify_finds_a_truncated_blob_and_a_damaged_manifest(invoke: Invoke, store_dir: Path) -> None:
+    blob = next(step_folder(store_dir, "train", 10).glob("*.bin"))
+    blob.write_bytes(blob.read_bytes()[:-1])
+    flip_a_byte(step_folder(store_dir, "solo", 7) / "manifest.json", offset=40)
+    report = parse_json(invoke("verify", "-l", store_dir, "--json"))
+    problems = {(r["name"], r["step"]): r["problems"] for r in report["results"] if not r["ok"]}
+    assert set(problems) == {("train", 10), ("solo", 7)}
+    assert "truncated" in problems["train", 10][0]
+    assert "manifest checksum mismatch" in problems["solo", 7][0]
+    assert invoke("verify", "-l", store_dir).exit_code == 1
+
+
+def test_verify_of_a_missing_name_fails_clearly(invoke: Invoke, store_dir: Path) -> None:
+    result = invoke("verify", "ghost", "-l", store_dir)
+    assert result.exit_code == 1
+    assert "no checkpoint named 'ghost'" in result.stderr
+
+
+def test_verify_shows_progress_over_bytes_for_a_large_store(
+    invoke: Invoke, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inspect, "PROGRESS_MIN_BYTES", 100_000)  # the store holds ~260 KB
+    result = invoke("verify", "-l", store_dir, env={"TTY_COMPATIBLE": "1"})  # a live display
+    assert result.exit_code == 0
+    assert "verifying" in result.stderr and "KiB" in result.stderr
+    monkeypatch.setattr(inspect, "PROGRESS_MIN_BYTES", 10 << 20)
+    result = invoke("verify", "-l", store_dir, env={"TTY_COMPATIBLE": "1"})
+    assert "verifying" not in result.stderr  # small store, stdout not a terminal: no bar
+
+
+# ------------------------------------------------------------------------- rm
+
+
+def test_rm_removes_a_name(invoke: Invoke, store_dir: Path) -> None:
+    result = invoke("rm", "train", "-l", store_dir)
+    assert result.exit_code == 0, result.output
+    assert "removed train (3 steps)" in result.stdout
+    assert not (store_dir / "train").exists()
+    assert sorted(p.name for p in store_dir.iterdir()) == ["prep", "solo"]
+
+
+def test_rm_one_step(invoke: Invoke, store_dir: Path) -> None:
+    result = invoke("rm", "train", "--step", "20", "-l", store_dir)
+    assert result.exit_code == 0, result.output
+    assert Checkpointer("train", location=store_dir).steps() == [10, 30]
+    restored = Checkpointer("train", location=store_dir).restore(10)
+    assert (restored.state["w"] == weights(10)["w"]).all()
+
+
+def test_rm_missing_name_or_step_exits_1(invoke: Invoke, store_dir: Path) -> None:
+    result = invoke("rm", "ghost", "-l", store_dir)
+    assert result.exit_code == 1 and "nothing named 'ghost'" in result.stderr
+    result = invoke("rm", "train", "--step", "11", "-l", store_dir)
+    assert result.exit_code == 1 and "has no step 11" in result.stderr
+    assert Checkpointer("train", location=store_dir).steps() == [10, 20, 30]
+
+
+@pytest.mark.parametrize("name", ["..", "../store", "train/000000000010", "/etc", ".hidden", "a b"])
+def test_rm_rejects_names_that_could_escape(invoke: Invoke, store_dir: Path, name: str) -> None:
+    before = sorted(p.relative_to(store_dir.parent) for p in store_dir.parent.rglob("*"))
+    result = invoke("rm", name, "-l", store_dir / "train")
+    assert result.exit_code == 1
+    assert "invalid name" in result.stderr and "Traceback" not in result.output
+    assert sorted(p.relative_to(store_dir.parent) for p in store_dir.parent.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------- gc
+
+
+def make_leftovers(store_dir: Path, age: float) -> list[Path]:
+    """What a crashed save leaves: a step folder without a manifest, and an orphan blob."""
+    folder = step_folder(store_dir, "train", 40)
+    folder.mkdir()
+    (folder / f"dead{int(age)}-0.bin").write_bytes(b"x" * 1000)
+    orphan = step_folder(store_dir, "train", 30) / f"orphan{int(age)}-0.bin"
+    orphan.write_bytes(b"y" * 500)
+    old = time.time() - age
+    for path in (folder / f"dead{int(age)}-0.bin", folder, orphan):
+        os.utime(path, (old, old))
+    return [folder, orphan]
+
+
+def test_gc_removes_old_leftovers_only(invoke: Invoke, store_dir: Path) -> None:
+    folder, orphan = make_leftovers(store_dir, age=3600)
+    fresh = step_folder(store_dir, "solo", 7) / "fresh-0.bin"
+    fresh.write_bytes(b"z" * 10)
+    report = parse_json(invoke("gc", "-l", store_dir, "--json"))
+    assert report["count"] == 2 and report["nbytes"] == 1500
+    removed = {r["key"] for r in report["removed"]}
+    assert removed == {"train/000000000040", f"train/000000000030/{orphan.name}"}
+    assert not folder.exists() and not orphan.exists()
+    assert fresh.exists()  # younger than --min-age (300 s by default): maybe a save in flight
+    assert Checkpointer("train", location=store_dir).steps() == [10, 20, 30]
+    assert invoke("verify", "-l", store_dir).exit_code == 0
+
+    result = invoke("gc", "--min-age", "0", "-l", store_dir)
+    assert result.exit_code == 0
+    assert "1 leftover removed, 10 B freed" in result.stdout
+    assert not fresh.exists()
+
+
+def test_gc_respects_min_age(invoke: Invoke, store_dir: Path) -> None:
+    folder, orphan = make_leftovers(store_dir, age=100)
+    result = invoke("gc", "-l", store_dir)
+    assert result.exit_code == 0 and "0 leftovers removed" in result.stdout
+    assert folder.exists() and orphan.exists()
+    report = parse_json(invoke("gc", "--min-age", "60", "-l", store_dir, "--json"))
+    assert report["count"] == 2
+    assert not folder.exists() and not orphan.exists()

@@ -1,0 +1,79 @@
+"""How a run's checkpoints are encoded and read back."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from run_helpers import Boom
+
+import safepoint.run as runs
+from safepoint.errors import CorruptCheckpoint
+from safepoint.format import prepare
+from safepoint.policy import every
+from safepoint.run.persist import Record, _flat_node
+from safepoint.store import open_store
+from safepoint.store.journal import Journal
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5), st.binary(max_size=3),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@given(st.dictionaries(st.text(max_size=3), scalars, max_size=6))
+def test_the_fast_encoding_of_a_flat_state_is_the_formats_own(state: dict[str, Any]) -> None:
+    fast = _flat_node(state)
+    if fast is not None:
+        assert json.dumps(fast, allow_nan=False) == json.dumps(prepare(state).node, allow_nan=False)
+        assert fast is not state
+
+
+def test_the_fast_encoding_leaves_special_values_to_the_format() -> None:
+    for value in (math.nan, math.inf, 2**64, b"x", [1], {"a": 1}):
+        assert _flat_node({"v": value}) is None
+    assert _flat_node({"$": 1}) is None and _flat_node({1: 2}) is None
+    assert _flat_node({"a": 1, "b": 2.5, "c": "x", "d": None, "e": True}) == {
+        "a": 1, "b": 2.5, "c": "x", "d": None, "e": True}
+
+
+def test_a_record_round_trips_and_a_malformed_one_is_refused() -> None:
+    record = Record(seq=3, attempt=2, loop=1, position=10, total=20, fraction=0.5,
+                    source={"kind": "range"}, outputs={"/x": 5}, finished=False, time=1.5)
+    assert Record.from_json(json.loads(json.dumps(record.to_json())), "here") == record
+    body = record.to_json()
+    del body["position"]
+    with pytest.raises(CorruptCheckpoint, match="malformed run record"):
+        Record.from_json(body, "here")
+    with pytest.raises(CorruptCheckpoint, match="newer than this safepoint"):
+        Record.from_json({**record.to_json(), "version": 99}, "here")
+
+
+def test_a_damaged_newest_record_falls_back_to_the_one_before(store: Path) -> None:
+    with pytest.raises(Boom), runs.resume("job", location=store, policy=every(items=5)) as run:
+        run.state["n"] = 0
+        for _ in run.range(12):
+            run.state["n"] += 1
+        raise Boom
+    path = store / "job" / runs.JOURNAL
+    data = bytearray(path.read_bytes())
+    end = len(data.rstrip(b"\0"))
+    data[end - 2] ^= 0xFF  # the newest record (the loop's end) is damaged
+    path.write_bytes(bytes(data))
+    with runs.resume("job", location=store) as run:
+        assert run.position == 10 and run.state == {"n": 10}
+
+
+def test_a_record_that_is_not_a_runs_is_refused(store: Path) -> None:
+    journal = Journal(open_store(store), f"job/{runs.JOURNAL}")
+    journal.open()
+    journal.append(b'{"format": "something else"}')
+    journal.close()
+    with pytest.raises(CorruptCheckpoint, match="not a safepoint run record"), runs.resume("job", location=store):
+        pass
