@@ -16,6 +16,7 @@ the loop reaches a boundary right after the item being processed.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -79,6 +80,13 @@ def horizon_of(policy: Policy) -> Horizon:
     return lambda since, position, total, at_last: 1
 
 
+def uses_clock(policy: Policy) -> bool:
+    """Whether ``policy`` may become due by time alone (and needs the segment watchdog)."""
+    if isinstance(policy, (AnyOf, AllOf)):
+        return any(uses_clock(p) for p in policy.policies)
+    return isinstance(policy, _SECONDS)
+
+
 def uses_fraction(policy: Policy) -> bool:
     """Whether ``policy`` may look at ``Tick.fraction`` (costly to compute for lines)."""
     if isinstance(policy, (AnyOf, AllOf)):
@@ -97,12 +105,20 @@ class Loop:
         self._it: Iterator[Any] | None = None
         self._len = 0
         self._cut: int | None = None
+        self._entered_at = 0.0
 
     def enter(self, it: Iterator[Any], length: int) -> None:
         """A segment of ``length`` items starts."""
         self._cut = None
         self._len = length
         self._it = it
+        self._entered_at = time.monotonic()
+
+    def running_for(self, now: float) -> float:
+        """Seconds the segment in progress has been running (0 if none, or already cut)."""
+        if self._it is None or self._cut is not None:
+            return 0.0
+        return now - self._entered_at
 
     def leave(self) -> int:
         """The segment has ended; returns how many of its items were completed."""

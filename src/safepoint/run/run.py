@@ -25,13 +25,16 @@ from safepoint.run.loops import Loop
 from safepoint.run.output import OutputMode, Outputs
 from safepoint.run.persist import Commit, Loaded, Record, RunStore
 from safepoint.run.progress import REFRESH, ProgressBar
-from safepoint.run.signals import Interrupts, stop_now
+from safepoint.run.signals import Interrupts, SegmentWatchdog, stop_now
 from safepoint.store import Location, check_name, open_store
 
 CommitMode = Literal["sync", "async"]
 MAX_SEGMENT = 16384
 """Most items handed out between two boundaries."""
 SEGMENT_SECONDS = 0.002
+WATCHDOG_SECONDS = 0.1
+"""A segment running this much longer than planned is cut, so that a time policy is asked
+again even after items suddenly became slow."""
 """A segment is sized to last about this long, so the clock is read about this often."""
 
 
@@ -109,6 +112,8 @@ class Run:
         self._seq = 0
         self._bar: ProgressBar | None = None
         self._interrupts = Interrupts(self._defer)
+        self._watchdog = (SegmentWatchdog(self._segment_overdue, self._cut_segment, WATCHDOG_SECONDS)
+                          if loops.uses_clock(self._policy) else None)
 
     # --------------------------------------------------------------- lifecycle
 
@@ -153,6 +158,8 @@ class Run:
         self._clocked_at = self._bar_at = now
         self._segment = 1
         self._interrupts.install()
+        if self._watchdog is not None:
+            self._watchdog.start()
         if loaded is not None and not self.complete:
             self._count_attempt(loaded)
 
@@ -160,6 +167,8 @@ class Run:
         """Put the signal handlers back and close what the run holds (what exists of it:
         opening may have failed half-way)."""
         self._interrupts.restore()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         committer = getattr(self, "_committer", None)
         if committer is not None:
             committer.close(discard=discard)
@@ -406,6 +415,18 @@ class Run:
             return False
         self._loop.cut()
         return True
+
+    def _segment_overdue(self) -> bool:
+        """(Watchdog thread) the current segment has run far past its planned length."""
+        loop = self._loop
+        return loop is not None and loop.running_for(time.monotonic()) > WATCHDOG_SECONDS
+
+    def _cut_segment(self) -> None:
+        """(Main thread) end the overdue segment after the item in progress, and pace the
+        next segments afresh from one item: the item rate has changed."""
+        if self._loop is not None:
+            self._loop.cut()
+            self._segment = 1
 
     def _loop_finished(self, loop: Loop) -> None:
         self._loop = None
