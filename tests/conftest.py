@@ -93,3 +93,17 @@ def make_store(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> I
 def store(make_store: Callable[[], Store]) -> Store:
     """A fresh, empty store on ``backend``."""
     return make_store()
+
+
+_THREADED_FRAMEWORK_TESTS = ("test_jax_codec.py", "test_torch_codec.py", "test_stateful.py",
+                             "test_bench_smoke.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests that import jax or torch last.
+
+    Both start thread pools in the pytest process, and the crash tests fork children from
+    it: a fork while another thread holds a lock can deadlock the child. With these tests
+    last, no fork happens after those threads exist.
+    """
+    items.sort(key=lambda item: item.path.name in _THREADED_FRAMEWORK_TESTS)
