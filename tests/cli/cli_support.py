@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from typer.testing import Result
+
+from safepoint.policy import every
+from safepoint.run import resume
 
 Invoke = Callable[..., Result]
 """``invoke("ls", path, "--json")`` runs ``safepoint ls PATH --json`` in-process."""
@@ -26,3 +31,17 @@ def weights(step: int) -> dict[str, Any]:
         "step": step,
         "note": f"step {step}",
     }
+
+
+class Crash(Exception):
+    """Raised inside a run to stop it the way a crash would."""
+
+
+def interrupted_run(store: Path, name: str, stop_at: int, *, arrays: bool = False) -> None:
+    """A run of 10 items that commits after each and crashes at item ``stop_at``."""
+    with pytest.raises(Crash), resume(name, location=store, policy=every(items=1)) as run:
+        if arrays:
+            run.state.setdefault("w", np.zeros(10_000))
+        for item in run.range(10):
+            if item == stop_at:
+                raise Crash

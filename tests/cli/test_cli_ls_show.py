@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
-from cli_support import Invoke, parse_json, weights
+from cli_support import Invoke, interrupted_run, parse_json, weights
 
 from safepoint import Checkpointer
 from safepoint.cli.output import human_age, human_bytes
@@ -75,28 +73,6 @@ def test_ls_counts_a_damaged_manifest(invoke: Invoke, store_dir: Path) -> None:
     assert "3 (1 bad)" in invoke("ls", store_dir).stdout
 
 
-needs_runs = pytest.mark.skipif(importlib.util.find_spec("safepoint.run") is None,
-                                reason="the run layer (safepoint.run) is not written yet")
-
-
-class Crash(Exception):
-    pass
-
-
-def interrupted_run(store: Path, name: str, stop_at: int, *, arrays: bool = False) -> None:
-    """A run of 10 items that commits after each and crashes at item ``stop_at``."""
-    from safepoint.policy import every
-    from safepoint.run import resume
-
-    with pytest.raises(Crash), resume(name, location=store, policy=every(items=1)) as run:
-        if arrays:
-            run.state.setdefault("w", np.zeros(10_000))
-        for item in run.range(10):
-            if item == stop_at:
-                raise Crash
-
-
-@needs_runs
 def test_ls_shows_runs_with_their_progress(invoke: Invoke, tmp_path: Path) -> None:
     from safepoint.run import describe_run
 
@@ -121,7 +97,6 @@ def test_ls_shows_runs_with_their_progress(invoke: Invoke, tmp_path: Path) -> No
     assert table["arrays"][1:2] == ["run"] and "60%" in table["arrays"]
 
 
-@needs_runs
 def test_show_a_run(invoke: Invoke, tmp_path: Path) -> None:
     store = tmp_path / "runs"
     interrupted_run(store, "journal", 4)
@@ -212,7 +187,6 @@ def test_an_unknown_store_url_is_one_clear_line(invoke: Invoke) -> None:
     assert result.stderr == "error: cannot open the store 'nosuchproto://bucket/x': Protocol not known: nosuchproto\n"
 
 
-@needs_runs
 def test_a_damaged_run_record_is_reported_not_fatal(invoke: Invoke, tmp_path: Path) -> None:
     store = tmp_path / "runs"
     Checkpointer("odd", location=store).save(1, {"x": 1}, extra={"run": {"format": "garbage"}})

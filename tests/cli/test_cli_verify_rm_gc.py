@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_support import Invoke, parse_json, weights
+from cli_support import Invoke, interrupted_run, parse_json, weights
 
 from safepoint import Checkpointer
 from safepoint.cli import inspect
 from safepoint.format import checksum
+from safepoint.run import JOURNAL
 
 
 def step_folder(store_dir: Path, name: str, step: int) -> Path:
@@ -74,6 +75,26 @@ def test_verify_of_a_missing_name_fails_clearly(invoke: Invoke, store_dir: Path)
     result = invoke("verify", "ghost", "-l", store_dir)
     assert result.exit_code == 1
     assert "no checkpoint named 'ghost'" in result.stderr
+
+
+def test_verify_checks_a_run_journal(invoke: Invoke, tmp_path: Path) -> None:
+    store = tmp_path / "runs"
+    interrupted_run(store, "stream", 4)  # a run without arrays commits to its journal only
+    journal = store / "stream" / JOURNAL
+    report = parse_json(invoke("verify", "stream", "-l", store, "--json"))
+    assert report["ok"] is True
+    assert [(r["name"], r["step"], r["checked_bytes"]) for r in report["results"]] == [
+        ("stream", None, journal.stat().st_size)]
+    assert "stream journal ok" in " ".join(invoke("verify", "-l", store).stdout.split())
+
+    journal.write_bytes(b"garbage!" + journal.read_bytes()[8:])  # the header is gone
+    result = invoke("verify", "-l", store)
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.stdout.split())
+    assert f"stream journal: {journal}" in out and "not a safepoint journal" in out
+    assert "`safepoint rm NAME` removes the run" in out and "checkpoints are damaged" not in out
+    report = parse_json(invoke("verify", "stream", "-l", store, "--json"))
+    assert report["ok"] is False and report["results"][0]["step"] is None
 
 
 def test_verify_shows_progress_over_bytes_for_a_large_store(

@@ -73,7 +73,7 @@ def test_every_seconds_uses_the_clock_since_the_last_checkpoint(store: Path) -> 
             fired.append(ctx.maybe_checkpoint())
         return fired
 
-    # at 4, 8, 12 (fires), +3, +9 (fires at 9 since), +9 (fires), +1
+    # at 4, 8, 12 (fires), 15 (3 s since), 21 (9 s since), 30 (18 s since: fires), 31 (1 s since)
     assert run(store, every(seconds=10), body, clock) == [False, False, True, False, False, True, False]
 
 

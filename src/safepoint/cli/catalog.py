@@ -5,13 +5,13 @@ Everything here reads manifests (and run journals) only, never the blobs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from safepoint.checkpointer import list_names, list_steps
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
 from safepoint.format import Manifest, iter_tree_summary, read_manifest, step_key
+from safepoint.run import JOURNAL, describe_run
 from safepoint.store import Store, check_name
 
 # Manifest keys shown in their own place (by ``show``); the others came from
@@ -36,20 +36,8 @@ class NameSummary:
     damaged: int  # steps whose manifest cannot be read, plus 1 for a damaged run record
 
 
-def _run_describer() -> Callable[[Store, str], Any] | None:
-    """``safepoint.run.describe_run`` where the run layer is installed, else None."""
-    try:
-        from safepoint.run import describe_run
-    except ImportError:
-        return None
-    return describe_run
-
-
 def _describe_run(store: Store, name: str) -> tuple[Any, CorruptCheckpoint | None]:
     """The run info of ``name`` (None if it is not a run), or the damage that hides it."""
-    describe_run = _run_describer()
-    if describe_run is None:
-        return None, None
     try:
         return describe_run(store, name), None
     except CorruptCheckpoint as exc:
@@ -101,8 +89,7 @@ def summarize_name(store: Store, name: str) -> NameSummary | None:
 def summarize_store(store: Store) -> list[NameSummary]:
     """Every checkpoint name and run in ``store``, by name."""
     names = set(list_names(store))
-    if _run_describer() is not None:  # a run may have no step folder (only its journal)
-        names.update(e for e in store.list("") if valid_name(e))
+    names.update(e for e in store.list("") if valid_name(e))  # a run may have only its journal
     summaries = (summarize_name(store, name) for name in sorted(names))
     return [s for s in summaries if s is not None]
 
@@ -125,10 +112,30 @@ def find_name(store: Store, name: str) -> tuple[list[int], Any, str | None]:
     if not steps and damage is not None:
         raise damage
     if not steps and run is None:
-        raise CheckpointNotFound(
-            f"no checkpoint named {name!r} in {store.url}; `safepoint ls {store.url}` lists "
-            "what is there", name=name)
+        raise not_found(store, name)
     return steps, run, None if damage is None else str(damage)
+
+
+def not_found(store: Store, name: str) -> CheckpointNotFound:
+    """The error for a name that holds neither checkpoint steps nor a run."""
+    return CheckpointNotFound(
+        f"no checkpoint named {name!r} in {store.url}; `safepoint ls {store.url}` lists "
+        "what is there", name=name)
+
+
+def verify_journal(store: Store, name: str) -> dict[str, Any] | None:
+    """``verify``'s result for the journal of run ``name`` (None when it has none).
+
+    The journal is read as a resume reads it: its header, and its newest intact record
+    (checksum, then contents), must check out. A damaged last record looks like a commit cut
+    short by a crash: the record before it is what resume reads, and nothing is reported.
+    """
+    key = f"{name}/{JOURNAL}"
+    if not store.exists(key):
+        return None
+    _, damage = _describe_run(store, name)
+    return {"name": name, "step": None, "ok": damage is None,
+            "checked_bytes": store.stat(key).size, "problems": [] if damage is None else [str(damage)]}
 
 
 def _tree_rows(manifest: Manifest) -> list[dict[str, Any]]:

@@ -28,11 +28,12 @@ from safepoint.checkpointer import Checkpointer, collect_garbage, list_names, li
 from safepoint.cli import app
 from safepoint.cli.catalog import (
     describe_step,
-    find_name,
     freed_bytes,
     leftover_sizes,
+    not_found,
     summarize_store,
     valid_name,
+    verify_journal,
 )
 from safepoint.cli.output import (
     err,
@@ -211,16 +212,21 @@ def verify(
     location: LocationOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check every checksum of every step; exit status 1 if anything is damaged."""
+    """Check every checksum of every step and run journal; exit status 1 if anything is damaged."""
     with reporting_errors():
         store = _open(location)
         if name is not None:
-            targets = [(name, s) for s in find_name(store, name)[0]]
+            names = [check_name(name)]
+            targets = [(name, s) for s in list_steps(store, name)]
         else:
+            names = [e for e in store.list("") if valid_name(e)]
             targets = [(n, s) for n in list_names(store) for s in list_steps(store, n)]
+        journals = [j for j in (verify_journal(store, n) for n in names) if j is not None]
+        if name is not None and not targets and not journals:
+            raise not_found(store, name)
         total = sum(_blob_bytes(store, n, s) for n, s in targets)
         show_bar = not as_json and (total >= PROGRESS_MIN_BYTES or sys.stdout.isatty())
-        results = _verify_all(store, targets, total, show_bar)
+        results = _verify_all(store, targets, total, show_bar) + journals
     ok = all(r["ok"] for r in results)
     if as_json:
         print_json({"ok": ok, "location": store.url, "results": results})
@@ -262,17 +268,23 @@ def _print_verify(store: Store, results: list[dict[str, Any]]) -> None:
         table.add_column(column, justify="right" if column in ("step", "checked") else "left")
     for r in results:
         status = "[green]ok[/]" if r["ok"] else f"[red]DAMAGED ({len(r['problems'])})[/]"
-        table.add_row(escape(r["name"]), str(r["step"]), status, human_bytes(r["checked_bytes"]))
+        step = "journal" if r["step"] is None else str(r["step"])
+        table.add_row(escape(r["name"]), step, status, human_bytes(r["checked_bytes"]))
     console.print(table)
     damaged = [r for r in results if not r["ok"]]
     for r in damaged:
         for problem in r["problems"]:
-            console.print(f"[red]{escape(r['name'])} step {r['step']}: {escape(problem)}[/]",
-                          soft_wrap=True)
-    if damaged:
-        console.print(f"[red]{len(damaged)} of {len(results)} checkpoints are damaged.[/] "
+            where = "journal" if r["step"] is None else f"step {r['step']}"
+            console.print(f"[red]{escape(r['name'])} {where}: {escape(problem)}[/]", soft_wrap=True)
+    steps = [r for r in results if r["step"] is not None]
+    bad_steps = [r for r in damaged if r["step"] is not None]
+    if bad_steps:
+        console.print(f"[red]{len(bad_steps)} of {len(steps)} checkpoints are damaged.[/] "
                       "`restore()` skips them; `safepoint rm NAME --step N` removes one.")
-    else:
+    if len(bad_steps) < len(damaged):
+        console.print("[red]A damaged journal stops its run from resuming:[/] `safepoint rm NAME` "
+                      "removes the run, which then starts over.")
+    if not damaged:
         what = "1 checkpoint" if len(results) == 1 else f"all {len(results)} checkpoints"
         console.print(f"[green]{what} intact[/] "
                       f"({human_bytes(sum(r['checked_bytes'] for r in results))} checked)")

@@ -49,10 +49,6 @@ ATTEMPT_STRIDE = 10**9
 _TOP = "top"
 
 
-
-
-
-
 class TaskContext:
     """What a task function receives as its first argument.
 
@@ -330,7 +326,8 @@ class TaskContext:
         key = f"{STEPS}/{self.attempt:08d}-{index:06d}"
         write_checkpoint(self._store, f"{self.job_id}/{key}", prepared, name=self.job_id,
                          step=index, metadata={"step": name}, durable=self._checkpointer.durable,
-                         extra={"kind": "task-step"}, before_commit=self._fence.check)
+                         extra={"kind": "task-step"}, before_commit=self._fence.check,
+                         replaces=False)  # a new key per attempt and index: nothing to roll back to
         self._steps.append({"name": name, "key": key, "value": None})
 
     def _load_step(self, recorded: dict[str, Any]) -> Any:
