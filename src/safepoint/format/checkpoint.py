@@ -14,6 +14,7 @@ import base64
 import contextlib
 import errno
 import json
+import mmap as mmap_module
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -369,6 +370,37 @@ def read_manifest(store: Store, folder: str) -> Manifest:
     return Manifest(key=key, body=decode_manifest(data, f"{store.url}/{key}"), size=len(data))
 
 
+_POPULATE_BYTES = 1 << 20
+_MAP_POPULATE = getattr(mmap_module, "MAP_POPULATE", None)
+
+
+_READ_THREADS = 2
+
+
+def _prefetch_pays(manifest: Manifest) -> bool:
+    try:
+        total = sum(int(b["size"]) for b in manifest.blobs)
+    except (KeyError, TypeError, ValueError):
+        return False  # malformed: the sequential loader reports it
+    return len(manifest.blobs) > 1 and total >= _PARALLEL_BYTES
+
+
+def read_buffer(size: int) -> np.ndarray:
+    """A writable byte array to read a blob into.
+
+    Large buffers are anonymous maps with MAP_POPULATE (Linux): the kernel supplies every
+    page in one call instead of one page fault at a time, and no transparent huge pages are
+    requested. numpy's own large allocations ask for huge pages, and where the kernel
+    compacts memory to find them (THP defrag "madvise", the common default) a load can stall
+    for seconds per GiB at random. The array keeps its map alive.
+    """
+    if size < _POPULATE_BYTES or _MAP_POPULATE is None:
+        return np.empty(size, np.uint8)
+    region = mmap_module.mmap(
+        -1, size, flags=mmap_module.MAP_PRIVATE | mmap_module.MAP_ANONYMOUS | _MAP_POPULATE)
+    return np.frombuffer(region, np.uint8)
+
+
 def _blob_loader(
     store: Store, manifest: Manifest, *, mmap: bool
 ) -> Callable[[int, memoryview | None], memoryview | np.ndarray]:
@@ -389,7 +421,7 @@ def _blob_loader(
                 data: memoryview | np.ndarray = store.map(key) or memoryview(b"")
                 actual_size = data.nbytes
             else:
-                data = into if fill and into is not None else memoryview(np.empty(size, np.uint8))
+                data = into if fill and into is not None else memoryview(read_buffer(size))
                 actual_size = store.read_into(key, data)
         except FileNotFoundError as exc:
             raise CorruptCheckpoint(
@@ -433,9 +465,23 @@ def load_tree(
             f"{', '.join(manifest.body['pickled'][:5])}; loading them could run arbitrary code. "
             "Pass allow_pickle=True only if you trust where it came from",
             path=manifest.key, leaves=list(manifest.body["pickled"]))
-    decoder = Decoder(_blob_loader(store, manifest, mmap=mmap), allow_pickle=allow_pickle)
+    load = _blob_loader(store, manifest, mmap=mmap)
     try:
-        return decoder.decode(manifest.body["tree"], target)
+        with contextlib.ExitStack() as stack:
+            if target is None and not mmap and _prefetch_pays(manifest):
+                # Read blobs on several threads ahead of the decoder (reads and checksums
+                # release the GIL). Only when every blob gets a new buffer: with a target,
+                # the decoder decides which blob is read into which live array.
+                pool = stack.enter_context(ThreadPoolExecutor(_READ_THREADS))
+                futures = [pool.submit(load, i, None) for i in range(len(manifest.blobs))]
+
+                def load_prefetched(index: int, into: memoryview | None) -> memoryview | np.ndarray:
+                    if isinstance(index, int) and 0 <= index < len(futures):
+                        return futures[index].result()
+                    return load(index, into)  # a bad index: the loader reports it
+
+                return Decoder(load_prefetched, allow_pickle=allow_pickle).decode(manifest.body["tree"])
+            return Decoder(load, allow_pickle=allow_pickle).decode(manifest.body["tree"], target)
     except CorruptCheckpoint as exc:
         if exc.step is None:
             exc.step = manifest.step
