@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from safepoint import knobs
 from safepoint.checkpointer import (
-    LEFTOVER_MIN_AGE,
     Checkpointer,
     collect_garbage,
+    committed_steps,
     list_names,
-    list_steps,
 )
 from safepoint.errors import CheckpointNotFound, InvalidName, StepExists
 from safepoint.format import verify_checkpoint
@@ -97,7 +97,8 @@ def test_save_restore_list_delete(store: Store) -> None:
     assert ckpt.restore(step=5).state["step"] == 5
     ckpt.delete(5)
     assert ckpt.steps() == [1, 9]
-    assert store.list("job") == ["000000000001", "000000000009"]
+    assert store.list("job") == ["000000000001", "000000000001.json", "000000000009",
+                                 "000000000009.json", "latest.json"]
     with pytest.raises(CheckpointNotFound):
         ckpt.delete(5)
     with pytest.raises(CheckpointNotFound):
@@ -123,11 +124,11 @@ def test_overwrite_replaces_atomically_and_removes_the_old_blobs(store: Store) -
     ckpt = Checkpointer("job", location=store)
     ckpt.save(5, {"w": np.zeros(10_000), "b": np.ones(10_000)}, metadata={"v": 1})
     old_blobs = _blobs_on_disk(store, "job", 5)
-    assert len(old_blobs) == 2
+    assert len(old_blobs) == 1  # two small arrays, one pack
     ckpt.save(5, {"w": np.full(10_000, 2.0)}, metadata={"v": 2}, overwrite=True)
     new_blobs = _blobs_on_disk(store, "job", 5)
     assert len(new_blobs) == 1 and not set(new_blobs) & set(old_blobs)
-    assert sorted(store.list("job/000000000005")) == sorted([*new_blobs, "manifest.json"])
+    assert store.list("job/000000000005") == new_blobs
     restored = ckpt.restore(step=5)
     assert restored.metadata == {"v": 2} and set(restored.state) == {"w"}
     assert (restored.state["w"] == 2.0).all()
@@ -143,7 +144,7 @@ def test_other_entries_under_the_name_are_left_alone(store: Store) -> None:
     assert ckpt.steps() == [2]
     assert store.read("job/journal") == b"owned by the run layer"
     assert list_names(store) == ["job"]
-    assert list_steps(store, "job") == [2]
+    assert committed_steps(store, "job") == [2]
 
 
 # ---------------------------------------------------------------------- retention
@@ -159,7 +160,8 @@ def test_keep_last_n(store: Store) -> None:
     ckpt = Checkpointer("job", location=store, keep=3)
     _save_steps(ckpt, range(1, 8))
     assert ckpt.steps() == [5, 6, 7]
-    assert store.list("job") == ["000000000005", "000000000006", "000000000007"]
+    assert store.list("job") == ["000000000005.json", "000000000006.json", "000000000007.json",
+                                 "latest.json"]
 
 
 def test_keep_every_k_and_last_n_is_a_union(tmp_path: Path) -> None:
@@ -213,7 +215,7 @@ def _make_leftovers(store: LocalStore, ckpt: Checkpointer) -> list[Path]:
     folder = store.path("job/000000000001")
     crashed = store.path("job/000000000002")
     crashed.mkdir()
-    leftovers = [folder / "deadbeef0000-0.bin", folder / ".manifest.json.123456.tmp",
+    leftovers = [folder / "deadbeef0000-0.bin", store.path("job/.000000000002.json.0123456789ab.tmp"),
                  crashed / "cafebabe0000-0.bin"]
     for path in leftovers:
         path.write_bytes(b"leftover")
@@ -226,10 +228,10 @@ def test_gc_removes_leftovers_of_crashed_saves(tmp_path: Path) -> None:
     leftovers = _make_leftovers(store, ckpt)
     assert ckpt.steps() == [1]  # leftovers are invisible
     removed = ckpt.gc()
-    assert sorted(removed) == ["job/000000000001/.manifest.json.123456.tmp",
+    assert sorted(removed) == ["job/.000000000002.json.0123456789ab.tmp",
                                "job/000000000001/deadbeef0000-0.bin", "job/000000000002"]
     assert not any(path.exists() for path in leftovers)
-    assert verify_checkpoint(store, "job/000000000001").ok
+    assert verify_checkpoint(store, "job", 1).ok
     assert ckpt.restore().step == 1
 
 
@@ -241,14 +243,14 @@ def test_gc_spares_young_leftovers_that_may_be_a_save_in_flight(tmp_path: Path) 
     old = os.stat(leftovers[0]).st_mtime - 120
     for path in [*leftovers, leftovers[2].parent]:
         os.utime(path, (old, old))
-    assert len(collect_garbage(store, "job", min_age=60)) == 3
+    assert len(collect_garbage(store, "job", min_age=60).removed) == 3
 
 
 def test_the_first_save_removes_only_old_leftovers(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     leftovers = _make_leftovers(store, Checkpointer("job", location=store))
     young, old_one = leftovers[0], leftovers[1]
-    old = os.stat(old_one).st_mtime - LEFTOVER_MIN_AGE - 10
+    old = os.stat(old_one).st_mtime - knobs.LEFTOVER_MIN_AGE - 10
     os.utime(old_one, (old, old))
     Checkpointer("job", location=store).save(3, {"x": 3})
     assert young.exists() and not old_one.exists()
@@ -258,10 +260,10 @@ def test_gc_never_deletes_a_damaged_checkpoint(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     ckpt = Checkpointer("job", location=store)
     ckpt.save(1, {"w": np.zeros(10_000)})
-    manifest = store.path("job/000000000001/manifest.json")
+    manifest = store.path("job/000000000001.json")
     manifest.write_bytes(manifest.read_bytes()[:-5])
     assert ckpt.gc() == []
-    assert len(store.list("job/000000000001")) == 2
+    assert len(store.list("job/000000000001")) == 1
 
 
 # ------------------------------------------------------------------- durability
@@ -294,23 +296,27 @@ class _CountingStore(LocalStore):
         self.calls["stat"] += 1
         return super().stat(key)
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, *, limit: int | None = None) -> bytes:
         self.calls["read"] += 1
-        return super().read(key)
+        return super().read(key, limit=limit)
 
     def commit(self, key: str, data: bytes, *, durable: bool) -> None:
         self.calls["commit"] += 1
         super().commit(key, data, durable=durable)
 
+    def publish(self, key: str, data: bytes, **how: Any) -> Any:
+        self.calls["publish"] += 1
+        return super().publish(key, data, **how)
 
-def test_a_small_save_lists_once_stats_once_and_reads_nothing(tmp_path: Path) -> None:
+
+def test_a_small_save_stats_once_publishes_once_and_lists_nothing(tmp_path: Path) -> None:
     store = _CountingStore(tmp_path)
     ckpt = Checkpointer("job", location=store)
     for step in range(5):
         ckpt.save(step, {"step": step})
     store.calls.clear()
     ckpt.save(5, {"step": 5})
-    assert store.calls == {"list": 1, "stat": 1, "commit": 1}  # the newest step, then commit
+    assert store.calls == {"stat": 2, "publish": 1}  # the newest step (twice), then commit
     store.calls.clear()
     ckpt.save(5, {"step": "again"}, overwrite=True)
     assert store.calls["read"] == 1  # the manifest it replaces, kept to roll back a failure

@@ -110,7 +110,7 @@ class Probe:
         self.first_was_committed: bool | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        self.first_was_committed = self.store.exists("job/000000000001/manifest.json")
+        self.first_was_committed = self.store.exists("job/000000000001.json")
         return {"x": 2}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

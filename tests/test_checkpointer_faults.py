@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import subprocess
 import uuid
@@ -77,21 +78,33 @@ def _blob_fd(fd: int, *rest: Any) -> bool:
 
 
 def _manifest_fd(fd: int, *rest: Any) -> bool:
-    return ".manifest.json." in os.path.basename(_fd_path(fd))
+    return ".000000000002.json." in os.path.basename(_fd_path(fd))
 
 
 def _folder_fd(folder: str) -> Callable[..., bool]:
     return lambda fd, *rest: _fd_path(fd).endswith(folder)
 
 
+def _latest_names(fd: int, step: Any) -> bool:
+    """Whether ``fd`` is the name's folder and latest.json already names ``step``."""
+    if not _fd_path(fd).endswith("/job"):
+        return False
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        latest = json.loads(Path(_fd_path(fd), "latest.json").read_bytes())
+        return bool(latest["manifest"]["tree"]["step"] == step)
+    return False
+
+
 PHASES: dict[str, tuple[str, Callable[..., bool]]] = {
-    "blob write": ("write", _blob_fd),
+    "blob write": ("writev", _blob_fd),
     "blob fsync": ("fsync", _blob_fd),
     "new step folder fsync": ("fsync", _folder_fd("/job")),
-    "manifest write": ("write", _manifest_fd),
+    "step folder fsync": ("fsync", _folder_fd(f"/{STEP2_FOLDER}")),
+    "manifest write": ("writev", _manifest_fd),
     "manifest fsync": ("fsync", _manifest_fd),
-    "rename": ("replace", lambda src, dst, *rest: str(dst).endswith("manifest.json")),
-    "directory fsync": ("fsync", _folder_fd(f"/{STEP2_FOLDER}")),
+    "rename": ("replace", lambda src, dst, *rest: str(dst) == "000000000002.json"),
+    "latest rename": ("replace", lambda src, dst, *rest: str(dst) == "latest.json"),
+    "directory fsync": ("fsync", lambda fd, *rest: _latest_names(fd, 2)),
 }
 
 
@@ -100,14 +113,14 @@ def _files(root: Path) -> list[str]:
 
 
 def _assert_clean(store: LocalStore, ckpt: Checkpointer) -> None:
-    """Every step verifies, and its folder holds exactly its manifest and blobs."""
+    """Every step verifies, and its folder holds exactly its data files."""
     ckpt.gc()
     for step in ckpt.steps():
-        folder = f"job/{step:012d}"
-        assert verify_checkpoint(store, folder).ok
-        expected = {b["file"] for b in ckpt.manifest(step).blobs} | {"manifest.json"}
-        assert set(store.list(folder)) == expected
-    assert set(store.list("job")) == {f"{s:012d}" for s in ckpt.steps()}
+        assert verify_checkpoint(store, "job", step).ok
+        expected = {rel.rsplit("/", 1)[1] for rel, _ in ckpt.manifest(step).files}
+        assert set(store.list(f"job/{step:012d}")) == expected
+    assert set(store.list("job")) == {f"{s:012d}" for s in ckpt.steps()} | {
+        f"{s:012d}.json" for s in ckpt.steps()} | {"latest.json"}
 
 
 @pytest.fixture
@@ -137,7 +150,7 @@ def test_a_fault_in_any_phase_leaves_the_previous_checkpoint(
 
     assert ckpt.steps() == [1]  # keep=1 did not delete step 1: retention never ran
     _assert_restores(ckpt, 1)
-    assert not store.exists(f"{STEP2_FOLDER}/manifest.json")
+    assert not store.exists(f"{STEP2_FOLDER}.json")
     with pytest.raises(CheckpointNotFound):
         ckpt.restore(step=2)
     assert store.list(STEP2_FOLDER) == []  # the failed save removed what it wrote
@@ -154,7 +167,7 @@ def test_a_fault_when_overwriting_keeps_the_old_version(
     store, ckpt = saved
     before = _files(store.root)
     faults = Faults(monkeypatch, errno.EIO)
-    faults.arm("fsync", _folder_fd(f"/{STEP1_FOLDER}"))  # after the rename of the new manifest
+    faults.arm("fsync", lambda fd, *rest: _latest_names(fd, "replacement"))  # after the renames
     with pytest.raises(SaveFailed):
         ckpt.save(1, {"step": "replacement"}, overwrite=True)
     faults.disarm()
@@ -184,27 +197,40 @@ def test_when_cleaning_up_fails_too_gc_removes_the_leftovers(
     _assert_clean(store, ckpt)
 
 
-@pytest.mark.parametrize("which", ["manifest", "blob"])
 def test_a_fault_in_retention_keeps_every_visible_step_whole(
-    saved: tuple[LocalStore, Checkpointer], monkeypatch: pytest.MonkeyPatch, which: str
+    saved: tuple[LocalStore, Checkpointer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, ckpt = saved
-    suffix = "manifest.json" if which == "manifest" else ".bin"
     faults = Faults(monkeypatch, errno.EIO)
-    faults.arm("unlink", lambda path, *rest: STEP1_FOLDER in str(path) and str(path).endswith(suffix))
+    faults.arm("unlink", lambda path, *rest: str(path) == "000000000001.json")
     with pytest.raises(SaveFailed, match="step 2 was committed, but removing old steps failed"):
         ckpt.save(2, _state(2))
     faults.disarm()
     assert faults.hits
-    _assert_restores(ckpt, 2)
-    # a manifest that could not be removed keeps its step whole; else the step is gone
-    assert ckpt.steps() == ([1, 2] if which == "manifest" else [2])
+    assert ckpt.steps() == [1, 2]  # a manifest that could not be removed keeps its step whole
     for step in ckpt.steps():
         _assert_restores(ckpt, step)
     ckpt.save(3, _state(3))
     assert ckpt.steps() == [3]
     _assert_clean(store, ckpt)
-    assert store.list("job") == ["000000000003"]
+    assert store.list("job") == ["000000000003", "000000000003.json", "latest.json"]
+
+
+def test_a_fault_removing_the_data_of_a_removed_step_never_fails_a_save(
+    saved: tuple[LocalStore, Checkpointer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, ckpt = saved
+    ckpt.save(2, _state(2))  # step 1 is gone; its data goes at the next save
+    assert ckpt.steps() == [2] and store.list(STEP1_FOLDER)
+    faults = Faults(monkeypatch, errno.EIO)
+    faults.arm("unlink", lambda path, *rest: str(path).endswith(".bin"))
+    ckpt.save(3, _state(3))
+    faults.disarm()
+    assert faults.hits and store.list(STEP1_FOLDER)  # still there: housekeeping failed
+    assert ckpt.steps() == [3]
+    _assert_restores(ckpt, 3)
+    _assert_clean(store, ckpt)  # gc removes it
+    assert not store.exists(STEP1_FOLDER)
 
 
 def test_a_fence_that_refuses_the_commit_leaves_nothing(tmp_path: Path) -> None:
@@ -236,15 +262,16 @@ def _quota(monkeypatch: pytest.MonkeyPatch, limit: int) -> Iterator[None]:
     used = [0]
     real = os.write
 
-    def write(fd: int, data: Any) -> int:
+    def writev(fd: int, buffers: Any) -> int:
         room = limit - used[0]
         if room <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        written = real(fd, memoryview(data)[:room])
+        data = b"".join(bytes(b) for b in buffers)
+        written = real(fd, data[:room])
         used[0] += written
         return written
 
-    monkeypatch.setattr(local_module.os, "write", write)
+    monkeypatch.setattr(local_module.os, "writev", writev)
     try:
         yield
     finally:

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safepoint.checkpointer import Checkpointer
-from safepoint.format import INLINE_LIMIT
+from safepoint.knobs import INLINE_LIMIT
 from safepoint.store import LocalStore, Store
 
 EXAMPLES = {"local": 80, "memory": 80, "s3": 15}

@@ -15,6 +15,9 @@ from safepoint.errors import (
     CorruptCheckpoint,
     InputChanged,
     InvalidName,
+    KindMismatch,
+    LeaseHeld,
+    NotAStore,
     SafepointError,
     SaveFailed,
     StaleAttempt,
@@ -24,6 +27,7 @@ from safepoint.errors import (
     SubstepCompleted,
     UnsafeCheckpoint,
     UnsupportedType,
+    WriteConflict,
 )
 
 EXAMPLES: list[tuple[SafepointError, dict[str, Any], tuple[type, ...]]] = [
@@ -52,6 +56,12 @@ EXAMPLES: list[tuple[SafepointError, dict[str, Any], tuple[type, ...]]] = [
      {"name": "job", "index": 1, "recorded": "load", "current": "clean"}, (ValueError,)),
     (SubstepCompleted("'load' already ran", name="job", substep="load"),
      {"name": "job", "substep": "load"}, (RuntimeError,)),
+    (NotAStore("/x is not a store", location="/x"), {"location": "/x"}, (FileNotFoundError,)),
+    (WriteConflict("changed", key="job/latest.json"), {"key": "job/latest.json"}, ()),
+    (LeaseHeld("held", name="job", holder={"host": "h", "pid": 1}, heartbeat=5.0),
+     {"name": "job", "holder": {"host": "h", "pid": 1}, "heartbeat": 5.0}, ()),
+    (KindMismatch("a run", name="job", found="run", wanted="flow"),
+     {"name": "job", "found": "run", "wanted": "flow"}, (ValueError,)),
 ]
 
 

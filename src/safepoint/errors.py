@@ -2,8 +2,8 @@
 
 Every error derives from :class:`SafepointError`; where a builtin means the same thing it is
 a base too (``CheckpointNotFound`` is a ``FileNotFoundError``), so ``except OSError`` code
-keeps working. Errors carry typed fields and survive pickling, so they cross process and
-Dask boundaries intact.
+keeps working. Errors carry typed fields, declared on each class, and survive pickling, so
+they cross process and Dask boundaries intact.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ from typing import Any
 class SafepointError(Exception):
     """Base of every error raised by safepoint.
 
-    Subclasses keep their constructor arguments in ``self._init`` so that pickling (which
-    calls ``cls(*args)``) rebuilds them with every field, not only the message.
+    The keyword fields given to the constructor become attributes; pickling rebuilds the
+    error with every field, not only the message.
     """
+
+    message: str
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.message = message
         for key, value in fields.items():
             setattr(self, key, value)
-        self._fields = fields
+        self._fields = tuple(fields)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Read the fields back from the attributes: code may update one after raising
@@ -33,6 +35,10 @@ class SafepointError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def fields(self) -> dict[str, Any]:
+        """The error's typed fields, by name."""
+        return {key: getattr(self, key) for key in self._fields}
 
 
 def _rebuild(cls: type[SafepointError], message: str, fields: dict[str, Any]) -> SafepointError:
@@ -44,19 +50,40 @@ def _rebuild(cls: type[SafepointError], message: str, fields: dict[str, Any]) ->
 class InvalidName(SafepointError, ValueError):
     """A checkpoint name or step would escape the store root or is malformed."""
 
+    name: str
+
     def __init__(self, message: str, *, name: str = "") -> None:
         super().__init__(message, name=name)
 
 
+class NotAStore(SafepointError, FileNotFoundError):
+    """A location that destructive commands refuse: it does not exist, or it is a folder
+    safepoint did not create (it carries no store marker)."""
+
+    location: str
+
+    def __init__(self, message: str, *, location: str = "") -> None:
+        super().__init__(message, location=location)
+
+
 class CheckpointNotFound(SafepointError, FileNotFoundError):
     """No committed checkpoint matches the request."""
+
+    name: str
+    step: int | None
 
     def __init__(self, message: str, *, name: str = "", step: int | None = None) -> None:
         super().__init__(message, name=name, step=step)
 
 
 class CorruptCheckpoint(SafepointError):
-    """Stored data failed its integrity check: a checksum, a size, or the manifest's syntax."""
+    """Stored data failed its integrity check: a checksum, a size, the manifest's syntax or
+    structure, or an entry that is not a regular file (a link, a FIFO, a folder)."""
+
+    path: str
+    step: int | None
+    expected: str | None
+    actual: str | None
 
     def __init__(
         self,
@@ -73,12 +100,19 @@ class CorruptCheckpoint(SafepointError):
 class UnsafeCheckpoint(SafepointError):
     """Loading would unpickle (execute) data, and ``allow_pickle=True`` was not given."""
 
+    path: str
+    leaves: list[str]
+
     def __init__(self, message: str, *, path: str = "", leaves: list[str] | None = None) -> None:
         super().__init__(message, path=path, leaves=leaves or [])
 
 
 class UnsupportedType(SafepointError, TypeError):
-    """A value in a state tree has a type the format cannot store without pickle."""
+    """A value in a state tree has a type the format cannot store without pickle (or the
+    tree is too deep, or contains itself)."""
+
+    tree_path: str
+    type_name: str
 
     def __init__(self, message: str, *, tree_path: str = "", type_name: str = "") -> None:
         super().__init__(message, tree_path=tree_path, type_name=type_name)
@@ -86,6 +120,9 @@ class UnsupportedType(SafepointError, TypeError):
 
 class StepExists(SafepointError, FileExistsError):
     """A save would replace an existing step, or go back before the latest one."""
+
+    name: str
+    step: int | None
 
     def __init__(self, message: str, *, name: str = "", step: int | None = None) -> None:
         super().__init__(message, name=name, step=step)
@@ -98,21 +135,69 @@ class SaveFailed(SafepointError, OSError):
     disk is full), or None.
     """
 
+    name: str
+    step: int | None
+
     def __init__(
         self, message: str, *, name: str = "", step: int | None = None, errno: int | None = None
     ) -> None:
         super().__init__(message, name=name, step=step, errno=errno)
 
 
+class WriteConflict(SafepointError):
+    """A conditional write found its key changed by another writer since it was read."""
+
+    key: str
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message, key=key)
+
+
+class LeaseHeld(SafepointError):
+    """Another writer holds the name: a second writer is refused instead of racing it.
+
+    ``holder`` describes it (host, pid, kind, started) and ``heartbeat`` is when it last
+    showed it is alive (seconds since the epoch).
+    """
+
+    name: str
+    holder: dict[str, Any]
+    heartbeat: float | None
+
+    def __init__(
+        self, message: str, *, name: str = "", holder: dict[str, Any] | None = None,
+        heartbeat: float | None = None,
+    ) -> None:
+        super().__init__(message, name=name, holder=holder or {}, heartbeat=heartbeat)
+
+
 class StaleAttempt(SafepointError):
-    """A newer attempt of this job has started; this older attempt may no longer commit."""
+    """A newer writer (attempt) has taken this name over; this one may no longer commit,
+    complete or delete anything."""
+
+    name: str
+    attempt: int
+    current: int
 
     def __init__(self, message: str, *, name: str = "", attempt: int = 0, current: int = 0) -> None:
         super().__init__(message, name=name, attempt=attempt, current=current)
 
 
+class KindMismatch(SafepointError, ValueError):
+    """The name holds records of another kind (a run, a task, a flow, plain checkpoints)."""
+
+    name: str
+    found: str
+    wanted: str
+
+    def __init__(self, message: str, *, name: str = "", found: str = "", wanted: str = "") -> None:
+        super().__init__(message, name=name, found=found, wanted=wanted)
+
+
 class StateMismatch(SafepointError, ValueError):
     """Saved state does not fit the live object or tree it is being restored into."""
+
+    tree_path: str
 
     def __init__(self, message: str, *, tree_path: str = "") -> None:
         super().__init__(message, tree_path=tree_path)
@@ -121,6 +206,8 @@ class StateMismatch(SafepointError, ValueError):
 class InputChanged(SafepointError):
     """The input a run was reading has changed since its checkpoint."""
 
+    path: str
+
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(message, path=path)
 
@@ -128,6 +215,11 @@ class InputChanged(SafepointError):
 class StepMismatch(SafepointError, ValueError):
     """A step recorded at an index under one name now sits there under another (or is gone):
     reusing its result would be silently wrong."""
+
+    name: str
+    index: int
+    recorded: str
+    current: str
 
     def __init__(
         self, message: str, *, name: str = "", index: int = 0, recorded: str = "", current: str = ""
@@ -138,6 +230,9 @@ class StepMismatch(SafepointError, ValueError):
 class SubstepCompleted(SafepointError, RuntimeError):
     """A ``with ctx.substep(name)`` block was entered again after it completed."""
 
+    name: str
+    substep: str
+
     def __init__(self, message: str, *, name: str = "", substep: str = "") -> None:
         super().__init__(message, name=name, substep=substep)
 
@@ -147,6 +242,9 @@ __all__ = [
     "CorruptCheckpoint",
     "InputChanged",
     "InvalidName",
+    "KindMismatch",
+    "LeaseHeld",
+    "NotAStore",
     "SafepointError",
     "SaveFailed",
     "StaleAttempt",
@@ -156,4 +254,5 @@ __all__ = [
     "SubstepCompleted",
     "UnsafeCheckpoint",
     "UnsupportedType",
+    "WriteConflict",
 ]

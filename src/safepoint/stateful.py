@@ -32,7 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from safepoint.errors import StateMismatch
+from safepoint import knobs
+from safepoint.errors import StateMismatch, UnsupportedType
 
 __all__ = ["GlobalRNG", "Stateful", "capture", "restore_into"]
 
@@ -182,21 +183,47 @@ def capture(tree: Any) -> Any:
     Containers (dict and its subclasses, list, tuple and namedtuples) are rebuilt as plain
     dicts, lists and tuples; states are captured recursively, since a ``state_dict()`` may
     hold tensors or further live objects. Leaves are passed through as they are, not
-    copied: a tensor in the result may still share memory with a live model.
+    copied: a tensor in the result may still share memory with a live model. A tree that
+    contains itself, or nests deeper than ``knobs.MAX_DEPTH``, raises
+    :class:`~safepoint.errors.UnsupportedType` naming the place.
     """
+    return _capture(tree, "state", set())
+
+
+def _capture(tree: Any, path: str, active: set[int]) -> Any:
+    kind = type(tree)
+    if kind in _LEAF_TYPES:
+        return tree
     adapter = _adapter_for(tree)
-    if adapter is not None:
-        return capture(adapter.get(tree))
-    if isinstance(tree, Mapping):
-        return {key: capture(value) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [capture(value) for value in tree]
-    if isinstance(tree, tuple):
-        return tuple(capture(value) for value in tree)
-    return tree
+    if adapter is None and not isinstance(tree, (Mapping, list, tuple)):
+        return tree
+    if id(tree) in active:
+        raise UnsupportedType(f"{path}: the state tree contains itself (a cycle)",
+                              tree_path=path, type_name=kind.__name__)
+    if len(active) >= knobs.MAX_DEPTH:
+        raise UnsupportedType(
+            f"{path}: the state tree nests more than {knobs.MAX_DEPTH} levels deep; flatten it",
+            tree_path=path, type_name=kind.__name__)
+    active.add(id(tree))
+    try:
+        if adapter is not None:
+            return _capture(adapter.get(tree), path, active)
+        if isinstance(tree, Mapping):
+            return {key: value if type(value) in _LEAF_TYPES else
+                    _capture(value, f"{path}[{key!r}]", active) for key, value in tree.items()}
+        if isinstance(tree, list):
+            return [value if type(value) in _LEAF_TYPES else
+                    _capture(value, f"{path}[{i}]", active) for i, value in enumerate(tree)]
+        return tuple(value if type(value) in _LEAF_TYPES else
+                     _capture(value, f"{path}[{i}]", active) for i, value in enumerate(tree))
+    finally:
+        active.discard(id(tree))
 
 
-def restore_into(target: Any, state: Any) -> Any:
+_LEAF_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, np.ndarray})
+
+
+def restore_into(target: Any, state: Any, *, before_load: Callable[[], None] | None = None) -> Any:
     """Load the saved plain tree ``state`` into the live objects of ``target``, in place.
 
     ``target`` and ``state`` are walked together. Where ``target`` holds a live object, the
@@ -208,11 +235,15 @@ def restore_into(target: Any, state: Any) -> Any:
 
     The whole structure is checked before anything is loaded (including each object's
     ``validate_state``, if it has one). On a mismatch :class:`StateMismatch` names the
-    path, e.g. ``state['model']['layers'][3]``, and no object has been touched. An error
-    raised by an object's own ``load_state_dict`` after that check cannot be undone.
+    path, e.g. ``state['model']['layers'][3]``, and no object has been touched.
+    ``before_load`` runs after that check and before the first object is loaded (the
+    checkpointer fills live arrays there). An error raised by an object's own
+    ``load_state_dict`` after that check cannot be undone.
     """
     pending: list[tuple[_Adapter, Any, Any]] = []
     result = _plan(target, state, "state", pending)
+    if before_load is not None:
+        before_load()
     for adapter, obj, saved in pending:
         adapter.set(obj, saved)
     return result

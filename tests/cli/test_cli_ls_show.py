@@ -40,8 +40,9 @@ def test_ls_json_matches_the_store(invoke: Invoke, store_dir: Path) -> None:
     assert list(by_name) == ["prep", "solo", "train"]
     train = by_name["train"]
     assert (train["kind"], train["steps"], train["latest_step"]) == ("checkpoint", 3, 30)
-    on_disk = sum(f.stat().st_size for f in (store_dir / "train").rglob("*") if f.is_file())
-    assert train["nbytes"] == on_disk
+    newest = [store_dir / "train" / "000000000030.json",
+              *(store_dir / "train" / "000000000030").iterdir()]
+    assert train["nbytes"] == sum(f.stat().st_size for f in newest)  # the newest step's bytes
     assert (by_name["prep"]["progress"], by_name["prep"]["attempt"]) == (0.5, 2)
     assert by_name["solo"]["progress"] is None
 
@@ -66,7 +67,7 @@ def test_ls_reads_an_fsspec_url(invoke: Invoke) -> None:
 
 
 def test_ls_counts_a_damaged_manifest(invoke: Invoke, store_dir: Path) -> None:
-    manifest = store_dir / "train" / f"{30:012d}" / "manifest.json"
+    manifest = store_dir / "train" / f"{30:012d}.json"
     manifest.write_bytes(manifest.read_bytes()[:-20])
     entry = next(e for e in parse_json(invoke("ls", store_dir, "--json")) if e["name"] == "train")
     assert (entry["steps"], entry["damaged"], entry["latest_step"]) == (3, 1, 30)
@@ -159,7 +160,7 @@ def test_show_missing_name_or_step_is_one_clear_line(invoke: Invoke, store_dir: 
 
 
 def test_show_damaged_manifest_names_the_file(invoke: Invoke, store_dir: Path) -> None:
-    manifest = store_dir / "solo" / f"{7:012d}" / "manifest.json"
+    manifest = store_dir / "solo" / f"{7:012d}.json"
     data = bytearray(manifest.read_bytes())
     data[-10] ^= 0x01
     manifest.write_bytes(bytes(data))

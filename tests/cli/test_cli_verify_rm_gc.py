@@ -44,8 +44,13 @@ def test_verify_an_intact_store(invoke: Invoke, store_dir: Path) -> None:
 
 
 def test_verify_flipped_byte_exits_1_and_names_the_file(invoke: Invoke, store_dir: Path) -> None:
-    blob = max(step_folder(store_dir, "train", 20).glob("*.bin"), key=lambda p: p.stat().st_size)
-    expected, actual = flip_a_byte(blob)
+    manifest = Checkpointer("train", location=store_dir).manifest(20)
+    ((rel, _),) = manifest.files  # both arrays in one pack
+    blob = store_dir / "train" / rel
+    _, offset, length, expected = next(
+        r for b in manifest.blobs for r in b["ranges"] if r[1] <= 100 < r[1] + r[2])
+    flip_a_byte(blob, offset=100)
+    actual = checksum(blob.read_bytes()[offset : offset + length])
     result = invoke("verify", "train", "-l", store_dir)
     assert result.exit_code == 1
     out = " ".join(result.stdout.split())  # long lines may wrap
@@ -62,7 +67,7 @@ def test_verify_flipped_byte_exits_1_and_names_the_file(invoke: Invoke, store_di
 def test_verify_finds_a_truncated_blob_and_a_damaged_manifest(invoke: Invoke, store_dir: Path) -> None:
     blob = next(step_folder(store_dir, "train", 10).glob("*.bin"))
     blob.write_bytes(blob.read_bytes()[:-1])
-    flip_a_byte(step_folder(store_dir, "solo", 7) / "manifest.json", offset=40)
+    flip_a_byte(store_dir / "solo" / "000000000007.json", offset=40)
     report = parse_json(invoke("verify", "-l", store_dir, "--json"))
     problems = {(r["name"], r["step"]): r["problems"] for r in report["results"] if not r["ok"]}
     assert set(problems) == {("train", 10), ("solo", 7)}
@@ -117,7 +122,7 @@ def test_rm_removes_a_name(invoke: Invoke, store_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "removed train (3 steps)" in result.stdout
     assert not (store_dir / "train").exists()
-    assert sorted(p.name for p in store_dir.iterdir()) == ["prep", "solo"]
+    assert sorted(p.name for p in store_dir.iterdir()) == [".safepoint-store", "prep", "solo"]
 
 
 def test_rm_one_step(invoke: Invoke, store_dir: Path) -> None:
@@ -130,7 +135,7 @@ def test_rm_one_step(invoke: Invoke, store_dir: Path) -> None:
 
 def test_rm_missing_name_or_step_exits_1(invoke: Invoke, store_dir: Path) -> None:
     result = invoke("rm", "ghost", "-l", store_dir)
-    assert result.exit_code == 1 and "nothing named 'ghost'" in result.stderr
+    assert result.exit_code == 1 and "nothing safepoint wrote is named 'ghost'" in result.stderr
     result = invoke("rm", "train", "--step", "11", "-l", store_dir)
     assert result.exit_code == 1 and "has no step 11" in result.stderr
     assert Checkpointer("train", location=store_dir).steps() == [10, 20, 30]
@@ -152,18 +157,20 @@ def make_leftovers(store_dir: Path, age: float) -> list[Path]:
     """What a crashed save leaves: a step folder without a manifest, and an orphan blob."""
     folder = step_folder(store_dir, "train", 40)
     folder.mkdir()
-    (folder / f"dead{int(age)}-0.bin").write_bytes(b"x" * 1000)
-    orphan = step_folder(store_dir, "train", 30) / f"orphan{int(age)}-0.bin"
+    dead = folder / f"dead{int(age):08x}-0.bin"  # named like a data file: <save id>-<k>.bin
+    dead.write_bytes(b"x" * 1000)
+    orphan = step_folder(store_dir, "train", 30) / f"0e{int(age):010x}-0.bin"
     orphan.write_bytes(b"y" * 500)
     old = time.time() - age
-    for path in (folder / f"dead{int(age)}-0.bin", folder, orphan):
+    for path in (dead, folder, orphan):
         os.utime(path, (old, old))
     return [folder, orphan]
 
 
 def test_gc_removes_old_leftovers_only(invoke: Invoke, store_dir: Path) -> None:
     folder, orphan = make_leftovers(store_dir, age=3600)
-    fresh = step_folder(store_dir, "solo", 7) / "fresh-0.bin"
+    step_folder(store_dir, "solo", 7).mkdir()
+    fresh = step_folder(store_dir, "solo", 7) / "f0e5f0e5f0e5-0.bin"
     fresh.write_bytes(b"z" * 10)
     report = parse_json(invoke("gc", "-l", store_dir, "--json"))
     assert report["count"] == 2 and report["nbytes"] == 1500

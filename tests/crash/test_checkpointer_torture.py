@@ -34,7 +34,7 @@ import pytest
 
 from safepoint import Checkpointer, CorruptCheckpointWarning
 from safepoint.checkpointer import collect_garbage
-from safepoint.format import MANIFEST, read_manifest, step_key, verify_checkpoint
+from safepoint.format import read_manifest, step_of_folder, step_of_manifest, verify_checkpoint
 from safepoint.store import LocalStore
 
 NAME = "torture"
@@ -221,12 +221,16 @@ def confirmed_steps(log: Path) -> list[int]:
 def check_store(store: Path, steps: list[int]) -> None:
     """After gc, the store holds exactly the committed steps, each intact, and no leftover."""
     local = LocalStore(store)
-    for folder in (store / NAME).iterdir():
-        assert folder.name.isdigit() and int(folder.name) in steps, f"gc left {folder}"
-        report = verify_checkpoint(local, step_key(NAME, int(folder.name)))
-        assert report.ok, f"{folder}: {report.problems}"
-        blobs = {b["file"] for b in read_manifest(local, step_key(NAME, int(folder.name))).blobs}
-        assert {f.name for f in folder.iterdir()} == blobs | {MANIFEST}, f"gc left files in {folder}"
+    for entry in (store / NAME).iterdir():
+        if entry.name == "latest.json":
+            continue
+        step = step_of_manifest(entry.name) if entry.is_file() else step_of_folder(entry.name)
+        assert step is not None and step in steps, f"gc left {entry}"
+        report = verify_checkpoint(local, NAME, step)
+        assert report.ok, f"{entry}: {report.problems}"
+        if entry.is_dir():
+            files = {rel.rsplit("/", 1)[1] for rel, _ in read_manifest(local, NAME, step).files}
+            assert {f.name for f in entry.iterdir()} == files, f"gc left files in {entry}"
 
 
 def check_after_kill(variant: Variant, store: Path, log: Path, previous: int | None) -> int | None:

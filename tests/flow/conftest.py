@@ -57,13 +57,13 @@ class CountingStore(LocalStore):
         super().__init__(root)
         self.reads: Counter[str] = Counter()
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, *, limit: int | None = None) -> bytes:
         self.reads[key] += 1
-        return super().read(key)
+        return super().read(key, limit=limit)
 
-    def read_into(self, key: str, buffer: memoryview) -> int:
+    def read_range(self, key: str, offset: int, out: memoryview) -> int:
         self.reads[key] += 1
-        return super().read_into(key, buffer)
+        return super().read_range(key, offset, out)
 
     def map(self, key: str) -> Any:
         self.reads[key] += 1

@@ -294,7 +294,7 @@ def test_a_damaged_newest_commit_falls_back_to_the_one_before(tmp_path):
     for name in ("a", "b", "c"):
         flow.step(name=name)(lambda state, data, name=name: calls.append(name) or np.full(2000, 1.0))
     flow.run()
-    manifest = tmp_path / "f" / "000000000002" / "manifest.json"
+    manifest = tmp_path / "f" / "000000000002.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"done"', b'"dune"', 1))
     calls.clear()
     with pytest.warns(CorruptCheckpointWarning, match="step 2"):

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from safepoint import knobs
 from safepoint.checkpointer import Checkpointer
 from safepoint.errors import CorruptCheckpoint, SaveFailed, UnsafeCheckpoint
-from safepoint.format import MANIFEST, prepare, read_manifest, verify_checkpoint, write_checkpoint
-from safepoint.format.checkpoint import encode_manifest
-from safepoint.store import LocalStore
+from safepoint.format import prepare, read_manifest, verify_checkpoint, write_checkpoint
+from safepoint.format.manifest import encode_manifest
+from safepoint.store import LocalStore, Store
 
 
 class Point:
@@ -39,12 +40,17 @@ class Payload:
         return (os.mkdir, (str(self.marker),))
 
 
-def _rewrite_manifest(store: LocalStore, folder: str, change: Any) -> None:
+def rewrite_manifest(store: Store, name: str, step: int, change: Any) -> None:
     """Edit a committed manifest's body and commit it with a valid checksum (an attacker's
-    edit, not damage)."""
-    body = json.loads(store.read(f"{folder}/{MANIFEST}"))["manifest"]
+    edit, not damage), in the step's manifest and in the newest-step record."""
+    key = f"{name}/{step:012d}.json"
+    body = json.loads(store.read(key))["manifest"]
     change(body)
-    store.commit(f"{folder}/{MANIFEST}", encode_manifest(body), durable=False)
+    data = encode_manifest(body)
+    store.commit(key, data, durable=False)
+    latest = json.loads(store.read(f"{name}/latest.json"))["manifest"]
+    if latest["step"] == step:
+        store.commit(f"{name}/latest.json", data, durable=False)
 
 
 def test_pickle_round_trips_only_when_allowed(tmp_path: Path) -> None:
@@ -98,7 +104,7 @@ def test_a_pickle_node_injected_into_a_manifest_is_refused(tmp_path: Path, where
         else:
             body["tree"] = {"$": "tuple", "items": [1, node]}
 
-    _rewrite_manifest(store, "job/000000000001", inject)
+    rewrite_manifest(store, "job", 1, inject)
     with pytest.raises(UnsafeCheckpoint):
         ckpt.restore(step=1)
     with pytest.raises(UnsafeCheckpoint):
@@ -116,15 +122,19 @@ def test_object_dtypes_in_a_manifest_are_refused(tmp_path: Path, dtype: Any) -> 
     def set_dtype(body: dict[str, Any]) -> None:
         body["tree"]["a"]["dtype"] = dtype
 
-    _rewrite_manifest(store, "job/000000000001", set_dtype)
+    rewrite_manifest(store, "job", 1, set_dtype)
     with pytest.raises(CorruptCheckpoint):
         ckpt.restore(step=1)
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda b: b["blobs"][0].update(file="../../../etc/passwd"), "outside its folder"),
-    (lambda b: b["blobs"][0].update(file="/etc/passwd"), "outside its folder"),
-    (lambda b: b["blobs"][0].update(size="12"), "bad blob entry 0"),
+    (lambda b: b["files"][0].__setitem__(0, "../../../etc/passwd"), "not a key in the store"),
+    (lambda b: b["files"][0].__setitem__(0, "/etc/passwd"), "not a key in the store"),
+    (lambda b: b["files"][0].__setitem__(0, "000000000002/a.bin"), "outside the step's own folder"),
+    (lambda b: b["files"][0].__setitem__(1, "12"), "bad file entry 0"),
+    (lambda b: b["blobs"][0].update(size="12"), "blob 0: bad entry"),
+    (lambda b: b["blobs"][0]["ranges"][0].__setitem__(2, 10**9), "runs past the end"),
+    (lambda b: b.update(name="other"), "lies in 'job'"),
     (lambda b: b.update(step="1"), "no valid step"),
     (lambda b: b.update(version="1"), "no valid format version"),
     (lambda b: b.update(version=99), "newer safepoint"),
@@ -137,11 +147,11 @@ def test_malformed_manifests_are_corrupt(tmp_path: Path, change: Any, message: s
     store = LocalStore(tmp_path)
     ckpt = Checkpointer("job", location=store)
     ckpt.save(1, {"a": np.zeros(1000)})
-    _rewrite_manifest(store, "job/000000000001", change)
+    rewrite_manifest(store, "job", 1, change)
     with pytest.raises(CorruptCheckpoint, match=message) as info:
         ckpt.restore(step=1)
-    assert info.value.path.endswith("job/000000000001/manifest.json")
-    assert not verify_checkpoint(store, "job/000000000001").ok
+    assert info.value.path.endswith("job/000000000001.json")
+    assert not verify_checkpoint(store, "job", 1).ok
 
 
 def test_manifest_is_plain_json_with_metadata(tmp_path: Path) -> None:
@@ -153,12 +163,12 @@ def test_manifest_is_plain_json_with_metadata(tmp_path: Path) -> None:
     def strict(token: str) -> None:
         raise AssertionError(f"the manifest is not strict JSON: {token}")
 
-    raw = json.loads((tmp_path / "job/000000000005/manifest.json").read_text(), parse_constant=strict)
+    raw = json.loads((tmp_path / "job/000000000005.json").read_text(), parse_constant=strict)
     assert set(raw) == {"crc32c", "manifest"}
     body = raw["manifest"]
-    assert body["format"] == "safepoint" and body["version"] == 1 and body["step"] == 5
+    assert body["format"] == "safepoint" and body["version"] == 2 and body["step"] == 5
     assert body["kind"] == "test" and body["tree"] == {"x": 1}
-    manifest = read_manifest(store, "job/000000000005")
+    manifest = read_manifest(store, "job", 5)
     assert manifest.metadata["loss"] == 0.25 and manifest.metadata["epoch"] == 3
     assert manifest.metadata["inf"] == [float("-inf")] and manifest.metadata["tags"] == ["a"]
     assert manifest.metadata["nan"] != manifest.metadata["nan"]
@@ -180,20 +190,21 @@ def test_metadata_must_be_json(tmp_path: Path, metadata: Any) -> None:
     assert LocalStore(tmp_path).list("job/000000000001") == []
 
 
-def test_verify_reports_each_problem(tmp_path: Path) -> None:
+def test_verify_reports_each_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knobs, "PACK_BELOW", 1)  # one data file per array
     store = LocalStore(tmp_path)
     ckpt = Checkpointer("job", location=store)
     ckpt.save(1, {"a": np.zeros(2000), "b": np.ones(3000)})
-    report = verify_checkpoint(store, "job/000000000001")
+    report = verify_checkpoint(store, "job", 1)
     assert report.ok and report.checked_bytes == 5000 * 8
-    blobs = ckpt.manifest(1).blobs
-    (tmp_path / "job/000000000001" / blobs[0]["file"]).write_bytes(b"short")
-    (tmp_path / "job/000000000001" / blobs[1]["file"]).unlink()
-    report = verify_checkpoint(store, "job/000000000001")
+    files = ckpt.manifest(1).files
+    (tmp_path / "job" / files[0][0]).write_bytes(b"short")
+    (tmp_path / "job" / files[1][0]).unlink()
+    report = verify_checkpoint(store, "job", 1)
     assert len(report.problems) == 2
     assert "5 bytes, expected 16000" in report.problems[0]
     assert "missing" in report.problems[1]
-    assert not verify_checkpoint(store, "job/000000000009").ok
+    assert not verify_checkpoint(store, "job", 9).ok
 
 
 class BrokenStore(LocalStore):
@@ -215,8 +226,7 @@ class BrokenStore(LocalStore):
 def test_save_errors_say_what_happened(tmp_path: Path, code: int, words: str) -> None:
     store = BrokenStore(tmp_path, code)
     with pytest.raises(SaveFailed) as info:
-        write_checkpoint(store, "job/000000000001", prepare({"a": np.zeros(1000)}), name="job",
-                         step=1, metadata=None)
+        write_checkpoint(store, "job", 1, prepare({"a": np.zeros(1000)}), metadata=None)
     error = info.value
     assert words in str(error)
     assert "'job' step 1" in str(error) and "untouched" in str(error)

@@ -18,8 +18,10 @@ import pytest
 
 from safepoint.checkpointer import Checkpointer, CorruptCheckpointWarning
 from safepoint.errors import CorruptCheckpoint
-from safepoint.format import INLINE_LIMIT, MANIFEST, checksum, verify_checkpoint
+from safepoint.format import checksum, verify_checkpoint
 from safepoint.store import LocalStore
+
+INLINE_LIMIT = 4096
 
 
 def _state(step: int) -> dict[str, object]:
@@ -38,7 +40,7 @@ def damaged(tmp_path: Path) -> Iterator[tuple[Checkpointer, Path]]:
     ckpt = Checkpointer("job", location=store)
     ckpt.save(1, _state(1), metadata={"note": "intact"})
     ckpt.save(2, _state(2), metadata={"note": "to be damaged"})
-    yield ckpt, tmp_path / "job" / "000000000002"
+    yield ckpt, tmp_path / "job"
 
 
 STEP1 = _state(1)
@@ -90,19 +92,25 @@ def _damage_in_place(path: Path) -> Iterator[tuple[str, bytes]]:
     assert path.read_bytes() == original
 
 
-def _files(folder: Path) -> list[Path]:
-    files = sorted(folder.iterdir())
-    assert [f.name for f in files if f.name != MANIFEST] and (folder / MANIFEST) in files
-    return files
+def _blob(ckpt: Checkpointer, folder: Path) -> tuple[Path, int, str]:
+    """The one data file of step 2: its path, size and checksum."""
+    manifest = ckpt.manifest(2)
+    ((rel, size),) = manifest.files
+    ((_, _, _, crc),) = manifest.blobs[0]["ranges"]
+    return folder / rel, size, crc
+
+
+def _files(ckpt: Checkpointer, folder: Path) -> list[Path]:
+    return [folder / "000000000002.json", _blob(ckpt, folder)[0]]
 
 
 def test_every_damaged_byte_of_the_manifest_is_detected(damaged: tuple[Checkpointer, Path]) -> None:
     ckpt, folder = damaged
-    path = folder / MANIFEST
+    path = folder / "000000000002.json"
     assert 500 < path.stat().st_size < 4000
     for what, _ in _damage_in_place(path):
         error = _corrupt_error(ckpt, 2)
-        assert error.path.endswith("job/000000000002/manifest.json"), what
+        assert error.path.endswith("job/000000000002.json"), what
         assert error.step == 2, what
         _expected_step1(ckpt)
     assert ckpt.restore().step == 2
@@ -110,16 +118,14 @@ def test_every_damaged_byte_of_the_manifest_is_detected(damaged: tuple[Checkpoin
 
 def test_every_damaged_byte_of_a_blob_is_detected(damaged: tuple[Checkpointer, Path]) -> None:
     ckpt, folder = damaged
-    (entry,) = ckpt.manifest(2).blobs
-    path = folder / entry["file"]
-    size = entry["size"]
+    path, size, crc = _blob(ckpt, folder)
     assert path.stat().st_size == size > INLINE_LIMIT
     for what, data in _damage_in_place(path):
         error = _corrupt_error(ckpt, 2)
-        assert error.path.endswith(f"job/000000000002/{entry['file']}"), what
-        assert entry["file"] in str(error), what
+        assert error.path.endswith(f"job/000000000002/{path.name}"), what
+        assert path.name in str(error), what
         if len(data) == size:
-            assert (error.expected, error.actual) == (entry["crc32c"], checksum(data)), what
+            assert (error.expected, error.actual) == (crc, checksum(data)), what
         else:
             assert (error.expected, error.actual) == (str(size), str(len(data))), what
         _expected_step1(ckpt)
@@ -128,8 +134,8 @@ def test_every_damaged_byte_of_a_blob_is_detected(damaged: tuple[Checkpointer, P
 
 def test_damage_is_detected_through_mmap_and_verify(damaged: tuple[Checkpointer, Path]) -> None:
     ckpt, folder = damaged
-    store = LocalStore(folder.parent.parent)
-    for path in _files(folder):
+    store = LocalStore(folder.parent)
+    for path in _files(ckpt, folder):
         original = path.read_bytes()
         for position in range(0, len(original), 61):
             data = bytearray(original)
@@ -137,16 +143,15 @@ def test_damage_is_detected_through_mmap_and_verify(damaged: tuple[Checkpointer,
             path.write_bytes(data)
             with pytest.raises(CorruptCheckpoint):
                 ckpt.restore(step=2, mmap=True)
-            report = verify_checkpoint(store, "job/000000000002")
+            report = verify_checkpoint(store, "job", 2)
             assert not report.ok and path.name in report.problems[0]
         path.write_bytes(original)
-        assert verify_checkpoint(store, "job/000000000002").ok
+        assert verify_checkpoint(store, "job", 2).ok
 
 
 def test_a_missing_or_extra_file(damaged: tuple[Checkpointer, Path]) -> None:
     ckpt, folder = damaged
-    (entry,) = ckpt.manifest(2).blobs
-    blob = folder / entry["file"]
+    blob = _blob(ckpt, folder)[0]
     original = blob.read_bytes()
     blob.write_bytes(original + b"\0")  # longer than recorded
     with pytest.raises(CorruptCheckpoint, match="expected"):
@@ -155,14 +160,14 @@ def test_a_missing_or_extra_file(damaged: tuple[Checkpointer, Path]) -> None:
     with pytest.raises(CorruptCheckpoint, match="missing"):
         ckpt.restore(step=2)
     _expected_step1(ckpt)
-    (folder / MANIFEST).unlink()  # no manifest: step 2 was never committed
+    (folder / "000000000002.json").unlink()  # no manifest: step 2 was never committed
     assert ckpt.steps() == [1]
 
 
 def test_when_every_step_is_damaged_restore_says_so(damaged: tuple[Checkpointer, Path]) -> None:
     ckpt, folder = damaged
-    for step_folder in (folder, folder.parent / "000000000001"):
-        (step_folder / MANIFEST).write_bytes(b"{}")
+    for manifest in ("000000000002.json", "000000000001.json", "latest.json"):
+        (folder / manifest).write_bytes(b"{}")
     with warnings.catch_warnings(record=True), pytest.raises(CorruptCheckpoint, match="every checkpoint"):
         warnings.simplefilter("always")
         ckpt.restore()
@@ -170,8 +175,7 @@ def test_when_every_step_is_damaged_restore_says_so(damaged: tuple[Checkpointer,
 
 def test_a_damaged_blob_never_lands_in_an_array_being_filled(damaged: tuple[Checkpointer, Path]) -> None:
     ckpt, folder = damaged
-    (entry,) = ckpt.manifest(2).blobs
-    blob = folder / entry["file"]
+    blob = _blob(ckpt, folder)[0]
     data = bytearray(blob.read_bytes())
     data[100] ^= 0xFF
     blob.write_bytes(data)

@@ -15,7 +15,8 @@ import pytest
 
 from safepoint.checkpointer import Checkpointer
 from safepoint.errors import StateMismatch, UnsupportedType
-from safepoint.format import INLINE_LIMIT, iter_tree_summary, prepare
+from safepoint.format import iter_tree_summary, prepare
+from safepoint.knobs import INLINE_LIMIT
 from safepoint.store import LocalStore
 from safepoint.store.base import Buffer
 
@@ -95,10 +96,11 @@ def test_mmap_restore_gives_read_only_arrays_backed_by_the_file(tmp_path: Path) 
         base = base.base
     assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
     # the array is the file: a change to the file shows through the array
-    blob = ckpt.manifest(1).blobs[0]["file"]
-    path = store.path(f"mm/000000000001/{blob}")
+    manifest = ckpt.manifest(1)
+    file, offset, _, _ = manifest.blobs[0]["ranges"][0]
+    path = store.path(f"mm/{manifest.files[file][0]}")
     with open(path, "r+b") as f:
-        os.pwrite(f.fileno(), np.int64(-7).tobytes(), 8)
+        os.pwrite(f.fileno(), np.int64(-7).tobytes(), offset + 8)
     assert mapped[1] == -7
     np.testing.assert_array_equal(state["small"], np.arange(3))  # inline arrays are plain
 
@@ -123,15 +125,26 @@ def test_restore_into_fills_existing_arrays_in_place(tmp_path: Path, size: int, 
     assert peak < max(saved.nbytes // 4, 64 << 10), "restore allocated a second copy of the array"
 
 
-def test_restore_into_an_array_that_does_not_fit_returns_the_saved_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrong", [np.zeros(10_000, np.float64), np.zeros(9_999, np.float32),
+                                   np.zeros((100, 100), np.float32)])
+def test_restore_into_an_array_that_does_not_fit_is_refused(tmp_path: Path, wrong: np.ndarray) -> None:
     ckpt = Checkpointer("into", location=tmp_path)
     ckpt.save(1, {"w": np.arange(10_000, dtype=np.float32)})
-    wrong_dtype = np.zeros(10_000, np.float64)
-    restored = ckpt.restore(into={"w": wrong_dtype}).state["w"]
-    assert restored is not wrong_dtype and restored.dtype == np.float32
-    assert not wrong_dtype.any()
+    with pytest.raises(StateMismatch, match=r"state\['w'\]: the target holds") as info:
+        ckpt.restore(into={"w": wrong})
+    assert info.value.tree_path == "state['w']"
+    assert not wrong.any()  # untouched
     with pytest.raises(StateMismatch):
-        ckpt.restore(into={"w": wrong_dtype, "missing": 1})
+        ckpt.restore(into={"w": np.zeros(10_000, np.float32), "missing": 1})
+
+
+def test_restore_into_a_read_only_array_is_refused(tmp_path: Path) -> None:
+    ckpt = Checkpointer("into", location=tmp_path)
+    ckpt.save(1, {"w": np.arange(10_000, dtype=np.float32)})
+    frozen = np.zeros(10_000, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(StateMismatch, match="read-only"):
+        ckpt.restore(into={"w": frozen})
 
 
 def test_ints_of_any_size_round_trip(tmp_path: Path) -> None:

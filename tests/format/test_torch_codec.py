@@ -229,15 +229,16 @@ def test_restore_into_a_live_model_fills_its_tensors_in_place(tmp_path: Path) ->
         assert_bit_equal(value, saved[key])
 
 
-def test_a_target_of_another_dtype_is_not_filled_in_place(tmp_path: Path) -> None:
-    from safepoint import Checkpointer
+def test_a_target_of_another_dtype_or_shape_is_refused(tmp_path: Path) -> None:
+    from safepoint import Checkpointer, StateMismatch
 
     # bfloat16 is stored through a uint16 carrier: a uint16 target must not receive its bits.
     original = random_bits((100,), torch.bfloat16)
     ckpt = Checkpointer("m", location=tmp_path)
     ckpt.save(1, {"t": original})
-    target = {"t": torch.zeros(100, dtype=torch.uint16)}
-    restored = ckpt.restore(into=target).state["t"]
-    assert restored is not target["t"]
-    assert restored.dtype == torch.bfloat16
+    for wrong in (torch.zeros(100, dtype=torch.uint16), torch.zeros(99, dtype=torch.bfloat16)):
+        with pytest.raises(StateMismatch, match=r"state\['t'\]"):
+            ckpt.restore(into={"t": wrong})
+        assert not wrong.any()
+    restored = ckpt.restore(into={"t": torch.zeros(100, dtype=torch.bfloat16)}).state["t"]
     assert_bit_equal(restored, original)

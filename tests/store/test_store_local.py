@@ -34,7 +34,7 @@ def _is_dir_fd(fd: int, *rest: Any) -> bool:
     return os.path.isdir(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else False
 
 
-@pytest.mark.parametrize("phase", ["write", "fsync", "replace"])
+@pytest.mark.parametrize("phase", ["writev", "fsync", "replace"])
 def test_a_failed_commit_keeps_the_old_value_and_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: str
 ) -> None:
@@ -66,7 +66,7 @@ def test_a_failed_create_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest
     store = LocalStore(tmp_path)
     store.create("c/x", b"", durable=False)  # make the folder
     store.delete("c/x")
-    _fail_on(monkeypatch, "write", code=errno.ENOSPC)
+    _fail_on(monkeypatch, "writev", code=errno.ENOSPC)
     with pytest.raises(OSError) as info:
         store.create("c/lock", b"attempt 1", durable=True)
     monkeypatch.undo()

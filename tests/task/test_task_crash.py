@@ -15,7 +15,7 @@ import pytest
 import task_support
 from task_support import HERE, TRANSFORM_SECONDS, read_log
 
-from safepoint.checkpointer import list_steps
+from safepoint.checkpointer import committed_steps
 from safepoint.fencing import list_attempts
 from safepoint.store import LocalStore
 from safepoint.tasks import run_task
@@ -48,7 +48,7 @@ def test_killed_in_second_substep_resumes_after_the_first(tmp_path: Path, seed: 
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL
     assert read_log(str(logdir), "calls") == ["load", "transform"]
-    assert len(list_steps(LocalStore(store), "three_steps")) == 1  # after "load"
+    assert len(committed_steps(LocalStore(store), "three_steps")) == 1  # after "load"
     assert list_attempts(LocalStore(store), "three_steps") == [1]
 
     result = run_task(task_support.three_steps, str(logdir), n, job_id="three_steps", location=store)

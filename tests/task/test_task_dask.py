@@ -19,7 +19,7 @@ dask = pytest.importorskip("dask")
 import task_support  # noqa: E402
 from task_support import HERE, read_log  # noqa: E402
 
-from safepoint.checkpointer import list_steps  # noqa: E402
+from safepoint.checkpointer import committed_steps  # noqa: E402
 from safepoint.integrations.dask import submit  # noqa: E402
 from safepoint.store import LocalStore  # noqa: E402
 from safepoint.tasks.context import ATTEMPT_STRIDE  # noqa: E402
@@ -38,7 +38,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) ->
 
 def checkpoints(store: Path, job: str) -> tuple[int, int]:
     """(attempt, checkpoints committed by it) of the newest checkpoint; (0, 0) if none."""
-    steps = list_steps(LocalStore(store), job)
+    steps = committed_steps(LocalStore(store), job)
     return divmod(steps[-1], ATTEMPT_STRIDE) if steps else (0, 0)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safepoint.checkpointer import list_steps
+from safepoint.checkpointer import committed_steps
 from safepoint.policy import PolicyLike, after_substep, every, manual, on_progress
 from safepoint.store import LocalStore
 from safepoint.tasks import TaskContext, default_policy, run_task, task
@@ -25,7 +25,7 @@ class FakeClock:
 
 def commits(store: Path, job: str) -> int:
     """How many checkpoints the current attempt has committed (older ones are pruned)."""
-    steps = list_steps(LocalStore(store), job)
+    steps = committed_steps(LocalStore(store), job)
     return steps[-1] % ATTEMPT_STRIDE if steps else 0
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import task_support
 
-from safepoint.checkpointer import Checkpointer, list_steps
+from safepoint.checkpointer import Checkpointer, committed_steps
 from safepoint.errors import InputChanged, SafepointError, UnsupportedType
-from safepoint.format import read_manifest, step_key
+from safepoint.format import read_manifest
 from safepoint.policy import after_substep, every, manual
 from safepoint.store import LocalStore
 from safepoint.tasks import StepMismatch, SubstepCompleted, TaskContext, run_task, task
@@ -229,9 +229,9 @@ def test_keep_completed_returns_the_recorded_result_without_running(store: Path)
     assert runs == [7]
     assert again["x"] == 7 and np.array_equal(again["array"], first["array"])
     local = LocalStore(store)
-    steps = list_steps(local, "keep")
+    steps = committed_steps(local, "keep")
     assert len(steps) == 1 and not (store / "keep" / "step-results").exists()
-    body = read_manifest(local, step_key("keep", steps[0])).body
+    body = read_manifest(local, "keep", steps[0]).body
     assert (body["kind"], body["status"], body["progress"], body["attempt"]) == ("task", "completed", 1.0, 1)
 
 
@@ -256,7 +256,7 @@ def test_checkpoints_show_kind_progress_and_attempt(store: Path) -> None:
         ctx.progress(0.25, "a quarter")
         ctx.checkpoint()
         local = LocalStore(store)
-        bodies.append(read_manifest(local, step_key("show", list_steps(local, "show")[-1])).body)
+        bodies.append(read_manifest(local, "show", committed_steps(local, "show")[-1]).body)
 
     run_task(job, job_id="show", location=store)
     body = bodies[0]

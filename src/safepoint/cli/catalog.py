@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from safepoint.checkpointer import list_names, list_steps
+from safepoint.checkpointer import committed_steps, latest_manifest, list_names
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
-from safepoint.format import Manifest, iter_tree_summary, read_manifest, step_key
+from safepoint.format import Manifest, check_tree, iter_tree_summary, read_manifest
 from safepoint.run import JOURNAL, describe_run
 from safepoint.store import Store, check_name
 
@@ -33,7 +33,8 @@ class NameSummary:
     complete: bool | None
     updated: float | None  # seconds since the epoch
     nbytes: int
-    damaged: int  # steps whose manifest cannot be read, plus 1 for a damaged run record
+    damaged: int  # 1 for a damaged newest-step record, plus 1 for a damaged run record
+    problem: str | None = None
 
 
 def _describe_run(store: Store, name: str) -> tuple[Any, CorruptCheckpoint | None]:
@@ -52,29 +53,28 @@ def _number(value: Any, kind: type) -> Any:
 
 
 def summarize_name(store: Store, name: str) -> NameSummary | None:
-    """What ``ls`` shows about ``name``, or None if it holds neither steps nor a run."""
-    steps = list_steps(store, name)
+    """What ``ls`` shows about ``name`` (one listing and the newest step's manifest), or
+    None if it holds neither steps nor a run."""
+    damaged = 0
+    try:
+        latest = latest_manifest(store, name)
+    except CorruptCheckpoint:
+        latest, damaged = None, 1
+    steps = committed_steps(store, name, None if latest is None else latest.step)
     run, damage = _describe_run(store, name)
-    if not steps and run is None and damage is None:
+    if not steps and run is None and damage is None and not damaged:
         return None
     summary = NameSummary(name=name, kind="checkpoint", steps=len(steps),
                           latest_step=steps[-1] if steps else None, progress=None, attempt=None,
-                          complete=None, updated=None, nbytes=0, damaged=int(damage is not None))
-    described = False
-    for step in reversed(steps):
-        try:
-            manifest = read_manifest(store, step_key(name, step))
-        except (CorruptCheckpoint, CheckpointNotFound):
-            summary.damaged += 1
-            continue
-        summary.nbytes += manifest.nbytes
-        if not described:  # the newest readable step describes the name
-            described = True
-            body = manifest.body
-            summary.kind = str(body.get("kind") or "checkpoint")
-            summary.progress = _number(body.get("progress"), float)
-            summary.attempt = _number(body.get("attempt"), int)
-            summary.updated = manifest.created
+                          complete=None, updated=None, nbytes=0,
+                          damaged=damaged + int(damage is not None))
+    if latest is not None:
+        body = latest.body
+        summary.nbytes = latest.nbytes
+        summary.kind = str(body.get("kind") or "checkpoint")
+        summary.progress = _number(body.get("progress"), float)
+        summary.attempt = _number(body.get("attempt"), int)
+        summary.updated = latest.created
     if run is not None or damage is not None:
         summary.kind = "run"
     if run is not None:
@@ -88,10 +88,17 @@ def summarize_name(store: Store, name: str) -> NameSummary | None:
 
 def summarize_store(store: Store) -> list[NameSummary]:
     """Every checkpoint name and run in ``store``, by name."""
-    names = set(list_names(store))
-    names.update(e for e in store.list("") if valid_name(e))  # a run may have only its journal
-    summaries = (summarize_name(store, name) for name in sorted(names))
-    return [s for s in summaries if s is not None]
+    summaries = []
+    for name in list_names(store):
+        try:
+            summary = summarize_name(store, name)
+        except CorruptCheckpoint as exc:  # one bad name never hides the others
+            summary = NameSummary(name=name, kind="?", steps=0, latest_step=None, progress=None,
+                                  attempt=None, complete=None, updated=None, nbytes=0, damaged=1)
+            summary.problem = str(exc)
+        if summary is not None:
+            summaries.append(summary)
+    return summaries
 
 
 def valid_name(entry: str) -> bool:
@@ -107,7 +114,7 @@ def find_name(store: Store, name: str) -> tuple[list[int], Any, str | None]:
     """The committed steps of ``name``, its run info (None if not a run) and what is wrong
     with its run record; raises :class:`CheckpointNotFound` if it holds neither."""
     check_name(name)
-    steps = list_steps(store, name)
+    steps = committed_steps(store, name)
     run, damage = _describe_run(store, name)
     if not steps and damage is not None:
         raise damage
@@ -133,9 +140,20 @@ def verify_journal(store: Store, name: str) -> dict[str, Any] | None:
     key = f"{name}/{JOURNAL}"
     if not store.exists(key):
         return None
+    problems: list[str] = []
+    try:
+        from safepoint.store.journal import read_journal
+
+        scan, _ = read_journal(store, key)  # type: ignore[arg-type]
+        if scan is not None:
+            problems += scan.damage
+    except CorruptCheckpoint as exc:
+        problems.append(str(exc))
     _, damage = _describe_run(store, name)
-    return {"name": name, "step": None, "ok": damage is None,
-            "checked_bytes": store.stat(key).size, "problems": [] if damage is None else [str(damage)]}
+    if damage is not None and str(damage) not in problems:
+        problems.append(str(damage))
+    return {"name": name, "step": None, "ok": not problems,
+            "checked_bytes": store.stat(key).size, "problems": problems}
 
 
 def _tree_rows(manifest: Manifest) -> list[dict[str, Any]]:
@@ -162,13 +180,10 @@ def describe_step(store: Store, name: str, step: int | None) -> dict[str, Any]:
         raise CheckpointNotFound(
             f"{name!r} has no step {step} in {store.url}; its steps are "
             f"{', '.join(map(str, steps)) or 'none'}", name=name, step=step)
-    manifest = read_manifest(store, step_key(name, step))
+    manifest = read_manifest(store, name, step)
     body = manifest.body
-    try:
-        tree = _tree_rows(manifest)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{store.url}/{manifest.key}: malformed tree ({exc!r})",
-                                path=manifest.key, step=step) from exc
+    check_tree(manifest, store)
+    tree = _tree_rows(manifest)
     return {
         "name": name,
         "location": store.url,
@@ -188,25 +203,3 @@ def describe_step(store: Store, name: str, step: int | None) -> dict[str, Any]:
         "run": run_info,
         "run_damage": run_damage,
     }
-
-
-def leftover_sizes(store: Store, name: str) -> dict[str, int]:
-    """Size of every file in the step folders of ``name`` (to report what gc frees)."""
-    sizes = {}
-    for entry in store.list(name):
-        if not entry.isdigit():
-            continue
-        for f in store.list(f"{name}/{entry}"):
-            key = f"{name}/{entry}/{f}"
-            try:
-                sizes[key] = store.stat(key).size
-            except FileNotFoundError:
-                pass
-    return sizes
-
-
-def freed_bytes(sizes: dict[str, int], key: str) -> int:
-    """Bytes that removing ``key`` (a file or a folder) freed, from :func:`leftover_sizes`."""
-    if key in sizes:
-        return sizes[key]
-    return sum(size for k, size in sizes.items() if k.startswith(key + "/"))

@@ -24,15 +24,21 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from safepoint.checkpointer import Checkpointer, collect_garbage, list_names, list_steps
+from safepoint import knobs
+from safepoint.checkpointer import (
+    Checkpointer,
+    collect_garbage,
+    committed_steps,
+    is_name,
+    list_names,
+    remove_name,
+    require_store,
+)
 from safepoint.cli import app
 from safepoint.cli.catalog import (
     describe_step,
-    freed_bytes,
-    leftover_sizes,
     not_found,
     summarize_store,
-    valid_name,
     verify_journal,
 )
 from safepoint.cli.output import (
@@ -45,15 +51,13 @@ from safepoint.cli.output import (
     reporting_errors,
 )
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SafepointError
-from safepoint.format import read_manifest, step_key, verify_checkpoint
+from safepoint.format import read_manifest, verify_checkpoint
 from safepoint.store import Store, check_name, open_store
 
 PROGRESS_MIN_BYTES = 64 << 20
 """``verify`` shows a progress bar when it has at least this many bytes to read (or when
 stdout is a terminal)."""
 
-DEFAULT_GC_MIN_AGE = 300.0
-"""``gc`` leaves leftovers younger than this alone: they may be a save still in progress."""
 
 LocationOption = Annotated[
     Optional[str],  # noqa: UP045 - typer reads this annotation at run time
@@ -217,10 +221,10 @@ def verify(
         store = _open(location)
         if name is not None:
             names = [check_name(name)]
-            targets = [(name, s) for s in list_steps(store, name)]
+            targets = [(name, s) for s in committed_steps(store, name)]
         else:
-            names = [e for e in store.list("") if valid_name(e)]
-            targets = [(n, s) for n in list_names(store) for s in list_steps(store, n)]
+            names = list_names(store)
+            targets = [(n, s) for n in names for s in committed_steps(store, n)]
         journals = [j for j in (verify_journal(store, n) for n in names) if j is not None]
         if name is not None and not targets and not journals:
             raise not_found(store, name)
@@ -244,7 +248,7 @@ def _verify_all(store: Store, targets: list[tuple[str, int]], total: int, show_b
     with Progress(*columns, console=err(), transient=True, disable=not show_bar) as progress:
         task = progress.add_task("verify", total=total)
         for name, step in targets:
-            report = verify_checkpoint(store, step_key(name, step),
+            report = verify_checkpoint(store, name, step,
                                        on_bytes=lambda size: progress.advance(task, size))
             results.append({"name": name, "step": step, "ok": report.ok,
                             "checked_bytes": report.checked_bytes, "problems": report.problems})
@@ -253,7 +257,7 @@ def _verify_all(store: Store, targets: list[tuple[str, int]], total: int, show_b
 
 def _blob_bytes(store: Store, name: str, step: int) -> int:
     try:
-        return sum(int(b.get("size", 0)) for b in read_manifest(store, step_key(name, step)).blobs)
+        return sum(int(size) for _, size in read_manifest(store, name, step).files)
     except (CorruptCheckpoint, CheckpointNotFound, TypeError, ValueError, AttributeError):
         return 0  # verify reports it
 
@@ -304,18 +308,22 @@ def rm(
     with reporting_errors():
         store = _open(location)
         check_name(name)
+        require_store(store)
         if step is not None:
             Checkpointer(name, location=store).delete(step)
             out().print(f"removed {escape(name)} step {step} from {escape(store.url)}")
             return
-        if not store.exists(name):
+        if not is_name(store, name):
             raise CheckpointNotFound(
-                f"nothing named {name!r} in {store.url}; `safepoint ls {store.url}` lists "
-                "what is there", name=name)
-        count = len(list_steps(store, name))
-        store.delete(name)
-    out().print(f"removed {escape(name)} ({count} step{'' if count == 1 else 's'}) "
-                f"from {escape(store.url)}")
+                f"nothing safepoint wrote is named {name!r} in {store.url}; `safepoint ls "
+                f"{store.url}` lists what is there", name=name)
+        count = len(committed_steps(store, name))
+        report = remove_name(store, name)
+    console = out()
+    for key, why in report.kept:
+        console.print(f"kept {escape(key)}: {why}", soft_wrap=True)
+    console.print(f"removed {escape(name)} ({count} step{'' if count == 1 else 's'}) "
+                  f"from {escape(store.url)}")
 
 
 # ------------------------------------------------------------------------- gc
@@ -325,25 +333,32 @@ def rm(
 def gc(
     min_age: Annotated[float, typer.Option(
         "--min-age", min=0, help="Remove only leftovers at least this many seconds old, so "
-        "that a save in progress elsewhere is never broken.")] = DEFAULT_GC_MIN_AGE,
+        "that a save in progress elsewhere is never broken.")] = knobs.GC_MIN_AGE,
     location: LocationOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Remove what crashed saves left behind (never a committed checkpoint)."""
     with reporting_errors():
         store = _open(location)
-        removed = []
-        for name in (e for e in store.list("") if valid_name(e)):
-            sizes = leftover_sizes(store, name)
-            for key in collect_garbage(store, name, min_age=min_age):
-                removed.append({"key": key, "nbytes": freed_bytes(sizes, key)})
+        require_store(store)
+        removed, kept = [], []
+        for name in list_names(store):
+            try:
+                report = collect_garbage(store, name, min_age=min_age)
+            except CorruptCheckpoint as exc:
+                kept.append({"key": name, "reason": str(exc)})
+                continue
+            removed += [{"key": key, "nbytes": size} for key, size in report.removed]
+            kept += [{"key": key, "reason": why} for key, why in report.kept]
     freed = sum(r["nbytes"] for r in removed)
     if as_json:
         print_json({"location": store.url, "count": len(removed), "nbytes": freed,
-                    "removed": removed})
+                    "removed": removed, "kept": kept})
         return
     console = out()
     for r in removed:
         console.print(f"removed {escape(r['key'])} ({human_bytes(r['nbytes'])})", soft_wrap=True)
+    for k in kept:
+        console.print(f"kept {escape(k['key'])}: {escape(k['reason'])}", soft_wrap=True)
     console.print(f"{len(removed)} leftover{'' if len(removed) == 1 else 's'} removed, "
                   f"{human_bytes(freed)} freed from {escape(store.url)}")

@@ -20,7 +20,7 @@ from safepoint.checkpointer import Checkpointer, CorruptCheckpointWarning
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SafepointError
 from safepoint.flow.record import FlowRecord
 from safepoint.flow.warn import warn_caller
-from safepoint.format import Manifest, load_tree
+from safepoint.format import load_tree
 
 KIND = "flow"
 Event = Literal["start", "done", "failed"]
@@ -90,11 +90,8 @@ class FlowLog:
                 f"{self.name!r} in {self.checkpointer.store.url} holds checkpoints that are not "
                 f"a flow's (kind {kind!r}); give the flow another name, or remove them with "
                 f"`safepoint rm {self.name}`", name=self.name)
-        prefix = f"state[{part!r}]"
-        body = {**manifest.body, "tree": tree[part],
-                "pickled": [p for p in manifest.body.get("pickled") or [] if p.startswith(prefix)]}
-        partial = Manifest(key=manifest.key, body=body, size=manifest.size)
-        return load_tree(self.checkpointer.store, partial, allow_pickle=self.checkpointer.allow_pickle)
+        return load_tree(self.checkpointer.store, manifest, node=tree[part],
+                         allow_pickle=self.checkpointer.allow_pickle).tree
 
 
 class NotAFlow(SafepointError, ValueError):

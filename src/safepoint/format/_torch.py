@@ -97,6 +97,12 @@ class TorchTensorCodec:
             return torch.nn.Parameter(tensor, requires_grad=attrs.get("requires_grad", True))
         return tensor.requires_grad_(attrs.get("requires_grad", False))
 
+    def describe(self, obj: Any) -> tuple[str, tuple[int, ...]] | None:
+        """The dtype name and shape of a live tensor (None for anything else)."""
+        if not isinstance(obj, torch.Tensor):
+            return None
+        return _dtype_name(obj.dtype), tuple(obj.shape)
+
     def writable_view(self, obj: Any, attrs: dict[str, Any]) -> np.ndarray | None:
         """A numpy view of a CPU tensor's memory, when it can be filled in place."""
         if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":

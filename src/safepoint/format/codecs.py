@@ -43,6 +43,12 @@ class LeafCodec(Protocol):
 # straight into the framework's own memory.
 
 
+# A codec may also define ``describe(obj) -> (dtype name, shape) | None`` for a live leaf of
+# its kind, so that a restore into it can refuse a saved leaf of another dtype or shape.
+
+KNOWN_KINDS = frozenset({"torch.Tensor", "jax.Array"})
+"""Every leaf kind a manifest may name (whether or not its framework is installed)."""
+
 # framework module name -> module that defines CODECS: list[LeafCodec]
 _CODEC_MODULES: dict[str, str] = {
     "torch": "safepoint.format._torch",

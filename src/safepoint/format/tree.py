@@ -1,4 +1,4 @@
-"""State trees to JSON nodes plus raw blobs, and back.
+"""State trees to JSON nodes plus blobs, and back.
 
 A node is plain JSON. Native JSON values stand for themselves (``null``, booleans, ints,
 finite floats, strings, lists, and objects whose keys are strings other than ``"$"``).
@@ -17,39 +17,41 @@ Everything else is an object tagged with ``"$"``::
     {"$": "pickle", "b64" | "blob": ...}                only with allow_pickle=True
 
 Arrays larger than ``inline_limit`` bytes become blobs: the encoder hands out a view of the
-array's own memory (no copy for C- or Fortran-contiguous arrays), and the decoder builds the
-array directly on the bytes it is given (a read buffer, an mmap, or a caller's array).
+array's own memory (no copy for C- or Fortran-contiguous arrays). The decoder validates
+every node as it builds the value (tags, dtypes, shapes against data sizes, base64, key
+types, depth), so one walk decides whether a tree is sound; blob bytes come from a
+:class:`BlobSource`, which reads and verifies them after the walk and only then fills a
+caller's arrays (all or nothing).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import pickle
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from safepoint.errors import CorruptCheckpoint, UnsafeCheckpoint, UnsupportedType
-from safepoint.format.codecs import LeafCodec, active_codecs, codec_for_kind
+from safepoint import knobs
+from safepoint.errors import CorruptCheckpoint, StateMismatch, UnsafeCheckpoint, UnsupportedType
+from safepoint.format.codecs import KNOWN_KINDS, LeafCodec, active_codecs, codec_for_kind
+from safepoint.format.dtypes import decode_dtype, encode_dtype, itemsize_of
 
-INLINE_LIMIT = 4096
-"""Arrays and bytes of at most this many bytes are stored inside the manifest."""
-
-
-_ML_DTYPES = {
-    "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2",
-    "float8_e5m2fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float4_e2m1fn",
-    "float6_e2m3fn", "float6_e3m2fn", "int2", "int4", "uint2", "uint4",
-}
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 @dataclass
 class BlobRef:
-    """A large leaf to be written as its own blob."""
+    """A large leaf to be written as a blob."""
 
     data: memoryview  # 1-D bytes view of the leaf's memory
     tree_path: str
@@ -59,81 +61,8 @@ def _b64(data: bytes | memoryview) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
-
-
-def encode_dtype(dtype: np.dtype) -> Any:
-    """A JSON description of a numpy dtype that :func:`decode_dtype` rebuilds exactly."""
-    if type(dtype).__module__.startswith("ml_dtypes") or dtype.type.__module__.startswith("ml_dtypes"):
-        return {"ml_dtypes": dtype.name}
-    if dtype.fields is not None:
-        names = list(dtype.names or ())
-        spec = {"descr": _descr_to_json(dtype.descr), "itemsize": dtype.itemsize, "names": names,
-                "offsets": [dtype.fields[n][1] for n in names],
-                "formats": [encode_dtype(dtype.fields[n][0]) for n in names]}
-        titles = [dtype.fields[n][2] if len(dtype.fields[n]) > 2 else None for n in names]
-        if any(t is not None for t in titles):
-            spec["titles"] = titles
-        if dtype.isalignedstruct:
-            spec["aligned"] = True
-        return spec
-    if dtype.subdtype is not None:
-        base, shape = dtype.subdtype
-        return {"subdtype": encode_dtype(base), "shape": list(shape)}
-    if dtype.kind == "O":
-        raise TypeError("object arrays")
-    return dtype.str
-
-
-def _descr_to_json(descr: Any) -> Any:
-    return [[name, _descr_to_json(fmt) if isinstance(fmt, list) else fmt, *rest]
-            for name, fmt, *rest in descr]
-
-
-def decode_dtype(spec: Any) -> np.dtype:
-    """The dtype described by :func:`encode_dtype`'s output; never one holding objects."""
-    dtype = _decode_dtype(spec)
-    if dtype.hasobject:
-        raise CorruptCheckpoint(f"manifest names a dtype holding Python objects: {spec!r}")
-    return dtype
-
-
-def _decode_dtype(spec: Any) -> np.dtype:
-    if isinstance(spec, str):
-        return np.dtype(spec)
-    if isinstance(spec, dict) and "ml_dtypes" in spec:
-        name = spec["ml_dtypes"]
-        if name not in _ML_DTYPES:
-            raise CorruptCheckpoint(f"unknown ml_dtypes dtype {name!r} in manifest")
-        try:
-            import ml_dtypes
-        except ImportError as exc:
-            raise UnsupportedType(
-                f"this checkpoint holds {name} arrays; install ml_dtypes to load them "
-                "(pip install ml_dtypes, or safepoint[jax])", type_name=name) from exc
-        return np.dtype(getattr(ml_dtypes, name))
-    if isinstance(spec, dict) and "subdtype" in spec:
-        return np.dtype((_decode_dtype(spec["subdtype"]), tuple(spec["shape"])))
-    if isinstance(spec, dict) and "names" in spec:
-        fields = {
-            "names": spec["names"],
-            "formats": [_decode_dtype(f) for f in spec["formats"]],
-            "offsets": spec["offsets"],
-            "itemsize": spec["itemsize"],
-        }
-        if "titles" in spec:
-            fields["titles"] = spec["titles"]
-        return np.dtype(fields, align=bool(spec.get("aligned")))
-    raise CorruptCheckpoint(f"unreadable dtype {spec!r} in manifest")
-
-
 def _float_bits(value: float) -> str:
     return struct.pack("<d", value).hex()
-
-
-def _bits_float(text: str) -> float:
-    return struct.unpack("<d", bytes.fromhex(text))[0]
 
 
 class TreePath:
@@ -152,13 +81,14 @@ class TreePath:
         parts: list[str] = []
         node: TreePath | str = self
         while isinstance(node, TreePath):
-            text = _key_text(node.key)
+            text = key_text(node.key)
             parts.append(f" key {text}" if node.is_key else f"[{text}]")
             node = node.parent
         return node + "".join(reversed(parts))
 
 
-def _key_text(key: Any) -> str:
+def key_text(key: Any) -> str:
+    """A short repr of a key for a tree path (huge ints and long strings abridged)."""
     if type(key) is int and key.bit_length() > 256:  # repr of a huge int may even fail
         return f"<{key.bit_length()}-bit int>"
     text = repr(key)
@@ -177,6 +107,13 @@ def _is_json_scalar(value: Any) -> bool:
     )
 
 
+def _describe_type(obj: Any) -> str:
+    """``"Point (mymod.Point)"`` with its article: ``a Point``, ``an object``."""
+    cls = type(obj)
+    article = "an" if cls.__qualname__[:1].lower() in "aeiou" else "a"
+    return f"{article} {cls.__qualname__} ({cls.__module__}.{cls.__qualname__})"
+
+
 class Encoder:
     """Turns one state tree into a JSON node and a list of blobs.
 
@@ -191,11 +128,11 @@ class Encoder:
         self,
         *,
         allow_pickle: bool = False,
-        inline_limit: int = INLINE_LIMIT,
+        inline_limit: int | None = None,
         snapshot: Callable[[int, np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.allow_pickle = allow_pickle
-        self.inline_limit = inline_limit
+        self.inline_limit = knobs.INLINE_LIMIT if inline_limit is None else inline_limit
         self.snapshot = snapshot
         self.blobs: list[BlobRef] = []
         self.pickled: list[str] = []
@@ -239,6 +176,11 @@ class Encoder:
         if id(obj) in self._active:
             raise UnsupportedType(f"{path}: the state tree contains itself (a cycle)",
                                   tree_path=str(path), type_name=type(obj).__name__)
+        if len(self._active) >= knobs.MAX_DEPTH:
+            raise UnsupportedType(
+                f"{path}: the state tree nests more than {knobs.MAX_DEPTH} containers deep; "
+                "flatten it (a checkpoint reader must be able to load what is saved)",
+                tree_path=str(path), type_name=type(obj).__name__)
         self._active.add(id(obj))
         try:
             if type(obj) is list:
@@ -257,7 +199,7 @@ class Encoder:
         if type(key) in (str, int, float, bool, bytes, tuple) or key is None or isinstance(key, np.generic):
             return self.encode(key, TreePath(path, key, is_key=True))
         raise UnsupportedType(
-            f"{path}: cannot store a dict key of type {type(key).__name__} ({_key_text(key)}); "
+            f"{path}: cannot store a dict key of type {type(key).__name__} ({key_text(key)}); "
             "keys may be str, int, float, bool, None, bytes, numpy scalars or tuples of those",
             tree_path=str(path), type_name=type(key).__name__)
 
@@ -283,7 +225,7 @@ class Encoder:
         node: dict[str, Any] = {"$": "ndarray", "dtype": dtype, "shape": list(array.shape), "order": order}
         if shared and flat.nbytes > self.inline_limit and self.snapshot is not None:
             flat = self.snapshot(len(self.blobs), flat)
-        node.update(self._data(_bytes_view(flat), path))
+        node.update(self._data(bytes_view(flat), path))
         return node
 
     def _npscalar(self, value: np.generic, path: TreePath | str) -> Any:
@@ -298,18 +240,24 @@ class Encoder:
         name = f"{type(obj).__module__}.{type(obj).__qualname__}"
         if not self.allow_pickle:
             raise UnsupportedType(
-                f"{path}: cannot store a {type(obj).__qualname__} ({name}); a state tree holds "
-                "dicts, lists, tuples, None, bool, int, float, complex, str, bytes, numpy "
-                "arrays and scalars (and torch/jax arrays); convert it, give it "
+                f"{path}: cannot store {_describe_type(obj)}; a state tree holds dicts, "
+                "lists, tuples, None, bool, int, float, complex, str, bytes, numpy arrays and "
+                "scalars (and torch/jax arrays); convert it, give it "
                 "state_dict()/load_state_dict(), or pass allow_pickle=True to save and load "
                 "it with pickle",
                 tree_path=str(path), type_name=name)
         self.pickled.append(str(path))
-        data = pickle.dumps(obj, protocol=5)
+        try:
+            data = pickle.dumps(obj, protocol=5)
+        except Exception as exc:  # PicklingError, TypeError, AttributeError of a local class...
+            raise UnsupportedType(
+                f"{path}: cannot pickle {_describe_type(obj)} even with allow_pickle=True "
+                f"({type(exc).__name__}: {exc}); convert it to plain values, or give it "
+                "state_dict()/load_state_dict()", tree_path=str(path), type_name=name) from exc
         return {"$": "pickle", "type": name, **self._data(memoryview(data), path)}
 
 
-def _bytes_view(array: np.ndarray) -> memoryview:
+def bytes_view(array: np.ndarray) -> memoryview:
     """The memory of a contiguous array as a 1-D byte view, without copying."""
     if array.nbytes == 0:
         return memoryview(b"")
@@ -319,147 +267,312 @@ def _bytes_view(array: np.ndarray) -> memoryview:
         return memoryview(array.reshape(-1).view(np.uint8))
 
 
-class Decoder:
-    """Rebuilds a state tree from a node; ``load_blob(i)`` supplies blob ``i``'s bytes.
+# ------------------------------------------------------------------ decoding
 
-    ``load_blob(i, into)`` may read straight into ``into`` (a writable byte view of an
-    existing array, see ``target``) and must then return it.
+
+class BlobSource(Protocol):
+    """Where a decoder gets blob bytes (see ``safepoint.format.read``)."""
+
+    def size(self, index: int) -> int:
+        """The byte size of blob ``index``; ``CorruptCheckpoint`` for a bad index."""
+
+    def array(self, index: int) -> np.ndarray:
+        """A uint8 buffer that holds blob ``index`` once the source has loaded."""
+
+    def read(self, index: int) -> memoryview:
+        """Blob ``index``'s bytes, read and verified now."""
+
+    def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
+        """Copy blob ``index`` (or ``data``), stored in ``order``, into ``target`` once
+        everything is verified."""
+
+
+class NoBlobs:
+    """The source of a tree that must be inline (metadata, run journals): any blob
+    reference is damage."""
+
+    def __init__(self, where: str = "manifest") -> None:
+        self.where = where
+
+    def _refuse(self, index: int) -> Any:
+        raise CorruptCheckpoint(f"{self.where}: a node that must be inline refers to blob {index}")
+
+    size = array = read = _refuse
+
+    def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
+        if index is not None:
+            self._refuse(index)
+        saved = np.frombuffer(data or b"", target.dtype)
+        saved = saved.reshape(target.shape[::-1]).T if order == "F" else saved.reshape(target.shape)
+        np.copyto(target, saved)
+
+
+def _path_text(path: Any) -> str:
+    keys = []
+    while isinstance(path, tuple):
+        path, key = path
+        keys.append(f"[{key_text(key)}]")
+    return "state" + "".join(reversed(keys))
+
+
+def _fail(path: Any, message: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"{_path_text(path)}: {message}")
+
+
+class Decoder:
+    """Rebuilds a state tree from a node, validating every node on the way.
+
+    ``build=False`` only validates (``verify`` and ``show`` use it, so that they refuse
+    exactly what a restore refuses). ``target``: a tree of live arrays of the same
+    structure; a saved array lands in the target array at its place (in place, after
+    every blob is verified), which must then have the same shape and dtype
+    (:class:`StateMismatch` otherwise).
     """
 
-    def __init__(
-        self,
-        load_blob: Callable[[int, memoryview | None], memoryview | np.ndarray],
-        *,
-        allow_pickle: bool = False,
-    ) -> None:
-        self.load_blob = load_blob
+    def __init__(self, source: BlobSource, *, allow_pickle: bool = False, build: bool = True) -> None:
+        self.source = source
         self.allow_pickle = allow_pickle
+        self.build = build
 
-    def decode(self, node: Any, target: Any = None) -> Any:
-        if node is None or isinstance(node, (bool, int, float, str)):
+    def decode(self, node: Any, target: Any = None, path: Any = None, depth: int = 0) -> Any:
+        kind = type(node)
+        if kind in _SCALARS:
+            if target is not None and isinstance(target, np.ndarray):
+                raise _mismatch(path, target, "a plain value")
             return node
-        if isinstance(node, list):
-            targets = target if isinstance(target, (list, tuple)) and len(target) == len(node) else None
-            return [self.decode(v, targets[i] if targets else None) for i, v in enumerate(node)]
-        if not isinstance(node, dict):
-            raise CorruptCheckpoint(f"unexpected node {node!r} in manifest")
+        if depth > knobs.MAX_DEPTH + 8:
+            raise _fail(path, f"nodes nested more than {knobs.MAX_DEPTH} deep")
+        if kind is list:
+            return self._list(node, target, path, depth)
+        if kind is not dict:
+            raise _fail(path, f"unexpected node {key_text(node)}")
         tag = node.get("$")
         if tag is None:
-            sub = target if isinstance(target, dict) else {}
-            return {k: self.decode(v, sub.get(k)) for k, v in node.items()}
-        handler = getattr(self, f"_decode_{tag}", None)
+            sub = target if isinstance(target, dict) else None
+            if target is not None and isinstance(target, np.ndarray):
+                raise _mismatch(path, target, "a dict")
+            scalars = _SCALARS
+            out = {}
+            for k, v in node.items():
+                if type(v) in scalars and not (sub and isinstance(sub.get(k), np.ndarray)):
+                    out[k] = v
+                else:
+                    out[k] = self.decode(v, sub.get(k) if sub else None, (path, k), depth + 1)
+            return out
+        handler = _HANDLERS.get(tag) if isinstance(tag, str) else None
         if handler is None:
-            raise CorruptCheckpoint(f"unknown node type {tag!r} in manifest; a newer safepoint may have written it")
-        return handler(node, target)
+            raise _fail(path, f"unknown node type {key_text(tag)}; a newer safepoint may have "
+                              "written it")
+        if target is not None and isinstance(target, np.ndarray) and tag not in ("ndarray",):
+            raise _mismatch(path, target, f"a {tag}")
+        try:
+            return handler(self, node, target, path, depth)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            if isinstance(exc, (StateMismatch, UnsupportedType)):
+                raise
+            raise _fail(path, f"malformed {tag} node ({type(exc).__name__}: {exc})") from exc
 
-    def _decode_tuple(self, node: dict[str, Any], target: Any) -> tuple[Any, ...]:
+    def _list(self, node: list[Any], target: Any, path: Any, depth: int) -> list[Any]:
+        if isinstance(target, np.ndarray):
+            raise _mismatch(path, target, "a list")
+        targets = target if isinstance(target, (list, tuple)) and len(target) == len(node) else None
+        if targets is None:
+            scalars = _SCALARS
+            return [v if type(v) in scalars else self.decode(v, None, (path, i), depth + 1)
+                    for i, v in enumerate(node)]
+        return [self.decode(v, targets[i], (path, i), depth + 1) for i, v in enumerate(node)]
+
+    def _items(self, node: dict[str, Any], path: Any, depth: int) -> list[Any]:
         items = node["items"]
-        targets = target if isinstance(target, (list, tuple)) and len(target) == len(items) else None
-        return tuple(self.decode(v, targets[i] if targets else None) for i, v in enumerate(items))
+        if type(items) is not list:
+            raise _fail(path, "container items are not a list")
+        return items
 
-    def _pairs(self, node: dict[str, Any], target: Any) -> list[tuple[Any, Any]]:
+    def _tuple(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> tuple[Any, ...]:
+        items = self._items(node, path, depth)
+        return tuple(self._list(items, target, path, depth))
+
+    def _pairs(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> list[tuple[Any, Any]]:
         sub = target if isinstance(target, dict) else {}
         pairs = []
-        for k, v in node["items"]:
-            key = self.decode(k)
-            pairs.append((key, self.decode(v, sub.get(key) if _hashable(key) else None)))
+        for i, pair in enumerate(self._items(node, path, depth)):
+            if type(pair) is not list or len(pair) != 2:
+                raise _fail(path, f"dict item {i} is not a [key, value] pair")
+            key = self.decode(pair[0], None, (path, i), depth + 1)
+            try:
+                hash(key)
+            except TypeError:
+                raise _fail(path, f"dict item {i} has an unhashable key {key_text(key)}") from None
+            pairs.append((key, self.decode(pair[1], sub.get(key), (path, key), depth + 1)))
         return pairs
 
-    def _decode_dict(self, node: dict[str, Any], target: Any) -> dict[Any, Any]:
-        return dict(self._pairs(node, target))
+    def _dict(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> dict[Any, Any]:
+        return dict(self._pairs(node, target, path, depth))
 
-    def _decode_odict(self, node: dict[str, Any], target: Any) -> OrderedDict[Any, Any]:
-        return OrderedDict(self._pairs(node, target))
+    def _odict(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> OrderedDict[Any, Any]:
+        return OrderedDict(self._pairs(node, target, path, depth))
 
-    def _decode_float(self, node: dict[str, Any], target: Any) -> float:
-        return _bits_float(node["bits"])
+    def _float(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> float:
+        bits = node["bits"]
+        if not (isinstance(bits, str) and _HEX16.fullmatch(bits)):
+            raise _fail(path, "a float node needs 16 hex digits")
+        return struct.unpack("<d", bytes.fromhex(bits))[0]  # type: ignore[no-any-return]
 
-    def _decode_int(self, node: dict[str, Any], target: Any) -> int:
-        return int(node["hex"], 16)
+    def _int(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> int:
+        text = node["hex"]
+        if not (isinstance(text, str) and _HEX_INT.fullmatch(text)):
+            raise _fail(path, "an int node needs a hex number")
+        return int(text, 16)
 
-    def _decode_complex(self, node: dict[str, Any], target: Any) -> complex:
-        real, imag = struct.unpack("<dd", bytes.fromhex(node["bits"]))
+    def _complex(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> complex:
+        bits = node["bits"]
+        if not (isinstance(bits, str) and _HEX32.fullmatch(bits)):
+            raise _fail(path, "a complex node needs 32 hex digits")
+        real, imag = struct.unpack("<dd", bytes.fromhex(bits))
         return complex(real, imag)
 
-    def _raw(self, node: dict[str, Any], into: memoryview | None = None) -> memoryview | np.ndarray | bytearray:
+    def _data(self, node: dict[str, Any], path: Any) -> tuple[bytes | None, int | None, int]:
+        """(inline bytes or None, blob index or None, size) of a data node."""
         if "b64" in node:
-            return bytearray(_unb64(node["b64"]))  # writable, like arrays read from blobs
-        return self.load_blob(int(node["blob"]), into)
+            text = node["b64"]
+            if not isinstance(text, str):
+                raise _fail(path, "base64 data is not a string")
+            try:
+                data = base64.b64decode(text.encode("ascii"), validate=True)
+            except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+                raise _fail(path, f"bad base64 data ({exc})") from None
+            return data, None, len(data)
+        index = node.get("blob")
+        if type(index) is not int:
+            raise _fail(path, "a data node needs b64 or a blob index")
+        return None, index, self.source.size(index)
 
-    def _decode_bytes(self, node: dict[str, Any], target: Any) -> bytes:
-        return bytes(self._raw(node))
+    def _raw(self, node: dict[str, Any], path: Any) -> bytes | memoryview:
+        data, index, _ = self._data(node, path)
+        if data is not None:
+            return data
+        assert index is not None
+        return self.source.read(index) if self.build else b""
 
-    def _decode_bytearray(self, node: dict[str, Any], target: Any) -> bytearray:
-        return bytearray(self._raw(node))
+    def _bytes(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
+        raw = self._raw(node, path)
+        return bytes(raw) if node.get("$") == "bytes" else bytearray(raw)
 
-    def _decode_ndarray(self, node: dict[str, Any], target: Any) -> np.ndarray:
+    def _ndarray(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
         dtype = decode_dtype(node["dtype"])
-        shape = tuple(int(n) for n in node["shape"])
+        shape = node["shape"]
+        if not (type(shape) is list and len(shape) <= knobs.MAX_DIMS
+                and all(type(n) is int and n >= 0 for n in shape)):
+            raise _fail(path, f"bad array shape {key_text(shape)}")
+        shape = tuple(shape)
         order = node.get("order", "C")
-        stored_shape = shape[::-1] if order == "F" else shape
-        fits = (
-            isinstance(target, np.ndarray)
-            and target.dtype == dtype
-            and target.shape == shape
-            and target.flags.writeable
-            and (target.flags.c_contiguous if order == "C" else target.flags.f_contiguous)
-        )
-        into = _bytes_view(target if order == "C" else target.T) if fits and target.nbytes else None
-        raw = self._raw(node, into)
-        count = int(np.prod(stored_shape, dtype=np.int64))
+        if order not in ("C", "F"):
+            raise _fail(path, f"bad array order {key_text(order)}")
+        count = 1
+        for n in shape:
+            count *= n
         expected = count * dtype.itemsize
-        size = memoryview(raw).nbytes
+        data, index, size = self._data(node, path)
         if size != expected:
-            raise CorruptCheckpoint(f"array data has {size} bytes, expected {expected}")
-        if fits:  # fill the caller's array in place (a blob may have been read straight into it)
-            if into is not None and raw is not into:
-                into[:] = raw
+            raise _fail(path, f"array data has {size} bytes, but {shape} {dtype} needs {expected}")
+        stored_shape = shape[::-1] if order == "F" else shape
+        if target is not None and isinstance(target, np.ndarray):
+            if target.dtype != dtype or target.shape != shape:
+                raise _mismatch(path, target, f"a {dtype} array of shape {shape}")
+            if not target.flags.writeable:
+                raise StateMismatch(
+                    f"{_path_text(path)}: the target array is read-only, so the saved array "
+                    "cannot be loaded into it; pass a writable array, or restore without "
+                    "into=", tree_path=_path_text(path))
+            if self.build:
+                self.source.fill(target, index, data, order)
             return target
+        if not self.build:
+            return None
         if not expected:
             return np.empty(shape, dtype, order="F" if order == "F" else "C")
-        buffer = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+        if data is not None:
+            buffer = np.frombuffer(bytearray(data), np.uint8)
+        else:
+            assert index is not None
+            buffer = self.source.array(index)
         array = buffer.view(dtype).reshape(stored_shape)
         return array.T if order == "F" else array
 
-    def _decode_npscalar(self, node: dict[str, Any], target: Any) -> np.generic:
+    def _npscalar(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
         dtype = decode_dtype(node["dtype"])
-        data = _unb64(node["b64"])
-        if len(data) != dtype.itemsize:
-            raise CorruptCheckpoint(f"scalar data has {len(data)} bytes, expected {dtype.itemsize}")
+        data, _, size = self._data(node, path)
+        if data is None or size != dtype.itemsize:
+            raise _fail(path, f"scalar data has {size} bytes, expected {dtype.itemsize}")
         return np.ndarray((), dtype=dtype, buffer=data)[()].copy()
 
-    def _decode_leaf(self, node: dict[str, Any], target: Any) -> Any:
-        try:
-            codec = codec_for_kind(node["kind"])
-        except (KeyError, ImportError) as exc:
-            raise UnsupportedType(
-                f"this checkpoint holds {node['kind']} leaves; install the framework to load them",
-                type_name=node["kind"]) from exc
+    def _leaf(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
+        kind = node["kind"]
         attrs = node.get("attrs") or {}
-        # A live tensor of the same kind, dtype and shape is filled in place: no allocation.
-        writable_view = getattr(codec, "writable_view", None)
-        view = writable_view(target, attrs) if target is not None and writable_view else None
-        array = self._decode_ndarray(node["array"], view)
+        if not isinstance(kind, str) or kind not in KNOWN_KINDS:
+            raise _fail(path, f"unknown leaf kind {key_text(kind)}")
+        array_node = node.get("array")
+        if not isinstance(attrs, dict) or not isinstance(array_node, dict) \
+                or array_node.get("$") != "ndarray":
+            raise _fail(path, "a leaf node needs attrs and an ndarray node")
+        if not self.build:
+            self._ndarray(array_node, None, path, depth)
+            return None
+        try:
+            codec = codec_for_kind(kind)
+        except ImportError as exc:
+            raise UnsupportedType(
+                f"this checkpoint holds {kind} leaves; install the framework to load them",
+                type_name=kind) from exc
+        view = None
+        if target is not None:
+            describe = getattr(codec, "describe", None)
+            if describe is not None and (found := describe(target)) is not None:
+                saved = (attrs.get("dtype"), tuple(array_node.get("shape") or ()))
+                if tuple(found) != saved:
+                    raise StateMismatch(
+                        f"{_path_text(path)}: the target holds a {found[0]} tensor of shape "
+                        f"{found[1]}, the checkpoint a {saved[0]} tensor of shape {saved[1]}; "
+                        "make them match, or restore without into=", tree_path=_path_text(path))
+            writable_view = getattr(codec, "writable_view", None)
+            view = writable_view(target, attrs) if writable_view is not None else None
+        array = self._ndarray(array_node, view, path, depth)
         if view is not None and array is view:
             return target
         return codec.from_numpy(array, attrs)
 
-    def _decode_pickle(self, node: dict[str, Any], target: Any) -> Any:
+    def _pickle(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
+        if not self.build:
+            self._data(node, path)
+            return None
         if not self.allow_pickle:
             raise UnsafeCheckpoint(
-                f"the checkpoint holds a pickled {node.get('type', 'object')}; loading it would "
-                "run code from the checkpoint. Pass allow_pickle=True only if you trust it")
-        return pickle.loads(self._raw(node))  # reads any buffer: no copy of a large blob
+                f"the checkpoint holds a pickled {node.get('type', 'object')} at "
+                f"{_path_text(path)}; loading it would run code from the checkpoint. Pass "
+                "allow_pickle=True only if you trust it")
+        return pickle.loads(self._raw(node, path))  # reads any buffer: no copy of a large blob
 
 
-def _hashable(key: Any) -> bool:
-    try:
-        hash(key)
-    except TypeError:
-        return False
-    return True
+_HANDLERS: dict[str, Callable[[Decoder, dict[str, Any], Any, Any, int], Any]] = {
+    "tuple": Decoder._tuple, "dict": Decoder._dict, "odict": Decoder._odict,
+    "float": Decoder._float, "int": Decoder._int, "complex": Decoder._complex,
+    "bytes": Decoder._bytes, "bytearray": Decoder._bytes, "ndarray": Decoder._ndarray,
+    "npscalar": Decoder._npscalar, "leaf": Decoder._leaf, "pickle": Decoder._pickle,
+}
 
 
-def no_blobs(index: int, into: Any) -> Any:
-    """The ``load_blob`` of a Decoder for nodes that must be inline (metadata, scalars)."""
-    raise CorruptCheckpoint(f"a node that must be inline refers to blob {index}")
+def _mismatch(path: Any, target: np.ndarray, saved: str) -> StateMismatch:
+    where = _path_text(path)
+    return StateMismatch(
+        f"{where}: the target holds a {target.dtype} array of shape {target.shape}, but the "
+        f"checkpoint has {saved} there; make the target match, or restore without into=",
+        tree_path=where)
+
+
+def decode_inline(node: Any, where: str = "manifest") -> Any:
+    """Decode a node that must not refer to blobs (metadata, a journal record's state)."""
+    return Decoder(NoBlobs(where)).decode(node)
+
+
+__all__ = ["BlobRef", "BlobSource", "Decoder", "Encoder", "NoBlobs", "TreePath", "bytes_view",
+           "decode_inline", "itemsize_of", "key_text"]

@@ -27,11 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from safepoint.checkpointer import Checkpointer, CorruptCheckpointWarning, list_steps
+from safepoint.checkpointer import (
+    Checkpointer,
+    CorruptCheckpointWarning,
+    committed_steps,
+    remove_name,
+    remove_steps,
+)
 from safepoint.errors import CorruptCheckpoint, SafepointError, SaveFailed
-from safepoint.format import prepare, read_manifest, step_key
-from safepoint.format.checkpoint import describe_os_error
-from safepoint.format.tree import Decoder
+from safepoint.format import describe_os_error, prepare, read_manifest
+from safepoint.format.tree import decode_inline
 from safepoint.store import LocalStore, Store
 from safepoint.store.journal import Journal, read_journal
 
@@ -144,10 +149,6 @@ def _flat_node(state: Any) -> dict[str, Any] | None:
     return dict(state)
 
 
-def _no_blobs(index: int, into: Any) -> Any:
-    raise CorruptCheckpoint(f"a journal record refers to blob {index}")
-
-
 def _decode_payload(payload: bytes, where: str) -> tuple[Record, Any]:
     try:
         body = json.loads(payload)
@@ -183,11 +184,11 @@ class RunStore:
         """Open for committing; the newest intact checkpoint, or None for a new run."""
         candidates: list[tuple[int, Any]] = []
         if self.journal is not None:
-            payload = self.journal.open()
+            payload = self.journal.open().newest
             if payload is not None:
                 record, node = _decode_payload(payload, f"{self.where}/{JOURNAL}")
                 candidates.append((record.seq, (record, node)))
-        steps = list_steps(self.store, self.name)
+        steps = committed_steps(self.store, self.name)
         self._has_steps = bool(steps)
         candidates.extend((step, step) for step in steps)
         for _, candidate in sorted(candidates, key=lambda c: c[0], reverse=True):
@@ -197,7 +198,8 @@ class RunStore:
                     return loaded
                 continue
             record, node = candidate
-            state = Decoder(_no_blobs).decode(node) if node is not None else {}
+            where = f"{self.where}/{JOURNAL}"
+            state = decode_inline(node, where) if node is not None else {}
             return Loaded(record, state if isinstance(state, dict) else {}, node)
         return None
 
@@ -247,10 +249,12 @@ class RunStore:
                     self.fence()
                 body = commit.record.to_json()
                 body["state"] = commit.node
-                self.journal.append(json.dumps(body, separators=(",", ":")).encode())
+                payload = json.dumps(body, separators=(",", ":")).encode()
+                self.journal.append(payload)
+                if self.journal.due:
+                    self.journal.replace([payload])
                 if self._has_steps:  # superseded by the journal: no longer needed
-                    for step in list_steps(self.store, self.name):
-                        self.store.delete(step_key(self.name, step))
+                    remove_steps(self.store, self.name)
                     self._has_steps = False
                 return
         except OSError as exc:
@@ -267,7 +271,7 @@ class RunStore:
     def remove(self) -> None:
         """Delete every checkpoint of the run (after a commit marked it complete)."""
         self.close()
-        self.store.delete(self.name)
+        remove_name(self.store, self.name)
 
     def close(self) -> None:
         if self.journal is not None:
@@ -287,13 +291,16 @@ def peek(store: Store, name: str) -> Peek | None:
     found: list[Record] = []
     nbytes = 0
     if isinstance(store, LocalStore):
-        payload, size = read_journal(store, f"{name}/{JOURNAL}")
+        scan, size = read_journal(store, f"{name}/{JOURNAL}")
         nbytes += size
-        if payload is not None:
-            found.append(_decode_payload(payload, f"{store.url}/{name}/{JOURNAL}")[0])
-    for step in reversed(list_steps(store, name)):
+        if scan is not None and scan.damage and not scan.records:
+            raise CorruptCheckpoint(f"{store.url}/{name}/{JOURNAL}: {scan.damage[0]}",
+                                    path=f"{store.url}/{name}/{JOURNAL}")
+        if scan is not None and scan.newest is not None:
+            found.append(_decode_payload(scan.newest, f"{store.url}/{name}/{JOURNAL}")[0])
+    for step in reversed(committed_steps(store, name)):
         try:
-            manifest = read_manifest(store, step_key(name, step))
+            manifest = read_manifest(store, name, step)
         except CorruptCheckpoint:
             continue
         nbytes += manifest.nbytes

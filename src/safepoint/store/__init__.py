@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safepoint.store.base import KeyInfo, Store, check_key, check_name
+from safepoint.store.base import ABSENT, MARKER, Entry, KeyInfo, Store, check_key, check_name
 from safepoint.store.fsspec_store import FsspecStore
 from safepoint.store.local import LocalStore
 
@@ -47,7 +47,10 @@ def open_store(location: Location = None, *, storage_options: dict[str, Any] | N
 
 
 __all__ = [
+    "ABSENT",
     "DEFAULT_DIR",
+    "MARKER",
+    "Entry",
     "FsspecStore",
     "KeyInfo",
     "LocalStore",

@@ -1,182 +1,501 @@
-"""A store in a local directory, with POSIX durability (fsync of files and directories)."""
+"""A store in a local directory, with POSIX durability (fsync of files and directories).
+
+Every operation walks from the root one component at a time with ``openat``-style calls and
+``O_NOFOLLOW``, so a symbolic link anywhere inside the store is never followed, whatever
+it points at; files are opened non-blocking and checked with ``fstat`` to be regular
+before a byte is read, so a FIFO or a device cannot hang or feed a read.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
+import stat as stat_module
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from safepoint.store.base import Buffer, KeyInfo, Store, check_key
+from safepoint.store.base import (
+    ABSENT,
+    MARKER,
+    MARKER_BODY,
+    Buffer,
+    Entry,
+    EntryKind,
+    KeyInfo,
+    Store,
+    check_key,
+    conflict,
+    too_large,
+    unsafe_entry,
+)
 
 # os.write caps one call at about 2 GiB on Linux; write large buffers in slices.
 _MAX_WRITE = 1 << 30
+_IOV_MAX = 1024
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_LINK_UNSUPPORTED = {errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOTSUP, errno.EXDEV}
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-    offset, total = 0, len(view)
-    while offset < total:
-        offset += os.write(fd, view[offset : offset + _MAX_WRITE])
+def _view(data: Buffer) -> memoryview:
+    view = memoryview(data)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def fsync_dir(path: Path) -> None:
+def _write_all(fd: int, chunks: Iterable[Buffer]) -> None:
+    """Write every buffer, in as few system calls as the kernel allows (``writev``)."""
+    pending: list[memoryview] = []
+    for chunk in chunks:
+        view = _view(chunk)
+        if view.nbytes:
+            pending.append(view)
+        if len(pending) >= _IOV_MAX:
+            _writev(fd, pending)
+            pending = []
+    _writev(fd, pending)
+
+
+def _writev(fd: int, views: list[memoryview]) -> None:
+    while views:
+        batch = [v[:_MAX_WRITE] for v in views[:_IOV_MAX]]
+        written = os.writev(fd, batch)
+        while written and views:
+            head = views[0]
+            if written >= head.nbytes:
+                written -= head.nbytes
+                views.pop(0)
+            else:
+                views[0] = head[written:]
+                written = 0
+
+
+def _kind(mode: int) -> EntryKind:
+    if stat_module.S_ISREG(mode):
+        return "file"
+    if stat_module.S_ISDIR(mode):
+        return "dir"
+    if stat_module.S_ISLNK(mode):
+        return "link"
+    return "other"
+
+
+_WHAT = {"link": "a symbolic link", "dir": "a folder", "other": "a special file (FIFO, device "
+         "or socket)"}
+
+
+def fsync_dir(path: str | os.PathLike[str] | int) -> None:
     """Make a directory's entries (new, renamed or removed files) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    if isinstance(path, int):
+        os.fsync(path)
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_temp(path: Path, data: Buffer, durable: bool) -> Path:
-    """Write ``data`` to a fresh hidden temp file beside ``path`` (fsync'd if durable)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_all(fd, memoryview(data))
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    return tmp
-
-
 class LocalStore(Store):
     """Keys are files under ``root``; commit is temp file, fsync, rename, fsync directory."""
 
     supports_mmap = True
+    supports_append = True
+    conditional = True  # publish(expect=...) under a lock on the folder (one host)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self.url = str(self.root)
+        self._marked = False
+
+    # ------------------------------------------------------------- walking
 
     def path(self, key: str) -> Path:
-        """The file behind ``key`` (validated so that it cannot leave the root); ``""`` is
-        the root itself."""
+        """The file behind ``key`` (for messages; the store itself never opens by path)."""
         return self.root / check_key(key) if key else self.root
 
-    def _file(self, key: str) -> Path:
-        return self.root / check_key(key)  # values live under the root, never at it
+    def _where(self, key: str) -> str:
+        return f"{self.url}/{key}" if key else self.url
 
-    def _ensure_parent(self, path: Path, durable: bool) -> None:
-        parent = path.parent
-        if parent.is_dir():
-            return
-        missing = []
-        while not parent.is_dir():
-            missing.append(parent)
-            parent = parent.parent
-        for directory in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                directory.mkdir()
-            if durable:
-                fsync_dir(directory.parent)
-
-    def write_blob(self, key: str, chunks: Iterable[Buffer], *, durable: bool) -> None:
-        path = self._file(key)
-        self._ensure_parent(path, durable)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    def _open_root(self, create: bool, durable: bool) -> int:
         try:
-            for chunk in chunks:
-                _write_all(fd, memoryview(chunk))
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not create:
+                raise
+        self.root.mkdir(parents=True, exist_ok=True)
+        return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _mark(self, root_fd: int, durable: bool) -> None:
+        """Write the store marker once (the first write through this store object)."""
+        if self._marked:
+            return
+        try:
+            fd = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o644, dir_fd=root_fd)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.write(fd, MARKER_BODY)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             if durable:
-                os.fsync(fd)
+                os.fsync(root_fd)
+        self._marked = True
+
+    def _enter(self, parent: int, part: str, key: str, *, create: bool, durable: bool) -> int:
+        try:
+            return os.open(part, _DIR, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                kind = self._lkind(parent, part)
+                if kind == "file":
+                    raise NotADirectoryError(errno.ENOTDIR, f"{self._where(key)}: {part} is a file") from None
+                raise unsafe_entry(self._where(key), _WHAT.get(kind, "not a folder")) from None
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(part, 0o755, dir_fd=parent)
+        if durable:
+            os.fsync(parent)
+        return os.open(part, _DIR, dir_fd=parent)
+
+    @staticmethod
+    def _lkind(parent: int, name: str) -> EntryKind:
+        try:
+            return _kind(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return "other"
+
+    @contextlib.contextmanager
+    def _parent(self, key: str, *, create: bool = False, durable: bool = False) -> Iterator[tuple[int, str]]:
+        """The descriptor of ``key``'s folder (made if ``create``) and its last component."""
+        parts = check_key(key).split("/")
+        fd = self._open_root(create, durable)
+        try:
+            if create:
+                self._mark(fd, durable)
+            for i, part in enumerate(parts[:-1]):
+                inner = self._enter(fd, part, "/".join(parts[: i + 1]), create=create, durable=durable)
+                os.close(fd)
+                fd = inner
+            yield fd, parts[-1]
         finally:
             os.close(fd)
 
-    def commit(self, key: str, data: bytes, *, durable: bool) -> None:
-        path = self._file(key)
-        self._ensure_parent(path, durable)
-        tmp = _write_temp(path, data, durable)
+    @contextlib.contextmanager
+    def _folder(self, prefix: str) -> Iterator[int]:
+        """The descriptor of the folder ``prefix`` (``""``: the root)."""
+        if not prefix:
+            fd = self._open_root(False, False)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+            return
+        with self._parent(prefix) as (parent, name):
+            fd = self._enter(parent, name, prefix, create=False, durable=False)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+
+    def _open_regular(self, parent: int, name: str, key: str, flags: int = _READ) -> int:
         try:
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            fd = os.open(name, flags, 0o644, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise unsafe_entry(self._where(key), _WHAT.get(self._lkind(parent, name),
+                                   "not a file")) from None
             raise
-        if durable:
-            fsync_dir(path.parent)
+        kind = _kind(os.fstat(fd).st_mode)
+        if kind != "file":
+            os.close(fd)
+            raise unsafe_entry(self._where(key), _WHAT.get(kind, "not a file"))
+        return fd
+
+    @contextlib.contextmanager
+    def open_fd(self, key: str, *, write: bool = False) -> Iterator[int]:
+        """A descriptor of the regular file ``key`` (read, or read and write), never through
+        a link; for the journal, which appends in place."""
+        with self._parent(key) as (parent, name):
+            fd = self._open_regular(parent, name, key,
+                                    (os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                                    if write else _READ)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def open_for_append(self, key: str) -> int:
+        """An open read-write descriptor of the regular file ``key``; the caller closes it."""
+        with self._parent(key) as (parent, name):
+            return self._open_regular(parent, name, key,
+                                      os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ------------------------------------------------------------- writing
+
+    def _temp(self, parent: int, name: str, key: str, chunks: Iterable[Buffer], durable: bool) -> str:
+        """Write a fresh hidden temp file beside ``name`` (fsync'd if durable)."""
+        tmp = f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=parent)
+        try:
+            _write_all(fd, chunks)
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=parent)
+            raise
+        os.close(fd)
+        return tmp
+
+    def write_blob(self, key: str, chunks: Iterable[Buffer], *, durable: bool) -> None:
+        with self._parent(key, create=True, durable=durable) as (parent, name):
+            fd = self._open_regular(parent, name, key, _WRITE)
+            try:
+                os.ftruncate(fd, 0)
+                _write_all(fd, chunks)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def sync_folder(self, prefix: str) -> None:
+        with self._folder(prefix) as fd:
+            os.fsync(fd)
+
+    def commit(self, key: str, data: bytes, *, durable: bool) -> None:
+        with self._parent(key, create=True, durable=durable) as (parent, name):
+            tmp = self._temp(parent, name, key, [data], durable)
+            try:
+                os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+            if durable:
+                os.fsync(parent)
+
+    def publish(
+        self, key: str, data: bytes, *, alias: str, durable: bool, expect: str | None = None,
+    ) -> str | None:
+        folder, _, _ = key.rpartition("/")
+        alias_folder, _, alias_name = alias.rpartition("/")
+        if folder != alias_folder:
+            return super().publish(key, data, alias=alias, durable=durable, expect=expect)
+        with self._parent(key, create=True, durable=durable) as (parent, name):
+            tmp = self._temp(parent, name, key, [data], durable)
+            try:
+                os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+            second = f".{alias_name}.{uuid.uuid4().hex[:12]}.tmp"
+            try:  # the alias is a hard link: the same (already durable) bytes, no second write
+                os.link(name, second, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _LINK_UNSUPPORTED:
+                    raise
+                second = self._temp(parent, alias_name, alias, [data], durable)
+            try:
+                with self._locked(parent) if expect is not None else contextlib.nullcontext():
+                    if expect is not None:
+                        current = self._version_at(parent, alias_name)
+                        if current != (None if expect == ABSENT else expect):
+                            raise conflict(self, alias)
+                    os.replace(second, alias_name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(second, dir_fd=parent)
+                raise
+            if durable:
+                os.fsync(parent)
+            return self._version_at(parent, alias_name)
+
+    @contextlib.contextmanager
+    def _locked(self, parent: int) -> Iterator[None]:
+        """An exclusive lock on the folder, held for a check and a rename (one host)."""
+        fd = os.open(".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=parent)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _version_at(parent: int, name: str) -> str | None:
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
     def create(self, key: str, data: bytes, *, durable: bool) -> bool:
-        path = self._file(key)
-        self._ensure_parent(path, durable)
-        # Write a temp file, then link() it into place: link fails if the name exists, so
-        # the value appears complete or not at all, and only one creator wins.
-        tmp = _write_temp(path, data, durable)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        if durable:
-            fsync_dir(path.parent)
-        return True
+        with self._parent(key, create=True, durable=durable) as (parent, name):
+            # Write a temp file, then link() it into place: link fails if the name exists,
+            # so the value appears complete or not at all, and only one creator wins.
+            tmp = self._temp(parent, name, key, [data], durable)
+            try:
+                os.link(tmp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=parent)
+            if durable:
+                os.fsync(parent)
+            return True
 
-    def read(self, key: str) -> bytes:
-        return self._file(key).read_bytes()
+    def touch(self, key: str) -> bool:
+        with self._parent(key) as (parent, name):
+            try:
+                os.utime(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            return True
+
+    # ------------------------------------------------------------- reading
+
+    def read(self, key: str, *, limit: int | None = None) -> bytes:
+        with self._parent(key) as (parent, name):
+            fd = self._open_regular(parent, name, key)
+        try:
+            size = os.fstat(fd).st_size
+            if limit is not None and size > limit:
+                raise too_large(self._where(key), size, limit)
+            parts = []
+            while size > 0:
+                chunk = os.read(fd, min(size, _MAX_WRITE))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size -= len(chunk)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
+
+    def read_range(self, key: str, offset: int, out: memoryview) -> int:
+        with self.open_fd(key) as fd:
+            return pread_into(fd, offset, out)
 
     def read_into(self, key: str, out: memoryview) -> int:
-        with open(self._file(key), "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
-            n, total = 0, min(size, len(view))
-            while n < total:
-                got = f.readinto(view[n:total])
-                if not got:
-                    break
-                n += got
+        with self.open_fd(key) as fd:
+            size = os.fstat(fd).st_size
+            view = _view(out)
+            pread_into(fd, 0, view[: min(size, view.nbytes)])
             return size
 
     def map(self, key: str) -> memoryview | None:
-        with open(self._file(key), "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+        with self.open_fd(key) as fd:
+            if os.fstat(fd).st_size == 0:
                 return memoryview(b"")
-            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
 
     def stat(self, key: str) -> KeyInfo:
-        st = self.path(key).stat()
-        return KeyInfo(size=st.st_size, mtime=st.st_mtime)
+        if not key:
+            st = os.stat(self.root)
+            return KeyInfo(size=0, mtime=st.st_mtime, kind="dir")
+        with self._parent(key) as (parent, name):
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except NotADirectoryError as exc:
+                raise FileNotFoundError(errno.ENOENT, str(exc)) from None
+        kind = _kind(st.st_mode)
+        return KeyInfo(size=st.st_size if kind == "file" else 0, mtime=st.st_mtime, kind=kind,
+                       version=f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
 
-    def list(self, prefix: str = "") -> list[str]:
+    def exists(self, key: str) -> bool:
         try:
-            return sorted(os.listdir(self.path(prefix)))
+            self.stat(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    def scan(self, prefix: str = "") -> list[Entry]:
+        try:
+            with self._folder(prefix) as fd, os.scandir(fd) as entries:
+                found = [Entry(e.name, "link" if e.is_symlink() else "dir"
+                               if e.is_dir(follow_symlinks=False) else "file"
+                               if e.is_file(follow_symlinks=False) else "other")
+                         for e in entries]
         except (FileNotFoundError, NotADirectoryError):
             return []
+        return sorted(found, key=lambda e: e.name)
+
+    # ------------------------------------------------------------- deleting
 
     def delete(self, key: str) -> None:
-        path = self.path(key)
+        if not key:
+            with contextlib.suppress(FileNotFoundError), self._folder("") as fd:
+                _clear(fd)
+            return
         try:
-            if path.is_dir() and not path.is_symlink():
-                _remove_tree(path)
-            else:
-                path.unlink()
-        except FileNotFoundError:
+            with self._parent(key) as (parent, name):
+                _remove(parent, name)
+        except (FileNotFoundError, NotADirectoryError):
             pass
 
 
-def _remove_tree(path: Path) -> None:
-    # Remove a manifest first, so that a half-deleted checkpoint is invisible to readers.
-    manifest = path / "manifest.json"
-    with contextlib.suppress(FileNotFoundError):
-        manifest.unlink()
-    for entry in sorted(path.iterdir()):
-        if entry.is_dir() and not entry.is_symlink():
-            _remove_tree(entry)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                entry.unlink()
+def pread_into(fd: int, offset: int, out: memoryview) -> int:
+    """Fill ``out`` from ``fd`` at ``offset``; the bytes read (fewer only at the end)."""
+    view = _view(out)
+    done, total = 0, view.nbytes
+    while done < total:
+        got = os.preadv(fd, [view[done : done + _MAX_WRITE]], offset + done)
+        if not got:
+            break
+        done += got
+    return done
+
+
+def _remove(parent: int, name: str) -> None:
+    """Remove ``name`` in the folder ``parent``: a file or link is unlinked (a link never
+    followed), a folder emptied and removed."""
     try:
-        path.rmdir()
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat_module.S_ISDIR(st.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=parent)
+        return
+    try:
+        fd = os.open(name, _DIR, dir_fd=parent)
+    except FileNotFoundError:
+        return
+    try:
+        _clear(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=parent)
     except OSError as exc:  # a concurrent writer added a file: leave it for gc
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
             raise
+
+
+def _clear(fd: int) -> None:
+    # Manifests go first (the newest-step record before the others), so that a
+    # half-deleted name never shows a manifest whose files are gone.
+    with os.scandir(fd) as entries:
+        names = [e.name for e in entries]
+    first = sorted((n for n in names if n.endswith(".json")), key=lambda n: n != "latest.json")
+    for name in [*first, *(n for n in names if not n.endswith(".json"))]:
+        _remove(fd, name)
+
+
+__all__ = ["LocalStore", "fsync_dir", "pread_into"]

@@ -324,18 +324,19 @@ class TaskContext:
             self._steps.append({"name": name, "key": None, "value": result})
             return
         key = f"{STEPS}/{self.attempt:08d}-{index:06d}"
-        write_checkpoint(self._store, f"{self.job_id}/{key}", prepared, name=self.job_id,
-                         step=index, metadata={"step": name}, durable=self._checkpointer.durable,
+        write_checkpoint(self._store, f"{self.job_id}/{key}", index, prepared,
+                         metadata={"step": name}, durable=self._checkpointer.durable,
                          extra={"kind": "task-step"}, before_commit=self._fence.check,
-                         replaces=False)  # a new key per attempt and index: nothing to roll back to
-        self._steps.append({"name": name, "key": key, "value": None})
+                         newest=False)  # a new key per attempt and index: nothing to roll back to
+        self._steps.append({"name": name, "key": key, "value": None, "index": index})
 
     def _load_step(self, recorded: dict[str, Any]) -> Any:
         key = recorded["key"]
         if key is None:
             return recorded["value"]
-        manifest = read_manifest(self._store, f"{self.job_id}/{key}")
-        return load_tree(self._store, manifest, allow_pickle=self._checkpointer.allow_pickle)
+        step = recorded.get("index", int(str(key).rsplit("-", 1)[-1]))
+        manifest = read_manifest(self._store, f"{self.job_id}/{key}", step)
+        return load_tree(self._store, manifest, allow_pickle=self._checkpointer.allow_pickle).tree
 
 
 def _check_step_name(name: Any) -> None:

@@ -1,13 +1,16 @@
 """Numbered checkpoints of one name: save, restore, retention, asynchronous save.
 
-Layout in the store::
+Layout in the store (see :mod:`safepoint.format.layout`)::
 
-    <name>/<step, 12 digits>/manifest.json     committed last, atomically
-    <name>/<step, 12 digits>/<save id>-<i>.bin one raw blob per large array
+    <name>/latest.json                  the newest step's manifest: its commit point
+    <name>/<step, 12 digits>.json       one manifest per committed step
+    <name>/<step, 12 digits>/<...>.bin  the step's data files (packs and large blobs)
 
-A step is visible only once its manifest is committed. Folders and blobs that no manifest
-names are leftovers of crashed saves: reads never see them; ``gc`` removes them, and so does
-the first save of a Checkpointer for those older than :data:`LEFTOVER_MIN_AGE`.
+A step is visible only once ``latest.json`` names it (or, for an older step rewritten with
+``overwrite=True``, once its manifest is in place). Lookups of the newest step cost one
+read whatever the number of steps; ``steps()`` is one listing. Files that no manifest names
+are leftovers of crashed saves: reads never see them; ``gc`` removes them, and so does the
+first save of a Checkpointer for those older than ``knobs.LEFTOVER_MIN_AGE``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from safepoint import knobs
+from safepoint.checkpointer.steps import (
+    Cleanup,
+    collect_garbage,
+    committed_steps,
+    remove_name,
+    remove_step,
+)
 from safepoint.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
@@ -36,24 +47,21 @@ from safepoint.errors import (
     StepExists,
 )
 from safepoint.format import (
-    MANIFEST,
     Manifest,
     json_copy,
+    latest_key,
     load_tree,
+    manifest_key,
     prepare,
     read_manifest,
-    step_key,
     write_checkpoint,
 )
+from safepoint.retention import Retention, keep_all, keep_best, keep_every, keep_last
 from safepoint.stateful import capture, restore_into
 from safepoint.store import Location, Store, check_name, open_store
 
-LEFTOVER_MIN_AGE = 3600.0
-"""Seconds after which the first save of a Checkpointer removes crash leftovers by itself.
-
-Younger ones may belong to a save in flight in another process (a job attempt being taken
-over), so only an explicit ``gc()`` removes them.
-"""
+_RETRIES = 1000
+"""Times a reader starts over when the step it read was removed by retention meanwhile."""
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -70,19 +78,22 @@ class Restored:
 
 
 def split_location(name: str, location: Location) -> tuple[str, Location]:
-    """Accept ``Checkpointer("runs/exp1")`` as name ``exp1`` in the store ``runs``."""
+    """Accept ``Checkpointer("runs/exp1")`` as name ``exp1`` in the store ``runs``.
+
+    The store part never holds ``..``: a shorthand cannot climb out of the working folder.
+    """
     if location is None and isinstance(name, str) and ("/" in name or "://" in name):
         root, _, base = name.rstrip("/").rpartition("/")
         if root.endswith(":/"):  # "s3://bucket" has no name part
             raise InvalidName(f"{name!r}: give a name after the bucket, e.g. {name.rstrip('/')}/job", name=name)
+        if ".." in root.split("/"):
+            raise InvalidName(
+                f"{name!r}: the store part of a 'store/name' shorthand may not contain '..'; "
+                "pass location= explicitly", name=name)
         if not root:  # "/exp1" is exp1 in "/", "exp1/" is just exp1
             return base, "/" if name.startswith("/") else None
         return base, root
     return name, location
-
-
-def _is_step_folder(entry: str) -> bool:
-    return entry.isascii() and entry.isdigit()
 
 
 def _check_step(step: Any) -> int:
@@ -91,69 +102,29 @@ def _check_step(step: Any) -> int:
     return int(step)
 
 
-def list_steps(store: Store, name: str) -> list[int]:
-    """Committed steps of ``name`` (folders with a manifest), ascending."""
-    steps = []
-    for entry in store.list(name):
-        if _is_step_folder(entry) and store.exists(f"{name}/{entry}/{MANIFEST}"):
-            steps.append(int(entry))
-    return sorted(steps)
-
-
-def list_names(store: Store) -> list[str]:
-    """Names in a store that hold at least one step folder."""
-    names = []
-    for entry in store.list(""):
-        if entry.startswith("."):
-            continue
-        try:
-            check_name(entry)
-        except InvalidName:
-            continue
-        if any(_is_step_folder(e) for e in store.list(entry)):
-            names.append(entry)
-    return names
-
-
-def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float | None = None) -> list[str]:
-    """Remove leftovers of crashed saves under ``name``; returns the removed keys.
-
-    Leftovers are step folders without a manifest, blobs no manifest names, and temporary
-    files. Only those at least ``min_age`` seconds old are removed, so that a save still in
-    progress in another process is left alone.
-    """
-    now = time.time() if now is None else now
-    removed: list[str] = []
-
-    def old(key: str) -> bool:
-        if min_age <= 0:
-            return True
-        try:
-            mtime = store.stat(key).mtime
-        except FileNotFoundError:
-            return False
-        return mtime is None or now - mtime >= min_age
-
-    for entry in store.list(name):
-        if not _is_step_folder(entry):
-            continue
-        folder = f"{name}/{entry}"
-        files = store.list(folder)
-        if MANIFEST not in files:
-            if old(folder) and all(old(f"{folder}/{f}") for f in files):
-                store.delete(folder)
-                removed.append(folder)
-            continue
-        try:
-            referenced = {b["file"] for b in read_manifest(store, folder).blobs}
-        except CorruptCheckpoint:
-            continue  # never delete evidence; `verify` reports it and `rm` removes it
-        for f in files:
-            key = f"{folder}/{f}"
-            if f != MANIFEST and f not in referenced and old(key):
-                store.delete(key)
-                removed.append(key)
-    return removed
+def _retention(keep: int | Retention | None, keep_every_: int | None, keep_best_: int | None,
+               best_metric: str | None, best_mode: Literal["min", "max"]) -> Retention:
+    rules: list[Retention] = []
+    if isinstance(keep, Retention):
+        rules.append(keep)
+    elif keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive int, a retention rule or None, not {keep!r}")
+        rules.append(keep_last(keep))
+    if keep_every_ is not None:
+        rules.append(keep_every(keep_every_))
+    if keep_best_ is not None:
+        if not best_metric:
+            raise ValueError("keep_best needs best_metric: the metadata key to rank steps by")
+        rules.append(keep_best(best_metric, keep_best_, best_mode))
+    elif best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', not {best_mode!r}")
+    if not rules:
+        return keep_all()
+    rule = rules[0]
+    for other in rules[1:]:
+        rule = rule | other
+    return rule
 
 
 class _SaveRequest:
@@ -172,10 +143,10 @@ class Checkpointer:
     >>> restored = ckpt.restore()          # newest intact step
     >>> restored.step, restored.state, restored.metadata
 
-    Retention keeps the union of: the newest ``keep`` steps, every step divisible by
-    ``keep_every``, and the ``keep_best`` best steps by ``metadata[best_metric]``
-    (``best_mode`` "min" or "max"). With none of them set, every step is kept; the newest
-    committed step is always kept, and retention runs only after a commit.
+    ``keep``: a retention rule (``keep_last(3) | keep_every(1000) | keep_best("loss", 2)``)
+    or an int N for ``keep_last(N)``; ``keep_every``, ``keep_best``, ``best_metric`` and
+    ``best_mode`` add rules to it. With none, every step is kept; the newest committed step
+    is always kept, and retention runs only after a commit.
     """
 
     def __init__(
@@ -183,7 +154,7 @@ class Checkpointer:
         name: str,
         *,
         location: Location = None,
-        keep: int | None = None,
+        keep: int | Retention | None = None,
         keep_every: int | None = None,
         keep_best: int | None = None,
         best_metric: str | None = None,
@@ -199,16 +170,8 @@ class Checkpointer:
     ) -> None:
         name, location = split_location(name, location)
         self.name = check_name(name)
-        self.store = open_store(location, storage_options=storage_options)
-        for label, value in (("keep", keep), ("keep_every", keep_every), ("keep_best", keep_best)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{label} must be a positive int or None, not {value!r}")
-        if keep_best is not None and not best_metric:
-            raise ValueError("keep_best needs best_metric: the metadata key to rank steps by")
-        if best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', not {best_mode!r}")
-        self.keep, self.keep_every, self.keep_best = keep, keep_every, keep_best
-        self.best_metric, self.best_mode = best_metric, best_mode
+        self.store: Store = open_store(location, storage_options=storage_options)
+        self.retention = _retention(keep, keep_every, keep_best, best_metric, best_mode)
         self.durable = durable
         self.allow_pickle = allow_pickle
         self.save_interval_steps = save_interval_steps
@@ -221,7 +184,9 @@ class Checkpointer:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._cleaned = False
-        self._metrics: dict[int, float] = {}
+        self._metrics: dict[int, dict[str, Any]] = {}
+        self._latest: tuple[str | None, int | None] | None = None  # (version, step) seen last
+        self._deferred: list[str] = []  # data folders of removed steps, deleted a save later
         self.preempted = False
         if handle_preemption:
             self._install_preemption_handler()
@@ -229,21 +194,39 @@ class Checkpointer:
 
     # ----------------------------------------------------------------- listing
 
+    def _newest(self) -> tuple[int | None, Manifest | None]:
+        """The newest committed step, and its manifest when it was read just now.
+
+        One ``stat`` when nothing changed since the last look, one read when it did; a
+        listing only when ``latest.json`` is missing or damaged (recovery).
+        """
+        version = self.store.version(latest_key(self.name))
+        if version is not None and self._latest is not None and self._latest[0] == version:
+            return self._latest[1], None
+        manifest = None
+        if version is not None:
+            with contextlib.suppress(CorruptCheckpoint, CheckpointNotFound):
+                manifest = read_manifest(self.store, self.name)
+        if manifest is not None:
+            self._latest = (version, manifest.step)
+            return manifest.step, manifest
+        steps = committed_steps(self.store, self.name, None)  # recovery: every manifest
+        self._latest = (version, steps[-1] if steps else None)
+        return self._latest[1], None
+
     def steps(self) -> list[int]:
-        """Committed steps, ascending."""
-        return list_steps(self.store, self.name)
+        """Committed steps, ascending (one listing of the name's folder)."""
+        newest, _ = self._newest()
+        return committed_steps(self.store, self.name, newest)
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None (stats manifests from the newest down only)."""
-        folders = sorted((e for e in self.store.list(self.name) if _is_step_folder(e)), key=int)
-        for entry in reversed(folders):
-            if self.store.exists(f"{self.name}/{entry}/{MANIFEST}"):
-                return int(entry)
-        return None
+        """The newest committed step, or None (one ``stat``, or one read, however many
+        steps there are)."""
+        return self._newest()[0]
 
     def manifest(self, step: int) -> Manifest:
         """The verified manifest of ``step`` (metadata, tree structure, blob list)."""
-        return read_manifest(self.store, step_key(self.name, _check_step(step)))
+        return read_manifest(self.store, self.name, _check_step(step))
 
     # ------------------------------------------------------------------ saving
 
@@ -268,7 +251,7 @@ class Checkpointer:
         self.wait()
         latest = None if overwrite else self.latest_step()
         if latest is not None and step <= latest:
-            exists = step == latest or self.store.exists(f"{step_key(self.name, step)}/{MANIFEST}")
+            exists = step == latest or self.store.exists(manifest_key(self.name, step))
             what = "already exists" if exists else f"is older than the newest step {latest}"
             raise StepExists(
                 f"{self.name!r} step {step} {what} in {self.store.url}; pass overwrite=True to "
@@ -307,25 +290,37 @@ class Checkpointer:
         with self._lock:
             if not self._cleaned:  # housekeeping: never a reason to fail the save
                 with contextlib.suppress(OSError, CorruptCheckpoint):
-                    collect_garbage(self.store, self.name, min_age=LEFTOVER_MIN_AGE)
-                    self._cleaned = True
-            folder = step_key(self.name, request.step)
-            manifest = write_checkpoint(
-                self.store, folder, request.prepared, name=self.name, step=request.step,
-                metadata=request.metadata, durable=self.durable, extra=request.manifest_extra,
-                before_commit=self.fence, replaces=request.overwrite)
+                    collect_garbage(self.store, self.name, min_age=knobs.LEFTOVER_MIN_AGE,
+                                    deep=False)
+                self._cleaned = True
+            step = request.step
+            newest, _ = self._newest()
+            becomes_newest = newest is None or step >= newest
+            previous = None
+            if request.overwrite and self.store.exists(manifest_key(self.name, step)):
+                with contextlib.suppress(FileNotFoundError, CorruptCheckpoint):
+                    previous = self.store.read(manifest_key(self.name, step),
+                                               limit=knobs.MAX_MANIFEST_BYTES)
+            manifest, version = write_checkpoint(
+                self.store, self.name, step, request.prepared, metadata=request.metadata,
+                durable=self.durable, extra=request.manifest_extra, before_commit=self.fence,
+                newest=becomes_newest, previous=previous, previous_latest=newest)
+            if becomes_newest:
+                self._latest = (version, step)
             if request.overwrite:
-                referenced = {b["file"] for b in manifest.blobs} | {MANIFEST}
-                for f in self.store.list(folder):
-                    if f not in referenced and not f.startswith("."):
-                        self.store.delete(f"{folder}/{f}")
-            self._remember_metric(request.step, manifest.metadata)
+                referenced = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
+                folder = f"{self.name}/{step:012d}"
+                for entry in self.store.list(folder):
+                    if entry not in referenced and not entry.startswith("."):
+                        with contextlib.suppress(OSError):
+                            self.store.delete(f"{folder}/{entry}")
+            self._metrics[step] = manifest.metadata
             try:
-                self._apply_retention(request.step)
+                self._apply_retention(step)
             except OSError as exc:
                 raise SaveFailed(
-                    f"{self.name!r} step {request.step} was committed, but removing old steps "
-                    f"failed: {exc}; run `safepoint gc` later", name=self.name, step=request.step,
+                    f"{self.name!r} step {step} was committed, but removing old steps "
+                    f"failed: {exc}; run `safepoint gc` later", name=self.name, step=step,
                 ) from exc
 
     def wait(self) -> None:
@@ -340,41 +335,29 @@ class Checkpointer:
 
     # --------------------------------------------------------------- retention
 
-    def _remember_metric(self, step: int, metadata: dict[str, Any]) -> None:
-        self._metrics.pop(step, None)  # an overwritten step may no longer have the metric
-        if self.best_metric and self.best_metric in metadata:
-            try:
-                self._metrics[step] = float(metadata[self.best_metric])
-            except (TypeError, ValueError):
-                pass
-
-    def _metric(self, step: int) -> float | None:
+    def _metric(self, step: int, key: str) -> float | None:
         if step not in self._metrics:
             try:
-                self._remember_metric(step, self.manifest(step).metadata)
+                self._metrics[step] = self.manifest(step).metadata
             except (CorruptCheckpoint, CheckpointNotFound):
                 return None
-        return self._metrics.get(step)
+        value = self._metrics[step].get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value)
 
     def kept_steps(self, steps: list[int]) -> set[int]:
-        """Which of ``steps`` the retention rules keep."""
+        """Which of ``steps`` (ascending) the retention rule keeps (always the newest)."""
         if not steps:
             return set()
-        if self.keep is None and self.keep_every is None and self.keep_best is None:
-            return set(steps)
-        kept = {steps[-1]}
-        if self.keep is not None:
-            kept.update(steps[-self.keep :])
-        if self.keep_every is not None:
-            kept.update(s for s in steps if s % self.keep_every == 0)
-        if self.keep_best is not None:
-            scored = [(m, s) for s in steps if (m := self._metric(s)) is not None and m == m]
-            scored.sort(reverse=self.best_mode == "max")
-            kept.update(s for _, s in scored[: self.keep_best])
-        return kept
+        return self.retention.keep(steps, self._metric) | {steps[-1]}
 
     def _apply_retention(self, newest: int) -> None:
-        if self.keep is None and self.keep_every is None and self.keep_best is None:
+        deferred, self._deferred = self._deferred, []
+        for folder in deferred:  # data of steps removed a save ago: no reader needs it now
+            with contextlib.suppress(OSError):  # housekeeping: gc removes what is left
+                self.store.delete(folder)
+        if self.retention.keeps_everything:
             return  # keep everything: no need to list
         steps = self.steps()
         if newest not in steps:  # never delete anything unless the new step is committed
@@ -382,28 +365,43 @@ class Checkpointer:
         kept = self.kept_steps(steps)
         for step in steps:
             if step not in kept:
-                self.store.delete(step_key(self.name, step))
+                # The manifest goes now (the step vanishes); its data a save later, so that
+                # a reader that already holds the manifest can still read it.
+                self._deferred += remove_step(self.store, self.name, step)
                 self._metrics.pop(step, None)
 
     def delete(self, step: int) -> None:
         """Remove one step (its manifest first, so it vanishes atomically)."""
         step = _check_step(step)
         self.wait()
-        if step not in self.steps():
+        steps = self.steps()
+        if step not in steps:
             raise CheckpointNotFound(f"{self.name!r} has no step {step} in {self.store.url}",
                                      name=self.name, step=step)
-        self.store.delete(step_key(self.name, step))
+        if step == steps[-1]:  # the newest: the record of the newest moves back first
+            earlier = [s for s in steps if s < step]
+            if earlier:
+                data = self.store.read(manifest_key(self.name, earlier[-1]),
+                                       limit=knobs.MAX_MANIFEST_BYTES)
+                self.store.commit(latest_key(self.name), data, durable=self.durable)
+            else:
+                self.store.delete(latest_key(self.name))
+            self._latest = None
+        for folder in remove_step(self.store, self.name, step):
+            self.store.delete(folder)
         self._metrics.pop(step, None)
 
-    def delete_all(self) -> None:
-        """Remove every step and leftover of this name."""
+    def delete_all(self) -> Cleanup:
+        """Remove every step and leftover of this name (entries safepoint did not write are
+        kept and reported)."""
         self.wait()
-        self.store.delete(self.name)
+        self._latest = None
+        return remove_name(self.store, self.name)
 
     def gc(self, *, min_age: float = 0.0) -> list[str]:
         """Remove leftovers of crashed saves under this name; returns the removed keys."""
         self.wait()
-        return collect_garbage(self.store, self.name, min_age=min_age)
+        return [key for key, _ in collect_garbage(self.store, self.name, min_age=min_age).removed]
 
     # --------------------------------------------------------------- restoring
 
@@ -418,43 +416,81 @@ class Checkpointer:
         """The newest intact step (or ``step``), verified against its checksums.
 
         Without ``step``, a damaged newest checkpoint is skipped with a
-        :class:`CorruptCheckpointWarning` and the next older intact one is returned; with
-        ``step``, damage raises :class:`CorruptCheckpoint`. ``into``: a live tree (modules,
-        iterators, RNGs, arrays) to load the state into in place; it is returned as
-        ``state``. ``mmap=True`` maps large arrays read-only instead of reading them.
+        :class:`CorruptCheckpointWarning` and the next older intact one is returned; a step
+        removed by retention while it was being read is not damage: the newest is read
+        again. With ``step``, damage raises :class:`CorruptCheckpoint`. ``into``: a live
+        tree (modules, iterators, RNGs, arrays) to load the state into in place, all or
+        nothing; it is returned as ``state``. ``mmap=True`` maps large arrays read-only
+        instead of reading them.
         """
         self.wait()
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
         if step is not None:
             return self._restore_step(_check_step(step), into, mmap, pickle_ok)
-        steps = self.steps()
-        if not steps:
+        for _ in range(_RETRIES):
+            try:
+                newest = read_manifest(self.store, self.name)
+            except CheckpointNotFound:
+                newest = None
+            except CorruptCheckpoint:  # the listing finds the steps; each damaged one warns
+                return self._restore_fallback(None, into, mmap, pickle_ok)
+            if newest is None:
+                return self._restore_fallback(None, into, mmap, pickle_ok)
+            try:
+                return self._restore_step(newest.step, into, mmap, pickle_ok, newest)
+            except CorruptCheckpoint as exc:
+                if self._removed_meanwhile(newest.step):
+                    continue
+                warnings.warn(f"skipping damaged checkpoint {self.name!r} step {newest.step}: {exc}",
+                              CorruptCheckpointWarning, stacklevel=2)
+                return self._restore_fallback(newest.step, into, mmap, pickle_ok)
+        raise SafepointError(
+            f"{self.name!r} in {self.store.url}: every step read was removed by retention "
+            f"before it could be read, {_RETRIES} times; the writer saves faster than this "
+            "reader reads")
+
+    def _removed_meanwhile(self, step: int) -> bool:
+        """Whether ``step`` was removed (by retention) since it was read, rather than damaged."""
+        return not self.store.exists(manifest_key(self.name, step))
+
+    def _restore_fallback(self, below: int | None, into: Any, mmap: bool, allow_pickle: bool) -> Restored:
+        steps = committed_steps(self.store, self.name, None)
+        if below is not None:
+            steps = [s for s in steps if s < below]
+        elif not steps:
             raise CheckpointNotFound(
                 f"no checkpoint named {self.name!r} in {self.store.url}", name=self.name)
         for candidate in reversed(steps):
             try:
-                return self._restore_step(candidate, into, mmap, pickle_ok)
+                return self._restore_step(candidate, into, mmap, allow_pickle)
+            except CheckpointNotFound:
+                continue  # removed meanwhile
             except CorruptCheckpoint as exc:
+                if self._removed_meanwhile(candidate):
+                    continue
                 warnings.warn(
                     f"skipping damaged checkpoint {self.name!r} step {candidate}: {exc}",
-                    CorruptCheckpointWarning, stacklevel=2)
+                    CorruptCheckpointWarning, stacklevel=3)
         raise CorruptCheckpoint(
             f"every checkpoint of {self.name!r} in {self.store.url} is damaged; "
             "`safepoint verify` lists the problems")
 
-    def _restore_step(self, step: int, into: Any, mmap: bool, allow_pickle: bool) -> Restored:
-        folder = step_key(self.name, step)
-        try:
-            manifest = read_manifest(self.store, folder)
-        except CheckpointNotFound as exc:
-            raise CheckpointNotFound(f"{self.name!r} has no step {step} in {self.store.url}",
-                                     name=self.name, step=step) from exc
-        except CorruptCheckpoint as exc:
-            exc.step = step
-            raise
+    def _restore_step(self, step: int, into: Any, mmap: bool, allow_pickle: bool,
+                      manifest: Manifest | None = None) -> Restored:
+        if manifest is None:
+            try:
+                manifest = read_manifest(self.store, self.name, step)
+            except CheckpointNotFound as exc:
+                raise CheckpointNotFound(f"{self.name!r} has no step {step} in {self.store.url}",
+                                         name=self.name, step=step) from exc
+            except CorruptCheckpoint as exc:
+                exc.step = step
+                raise
         target = capture(into) if into is not None else None
-        tree = load_tree(self.store, manifest, allow_pickle=allow_pickle, mmap=mmap, target=target)
-        state = restore_into(into, tree) if into is not None else tree
+        loaded = load_tree(self.store, manifest, allow_pickle=allow_pickle, mmap=mmap, target=target)
+        if into is None:
+            return Restored(step=step, state=loaded.tree, metadata=manifest.metadata)
+        state = restore_into(into, loaded.tree, before_load=loaded.fill)
         return Restored(step=step, state=state, metadata=manifest.metadata)
 
     # ------------------------------------------------------- training helpers

@@ -1,0 +1,289 @@
+"""The steps of a name in a store: listing, the newest, leftovers, removal.
+
+Everything here acts only on entries whose names safepoint writes (see
+:mod:`safepoint.format.layout`); anything else found in a name's folder is left alone and
+reported, so ``gc`` and ``rm`` never delete a user's files, even in a store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName, NotAStore
+from safepoint.format import (
+    JOURNAL,
+    LATEST,
+    Manifest,
+    data_folder,
+    latest_key,
+    manifest_key,
+    read_manifest,
+    step_of_folder,
+    step_of_manifest,
+)
+from safepoint.format.layout import LOCK, is_data_file, is_temp
+from safepoint.store import Store, check_name
+
+RECORD_FOLDERS = ("attempts", "step-results")
+"""Folders the execution layers keep under a name (fencing markers, step results)."""
+
+
+def manifest_steps(store: Store, name: str) -> list[int]:
+    """Steps that have a manifest file, committed or not (one listing, no stat), ascending."""
+    return sorted(s for e in store.list(name) if (s := step_of_manifest(e)) is not None)
+
+
+def latest_manifest(store: Store, name: str) -> Manifest | None:
+    """The manifest in ``latest.json`` (validated), or None when there is none; damage
+    raises :class:`CorruptCheckpoint`."""
+    try:
+        return read_manifest(store, name)
+    except CheckpointNotFound:
+        return None
+
+
+def committed_steps(store: Store, name: str, latest: int | bool | None = False) -> list[int]:
+    """Committed steps of ``name``, ascending: one listing, filtered by the newest step.
+
+    A manifest of a step above the one ``latest.json`` names was written by a save that did
+    not finish (the newest-step record is its commit point): it is a leftover, not a step.
+    Without a readable ``latest.json`` every manifest counts (recovery). ``latest``: the
+    newest step if the caller knows it (``False``: read it here).
+    """
+    steps = manifest_steps(store, name)
+    if latest is False:
+        try:
+            manifest = latest_manifest(store, name)
+            latest = None if manifest is None else manifest.step
+        except CorruptCheckpoint:
+            latest = None
+    if latest is None or latest is True:
+        return steps
+    return [s for s in steps if s <= latest]
+
+
+def is_name(store: Store, name: str) -> bool:
+    """Whether ``name`` holds something safepoint wrote (steps, a newest-step record, a
+    run's journal, a task's records)."""
+    try:
+        entries = store.list(name)
+    except CorruptCheckpoint:
+        return True  # a name that is a link: reported as damage by the callers
+    return any(e in (LATEST, JOURNAL, *RECORD_FOLDERS) or step_of_manifest(e) is not None
+               for e in entries)
+
+
+def list_names(store: Store) -> list[str]:
+    """Names in a store that hold something safepoint wrote, sorted."""
+    names = []
+    for entry in store.scan(""):
+        if entry.kind not in ("dir", "link"):
+            continue
+        try:
+            check_name(entry.name)
+        except InvalidName:
+            continue
+        if entry.kind == "link" or is_name(store, entry.name):
+            names.append(entry.name)
+    return names
+
+
+def require_store(store: Store) -> None:
+    """Refuse a location that is not a safepoint store (for commands that delete)."""
+    if not store.exists(""):
+        raise NotAStore(f"{store.url} does not exist; check the location", location=store.url)
+    if not store.is_store():
+        raise NotAStore(
+            f"{store.url} is not a safepoint store (it has no {'.safepoint-store'} marker, "
+            "which safepoint writes with the first checkpoint); nothing was changed",
+            location=store.url)
+
+
+@dataclass
+class Cleanup:
+    """What :func:`collect_garbage` or :func:`remove_name` did."""
+
+    removed: list[tuple[str, int]] = field(default_factory=list)
+    """(key, bytes) of each entry removed."""
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    """(key, why) of each entry left alone."""
+
+    @property
+    def freed(self) -> int:
+        return sum(n for _, n in self.removed)
+
+
+def _size(store: Store, key: str) -> int:
+    total = 0
+    try:
+        info = store.stat(key)
+    except (FileNotFoundError, CorruptCheckpoint):
+        return 0
+    if info.kind == "dir":
+        for entry in store.scan(key):
+            total += _size(store, f"{key}/{entry.name}")
+        return total
+    return info.size
+
+
+def _age(store: Store, key: str, now: float) -> float:
+    """Seconds since ``key`` (or the newest file in it) changed."""
+    try:
+        info = store.stat(key)
+    except (FileNotFoundError, CorruptCheckpoint):
+        return 0.0
+    newest = info.mtime
+    if info.kind == "dir":
+        for entry in store.scan(key):
+            child = _age(store, f"{key}/{entry.name}", now)
+            newest = max(newest or 0.0, now - child)
+    return now - newest if newest is not None else float("inf")
+
+
+def _remove(store: Store, key: str, report: Cleanup) -> None:
+    size = _size(store, key)
+    store.delete(key)
+    report.removed.append((key, size))
+
+
+def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = frozenset(),  # type: ignore[assignment]
+                  *, min_age: float = 0.0, now: float = 0.0) -> bool:
+    """Remove the data files and temporary files in a step's folder (not those in ``keep``),
+    then the folder if that empties it (reported as one entry when it goes whole); True if
+    the folder is gone."""
+    removable, left = [], 0
+    for entry in store.scan(folder):
+        key = f"{folder}/{entry.name}"
+        if entry.name in keep:
+            left += 1
+        elif entry.kind in ("file", "link") and (is_data_file(entry.name) or is_temp(entry.name)):
+            if min_age and _age(store, key, now) < min_age:
+                report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
+                left += 1
+            else:
+                removable.append(key)
+        else:
+            report.kept.append((key, "not written by safepoint"))
+            left += 1
+    if not left and not keep:
+        _remove(store, folder, report)
+        return True
+    for key in removable:
+        _remove(store, key, report)
+    if not left:
+        store.delete(folder)
+        return True
+    return False
+
+
+def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float | None = None,
+                    deep: bool = True) -> Cleanup:
+    """Remove leftovers of crashed saves under ``name``.
+
+    Leftovers are step folders without a committed manifest, manifests above the newest
+    committed step (a save that did not finish), temporary files, and (``deep``) data files
+    that no manifest names. Only those at least ``min_age`` seconds old are removed, so that
+    a save still in progress in another process is left alone. A step whose manifest is
+    damaged is never touched: it is evidence (``verify`` reports it, ``rm`` removes it).
+    """
+    now = time.time() if now is None else now
+    report = Cleanup()
+    try:
+        latest = latest_manifest(store, name)
+    except CorruptCheckpoint:
+        latest = None
+    entries = store.scan(name)
+    listed = {e.name for e in entries}
+    committed = set(committed_steps(store, name, None if latest is None else latest.step))
+    for entry in entries:
+        key = f"{name}/{entry.name}"
+        old = not min_age or _age(store, key, now) >= min_age
+        step = step_of_manifest(entry.name)
+        if step is not None:
+            if step not in committed and old:
+                _remove(store, key, report)
+            elif step not in committed:
+                report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
+            continue
+        if is_temp(entry.name):
+            if old:
+                _remove(store, key, report)
+            continue
+        step = step_of_folder(entry.name)
+        if step is None or entry.kind != "dir":
+            if entry.kind == "link":
+                report.kept.append((key, "a symbolic link (never followed)"))
+            continue
+        if step not in committed or f"{entry.name}.json" not in listed:
+            _clear_folder(store, key, report, min_age=min_age, now=now)
+        elif deep:
+            try:
+                manifest = read_manifest(store, name, step)
+            except (CorruptCheckpoint, CheckpointNotFound):
+                report.kept.append((key, "its manifest is damaged (evidence: see verify)"))
+                continue
+            referenced = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
+            _clear_folder(store, key, report, keep=referenced | {LOCK}, min_age=min_age, now=now)
+    return report
+
+
+def remove_step(store: Store, name: str, step: int) -> list[str]:
+    """Remove one step's manifest (first, so it vanishes atomically); returns the keys of
+    its data folder, for the caller to delete now or later."""
+    store.delete(manifest_key(name, step))
+    return [data_folder(name, step)]
+
+
+def remove_steps(store: Store, name: str) -> None:
+    """Remove every step of ``name`` (the newest-step record first), and nothing else."""
+    store.delete(latest_key(name))
+    for step in manifest_steps(store, name):
+        store.delete(manifest_key(name, step))
+    for entry in store.scan(name):
+        if entry.kind == "dir" and step_of_folder(entry.name) is not None:
+            _clear_folder(store, f"{name}/{entry.name}", Cleanup())
+
+
+def remove_name(store: Store, name: str) -> Cleanup:
+    """Remove everything safepoint wrote under ``name`` (newest-step record and manifests
+    first); entries it did not write are kept and reported."""
+    report = Cleanup()
+    with contextlib.suppress(FileNotFoundError):
+        if store.stat(name).kind == "link":  # the link only, never what it points at
+            _remove(store, name, report)
+            return report
+    with contextlib.suppress(FileNotFoundError):
+        if store.exists(latest_key(name)):
+            _remove(store, latest_key(name), report)
+    entries = store.scan(name)
+    for entry in sorted(entries, key=lambda e: not e.name.endswith(".json")):
+        key = f"{name}/{entry.name}"
+        if entry.kind == "link":
+            _remove(store, key, report)  # the link only, never what it points at
+        elif step_of_manifest(entry.name) is not None or entry.name in (JOURNAL, LOCK) \
+                or is_temp(entry.name):
+            _remove(store, key, report)
+        elif step_of_folder(entry.name) is not None and entry.kind == "dir":
+            _clear_folder(store, key, report)
+        elif entry.name == "attempts" and entry.kind == "dir":
+            _remove(store, key, report)
+        elif entry.name == "step-results" and entry.kind == "dir":
+            for sub in store.scan(key):
+                part = remove_name(store, f"{key}/{sub.name}")
+                report.removed += part.removed
+                report.kept += part.kept
+            with contextlib.suppress(OSError):
+                if not store.list(key):
+                    store.delete(key)
+        else:
+            report.kept.append((key, "not written by safepoint"))
+    if not report.kept:
+        store.delete(name)
+    return report
+
+
+__all__ = ["Cleanup", "collect_garbage", "committed_steps", "is_name", "latest_manifest",
+           "list_names", "manifest_steps", "remove_name", "remove_step", "remove_steps",
+           "require_store"]

@@ -1,0 +1,70 @@
+"""Where things live inside a name's folder, and which entries safepoint itself writes.
+
+::
+
+    <store>/.safepoint-store                  the store marker
+    <store>/<name>/latest.json                the newest step's manifest (a hard link to it,
+                                              or a copy on object stores): the O(1) lookup
+    <store>/<name>/<step>.json                one manifest per committed step (12+ digits)
+    <store>/<name>/<step>/<save id>-<k>.bin   the step's data files: packs and large blobs
+    <store>/<name>/run.journal                a run's journal (local stores)
+    <store>/<name>/.<...>.tmp, .lock          temporary files and the folder's lock
+
+``gc``, ``rm`` and retention delete only entries that match these names; anything else in a
+store (a user's folder, a stray file) is left alone and reported.
+"""
+
+from __future__ import annotations
+
+import re
+
+LATEST = "latest.json"
+JOURNAL = "run.journal"
+LOCK = ".lock"
+
+_STEP_MANIFEST = re.compile(r"(\d{12,20})\.json")
+_STEP_FOLDER = re.compile(r"\d{12,20}")
+_DATA_FILE = re.compile(r"[0-9a-f]{12}-\d{1,9}\.bin")
+_TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+
+
+def step_text(step: int) -> str:
+    """A step as it appears in names: zero-padded to 12 digits, so listings sort."""
+    return f"{step:012d}"
+
+
+def manifest_key(name: str, step: int) -> str:
+    return f"{name}/{step:012d}.json"
+
+
+def latest_key(name: str) -> str:
+    return f"{name}/{LATEST}"
+
+
+def data_folder(name: str, step: int) -> str:
+    return f"{name}/{step:012d}"
+
+
+def step_of_manifest(entry: str) -> int | None:
+    """The step of a manifest file name (``000000000012.json`` -> 12), else None."""
+    match = _STEP_MANIFEST.fullmatch(entry)
+    return int(match.group(1)) if match else None
+
+
+def step_of_folder(entry: str) -> int | None:
+    """The step of a data folder name (``000000000012`` -> 12), else None."""
+    return int(entry) if _STEP_FOLDER.fullmatch(entry) else None
+
+
+def is_data_file(entry: str) -> bool:
+    """Whether a file in a step's folder has the name of a data file safepoint writes."""
+    return _DATA_FILE.fullmatch(entry) is not None
+
+
+def is_temp(entry: str) -> bool:
+    """Whether an entry is one of safepoint's temporary files (``.x.<12 hex>.tmp``)."""
+    return _TEMP.fullmatch(entry) is not None
+
+
+__all__ = ["JOURNAL", "LATEST", "LOCK", "data_folder", "is_data_file", "is_temp", "latest_key",
+           "manifest_key", "step_of_folder", "step_of_manifest", "step_text"]

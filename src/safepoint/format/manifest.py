@@ -1,0 +1,290 @@
+"""The manifest: one checkpoint's JSON description, checksummed, versioned, validated.
+
+The manifest file is itself strict JSON, readable with ``jq`` or ``json.load``::
+
+    {"crc32c":"1a2b3c4d","manifest":{"format":"safepoint","version":2,...}}
+
+The checksum covers the exact bytes of the ``"manifest"`` value as they appear in the file,
+so any change to them (a flipped bit, a truncation) is detected before anything is parsed.
+Then :func:`check_body` checks every field a reader relies on, against limits and against
+each other, before anything is allocated: the one model of large leaves is *byte ranges*
+(``blobs``) in *data files* (``files``), each range with its own CRC-32C.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c as _crc32c
+import numpy as np
+
+from safepoint import knobs
+from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
+from safepoint.format.layout import latest_key, manifest_key, step_text
+from safepoint.format.tree import Encoder, decode_inline
+from safepoint.store import Store, check_key
+
+FORMAT = "safepoint"
+VERSION = 2
+_PREFIX = b'{"crc32c":"'
+_MIDDLE = b'","manifest":'
+_SUFFIX = b"}\n"
+_HEAD = len(_PREFIX) + 8 + len(_MIDDLE)
+_CRC = re.compile(r"[0-9a-f]{8}")
+_SAVE_ID = re.compile(r"[0-9a-f]{12}")
+BODY_KEYS = frozenset({"format", "version", "name", "step", "created", "save_id", "metadata",
+                       "pickled", "files", "blobs", "tree"})
+_ERRNO_HINTS = {
+    errno.ENOSPC: "the disk is full (no space left on device); free some space and save again",
+    errno.EDQUOT: "the disk quota is exceeded; free some space and save again",
+    errno.EFBIG: "a file is larger than this file system allows",
+    errno.EACCES: "permission denied; check that this process may write to the store",
+    errno.EPERM: "operation not permitted; check that this process may write to the store",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def checksum(data: bytes | memoryview | np.ndarray) -> str:
+    """crc32c of ``data`` as 8 hex digits (hardware-accelerated where the CPU has it)."""
+    return f"{_crc32c.crc32c(data) & 0xFFFFFFFF:08x}"
+
+
+@dataclass
+class Manifest:
+    """A parsed, checksum-verified, validated manifest."""
+
+    key: str  # the manifest's key in the store
+    body: dict[str, Any]
+    size: int = 0
+
+    @property
+    def name(self) -> str:
+        return str(self.body["name"])
+
+    @property
+    def step(self) -> int:
+        return int(self.body["step"])
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return untag_floats(self.body.get("metadata") or {})
+
+    @property
+    def files(self) -> list[list[Any]]:
+        """``[key relative to the name's folder, size]`` of each data file."""
+        return self.body.get("files", [])
+
+    @property
+    def blobs(self) -> list[dict[str, Any]]:
+        """``{"size", "path", "ranges": [[file index, offset, length, crc32c], ...]}``."""
+        return self.body.get("blobs", [])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the step occupies: its manifest and its data files."""
+        return self.size + sum(int(size) for _, size in self.files)
+
+    @property
+    def created(self) -> float:
+        return float(self.body.get("created", 0.0))
+
+
+def encode_manifest(body: dict[str, Any]) -> bytes:
+    text = json.dumps(body, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+    return _PREFIX + checksum(text).encode("ascii") + _MIDDLE + text + _SUFFIX
+
+
+def _no_constants(token: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {token}")
+
+
+def decode_manifest(data: bytes, where: str, *, name: str | None = None,
+                    step: int | None = None) -> dict[str, Any]:
+    """Check a manifest's checksum, parse it and validate its fields (see :func:`check_body`)."""
+    if (
+        len(data) < _HEAD + len(_SUFFIX)
+        or not data.startswith(_PREFIX)
+        or data[len(_PREFIX) + 8 : _HEAD] != _MIDDLE
+        or not data.endswith(_SUFFIX)
+    ):
+        raise CorruptCheckpoint(
+            f"{where}: not a complete safepoint manifest (truncated or damaged)", path=where)
+    expected = data[len(_PREFIX) : len(_PREFIX) + 8].decode("ascii", "replace")
+    text = data[_HEAD : -len(_SUFFIX)]
+    actual = checksum(text)
+    if actual != expected:
+        raise CorruptCheckpoint(
+            f"{where}: manifest checksum mismatch (expected {expected}, got {actual})",
+            path=where, expected=expected, actual=actual)
+    try:
+        body = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise CorruptCheckpoint(f"{where}: the manifest nests too deeply", path=where) from None
+    except ValueError as exc:
+        raise CorruptCheckpoint(f"{where}: manifest is not valid JSON: {exc}", path=where) from exc
+    check_body(body, where, name=name, step=step)
+    return body  # type: ignore[no-any-return]
+
+
+def check_body(body: Any, where: str, *, name: str | None = None, step: int | None = None) -> None:
+    """Raise :class:`CorruptCheckpoint` unless every field of a manifest body is sound.
+
+    Checks the format and version, that the name and step are the ones of the file that
+    holds it, and that every data file and byte range is well-formed and within bounds.
+    The tree itself is checked by the decoder (``safepoint.format.read``).
+    """
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{where}: not a safepoint manifest", path=where)
+    version = body.get("version")
+    if type(version) is int and version > VERSION:
+        raise CorruptCheckpoint(
+            f"{where}: written by a newer safepoint (format version {version}, this one reads "
+            f"up to {VERSION}); upgrade safepoint to read it", path=where)
+    if version == 1:
+        raise CorruptCheckpoint(
+            f"{where}: format version 1 (safepoint 0.1) is not read by this version; restore "
+            "it with safepoint 0.1 and save it again", path=where)
+    problem = _problem(body, name, step)
+    if problem:
+        raise CorruptCheckpoint(f"{where}: malformed manifest: {problem}", path=where)
+
+
+def _problem(body: dict[str, Any], name: str | None, step: int | None) -> str | None:
+    if body.get("version") != VERSION:
+        return "no valid format version"
+    if type(body.get("step")) is not int or body["step"] < 0:
+        return "no valid step"
+    if step is not None and body["step"] != step:
+        return f"it says step {body['step']} but is the manifest of step {step}"
+    if not isinstance(body.get("name"), str):
+        return "no valid name"
+    if name is not None and body["name"] != name:
+        return f"it says name {body['name']!r} but lies in {name!r}"
+    if "tree" not in body:
+        return "no tree"
+    if not isinstance(body.get("metadata", {}), dict):
+        return "metadata is not an object"
+    if not isinstance(body.get("save_id"), str) or not _SAVE_ID.fullmatch(body["save_id"]):
+        return "no valid save id"
+    pickled = body.get("pickled", [])
+    if not isinstance(pickled, list) or not all(isinstance(p, str) for p in pickled):
+        return "bad list of pickled leaves"
+    files = body.get("files", [])
+    if not isinstance(files, list):
+        return "the file table is not a list"
+    own = step_text(body["step"]) + "/"
+    for index, entry in enumerate(files):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and type(entry[1]) is int and entry[1] >= 0):
+            return f"bad file entry {index}"
+        try:
+            check_key(entry[0])
+        except InvalidName:
+            return f"file entry {index} names {entry[0]!r}, which is not a key in the store"
+        if not entry[0].startswith(own) or entry[0].count("/") != 1:
+            return f"file entry {index} names {entry[0]!r}, outside the step's own folder"
+    blobs = body.get("blobs", [])
+    if not isinstance(blobs, list):
+        return "the blob table is not a list"
+    for index, blob in enumerate(blobs):
+        problem = _blob_problem(blob, files)
+        if problem:
+            return f"blob {index}: {problem}"
+    return None
+
+
+def _blob_problem(blob: Any, files: list[list[Any]]) -> str | None:
+    if not (isinstance(blob, dict) and type(blob.get("size")) is int and blob["size"] >= 0
+            and isinstance(blob.get("ranges"), list)):
+        return "bad entry"
+    total = 0
+    for r in blob["ranges"]:
+        if not (isinstance(r, list) and len(r) == 4 and all(type(v) is int for v in r[:3])
+                and isinstance(r[3], str) and _CRC.fullmatch(r[3])):
+            return "bad byte range"
+        file, offset, length = r[0], r[1], r[2]
+        if not 0 <= file < len(files) or offset < 0 or length < 0:
+            return "byte range outside the file table"
+        if offset + length > files[file][1]:
+            return f"byte range {offset}+{length} runs past the end of {files[file][0]}"
+        total += length
+    if total != blob["size"]:
+        return f"its ranges hold {total} bytes, not {blob['size']}"
+    return None
+
+
+def read_manifest(store: Store, name: str, step: int | None = None) -> Manifest:
+    """The validated manifest of ``step`` of ``name`` (``None``: the one in ``latest.json``)."""
+    key = latest_key(name) if step is None else manifest_key(name, step)
+    try:
+        data = store.read(key, limit=knobs.MAX_MANIFEST_BYTES)
+    except FileNotFoundError as exc:
+        what = "no latest step" if step is None else f"no step {step}"
+        raise CheckpointNotFound(f"{name!r} has {what} in {store.url}", name=name,
+                                 step=step) from exc
+    except CorruptCheckpoint as exc:
+        exc.step = step
+        raise
+    where = f"{store.url}/{key}"
+    body = decode_manifest(data, where, name=name, step=step)
+    return Manifest(key=key, body=body, size=len(data))
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``exc`` with a plain-words cause in front where the errno has a common one."""
+    hint = _ERRNO_HINTS.get(exc.errno) if exc.errno is not None else None
+    return f"{hint} ({exc})" if hint else str(exc)
+
+
+def json_copy(value: dict[str, Any] | None, what: str = "metadata") -> dict[str, Any]:
+    """A plain-JSON copy of the dict ``value`` (numpy scalars become numbers; non-finite
+    floats are tagged as in the tree, so that the manifest stays strict JSON and
+    :attr:`Manifest.metadata` gives them back). ``TypeError`` names ``what`` otherwise."""
+    def default(item: Any) -> Any:
+        if isinstance(item, np.generic) or (isinstance(item, np.ndarray) and item.ndim == 0):
+            return item.item()  # np.float32(0.1) and the like, common in metrics
+        raise TypeError(f"{type(item).__name__} is not JSON-serializable")
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be a dict, not {type(value).__name__}")
+    try:
+        copied = json.loads(json.dumps(value, allow_nan=True, default=default))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{what} must be JSON-serializable (str keys, plain values): {exc}") from exc
+    return _tag_floats(copied)  # type: ignore[no-any-return]
+
+
+def _tag_floats(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return Encoder().encode(value)
+    if isinstance(value, list):
+        return [_tag_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _tag_floats(v) for k, v in value.items()}
+    return value
+
+
+def untag_floats(value: Any) -> Any:
+    """Metadata as saved: tagged non-finite floats become floats again."""
+    if isinstance(value, list):
+        return [untag_floats(v) for v in value]
+    if isinstance(value, dict):
+        if value.get("$") == "float" and isinstance(value.get("bits"), str):
+            try:
+                return decode_inline(value)
+            except CorruptCheckpoint:
+                return value
+        return {k: untag_floats(v) for k, v in value.items()}
+    return value
+
+
+__all__ = ["BODY_KEYS", "FORMAT", "VERSION", "Manifest", "check_body", "checksum",
+           "decode_manifest", "describe_os_error", "encode_manifest", "json_copy",
+           "read_manifest", "untag_floats"]

@@ -1,0 +1,415 @@
+"""Reading a checkpoint: its state tree from the manifest, its blobs from byte ranges.
+
+A restore is three phases, so that a caller's arrays change only when everything is sound:
+
+1. **Walk** the tree (:class:`~safepoint.format.tree.Decoder`), validating every node and
+   asking a :class:`FileSet` for the memory each large array will occupy: a view into the
+   buffer of its data file (a pack holds many arrays), checked against the file's real
+   size before anything is allocated. Arrays bound for a caller's live arrays are only
+   noted.
+2. **Load**: read each data file once (on several threads when large), then check the
+   CRC-32C of every byte range used.
+3. **Fill**: copy the verified bytes into the caller's arrays (``Loaded.fill``), after the
+   caller has checked the rest of its live tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap as mmap_module
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c as _crc32c
+import numpy as np
+
+from safepoint import knobs
+from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeCheckpoint
+from safepoint.format.manifest import Manifest, read_manifest
+from safepoint.format.tree import Decoder
+from safepoint.store import Store
+
+_POPULATE_BYTES = 1 << 20
+_MAP_POPULATE = getattr(mmap_module, "MAP_POPULATE", None)
+_VERIFY_CHUNK = 16 << 20
+
+
+def read_buffer(size: int) -> np.ndarray:
+    """A writable byte array to read a file into.
+
+    Large buffers are anonymous maps with MAP_POPULATE (Linux): the kernel supplies every
+    page in one call instead of one page fault at a time, and no transparent huge pages are
+    requested. numpy's own large allocations ask for huge pages, and where the kernel
+    compacts memory to find them (THP defrag "madvise", the common default) a load can stall
+    for seconds per GiB at random. The array keeps its map alive.
+    """
+    if size < _POPULATE_BYTES or _MAP_POPULATE is None:
+        return np.empty(size, np.uint8)
+    region = mmap_module.mmap(
+        -1, size, flags=mmap_module.MAP_PRIVATE | mmap_module.MAP_ANONYMOUS | _MAP_POPULATE)
+    return np.frombuffer(region, np.uint8)
+
+
+def _crc(data: Any, value: int = 0) -> str:
+    return f"{_crc32c.crc32c(data, value) & 0xFFFFFFFF:08x}"
+
+
+@dataclass
+class _File:
+    key: str
+    size: int
+    buffer: Any = None  # np.ndarray (private) or a read-only map, once chosen
+    private: bool = False
+    loaded: bool = False
+    ranges: list[tuple[int, int, str, str]] = field(default_factory=list)  # to verify
+
+
+class FileSet:
+    """The blob bytes of one manifest (a :class:`~safepoint.format.tree.BlobSource`).
+
+    ``mmap=True`` hands out read-only maps of the files (local stores) instead of reading
+    them; checksums are still verified.
+    """
+
+    def __init__(self, store: Store, manifest: Manifest, *, mmap: bool = False) -> None:
+        self.store, self.manifest = store, manifest
+        self.mmap = mmap and store.supports_mmap
+        self._files: dict[int, _File] = {}
+        self._verified: set[int] = set()
+        self._wanted: list[int] = []  # blob indexes to verify at load()
+        self._multi: list[tuple[int, np.ndarray]] = []  # blobs of several ranges: own buffer
+        self._fills: list[tuple[np.ndarray, int | None, bytes | None, str]] = []
+
+    def _where(self, key: str) -> str:
+        return f"{self.store.url}/{key}"
+
+    def _blob(self, index: int) -> dict[str, Any]:
+        blobs = self.manifest.blobs
+        if not 0 <= index < len(blobs):
+            raise CorruptCheckpoint(f"{self.manifest.key}: a node refers to blob {index}, which "
+                                    "the manifest does not have", path=self.manifest.key)
+        return blobs[index]
+
+    def _file(self, index: int) -> _File:
+        found = self._files.get(index)
+        if found is None:
+            rel, size = self.manifest.files[index]
+            key = f"{self.manifest.name}/{rel}"
+            try:
+                info = self.store.stat(key)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpoint(
+                    f"{self._where(key)}: data file is missing (checkpoint step "
+                    f"{self.manifest.step} is incomplete)", path=self._where(key)) from exc
+            if info.kind != "file":
+                raise CorruptCheckpoint(
+                    f"{self._where(key)} is {'a folder' if info.kind == 'dir' else 'a link or a special file'}"
+                    ", not a data file; safepoint never follows links or reads special files "
+                    "inside a store", path=self._where(key))
+            if info.size != size:
+                raise CorruptCheckpoint(
+                    f"{self._where(key)}: data file has {info.size} bytes, expected {size} "
+                    "(truncated or replaced)", path=self._where(key), expected=str(size),
+                    actual=str(info.size))
+            found = self._files[index] = _File(key, size)
+        return found
+
+    def _private(self, file: _File) -> np.ndarray:
+        if file.buffer is None:
+            if self.mmap:
+                file.buffer = self._map(file)
+            else:
+                file.buffer, file.private = read_buffer(file.size), True
+        return file.buffer  # type: ignore[no-any-return]
+
+    def _map(self, file: _File) -> np.ndarray:
+        mapped = self.store.map(file.key)
+        view = np.frombuffer(mapped if mapped is not None else b"", np.uint8)
+        if view.nbytes != file.size:
+            raise CorruptCheckpoint(f"{self._where(file.key)}: data file changed while it was "
+                                    "read", path=self._where(file.key))
+        file.loaded = True
+        return view
+
+    # ------------------------------------------------ BlobSource
+
+    def size(self, index: int) -> int:
+        return int(self._blob(index)["size"])
+
+    def array(self, index: int) -> np.ndarray:
+        blob = self._blob(index)
+        ranges = blob["ranges"]
+        if len(ranges) == 1:
+            fi, offset, length, _ = ranges[0]
+            buffer = self._private(self._file(fi))
+            self._wanted.append(index)
+            return buffer[offset : offset + length]
+        out = read_buffer(int(blob["size"]))
+        for fi, *_ in ranges:
+            self._file(fi)
+        self._multi.append((index, out))
+        return out
+
+    def read(self, index: int) -> memoryview:
+        data = self.array(index)
+        self.load()
+        return memoryview(data)
+
+    def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
+        if index is not None:
+            for fi, *_ in self._blob(index)["ranges"]:
+                self._file(fi)
+            self._wanted.append(index)
+        self._fills.append((target, index, data, order))
+
+    # ------------------------------------------------ loading
+
+    def load(self) -> None:
+        """Read what the walk asked for and verify every range of it."""
+        for index in self._wanted:
+            for fi, *_ in self._blob(index)["ranges"]:
+                file = self._files[fi]
+                if file.buffer is None:  # wanted by a fill only: a map is enough
+                    file.buffer = self._map(file) if self.store.supports_mmap else self._private(file)
+        todo = [f for f in self._files.values() if f.buffer is not None and not f.loaded]
+        total = sum(f.size for f in todo)
+        if len(todo) > 1 and total >= knobs.PARALLEL_BYTES:
+            with ThreadPoolExecutor(min(knobs.READ_THREADS, len(todo))) as pool:
+                for future in [pool.submit(self._read_file, f) for f in todo]:
+                    future.result()
+        else:
+            for file in todo:
+                self._read_file(file)
+        for index, out in self._multi:
+            self._read_ranges(index, out)
+        self._multi.clear()
+        for index in self._wanted:
+            if index not in self._verified:
+                self._verify(index)
+        self._wanted.clear()
+
+    def _read_file(self, file: _File) -> None:
+        got = self.store.read_range(file.key, 0, memoryview(file.buffer))
+        if got != file.size:
+            raise CorruptCheckpoint(
+                f"{self._where(file.key)}: data file has {got} bytes, expected {file.size} "
+                "(truncated while it was read)", path=self._where(file.key))
+        file.loaded = True
+
+    def _read_ranges(self, index: int, out: np.ndarray) -> None:
+        blob, at = self._blob(index), 0
+        for fi, offset, length, expected in blob["ranges"]:
+            file = self._files[fi]
+            view = out[at : at + length]
+            if self.store.read_range(file.key, offset, memoryview(view)) != length:
+                raise CorruptCheckpoint(f"{self._where(file.key)}: data file is shorter than "
+                                        "its manifest says", path=self._where(file.key))
+            self._check(file.key, view, expected, blob)
+            at += length
+        self._verified.add(index)
+
+    def _verify(self, index: int) -> None:
+        blob = self._blob(index)
+        for fi, offset, length, expected in blob["ranges"]:
+            file = self._files[fi]
+            self._check(file.key, file.buffer[offset : offset + length], expected, blob)
+        self._verified.add(index)
+
+    def _check(self, key: str, data: Any, expected: str, blob: dict[str, Any]) -> None:
+        actual = _crc(data)
+        if actual != expected:
+            where = self._where(key)
+            leaf = f" (data of {blob['path']})" if isinstance(blob.get("path"), str) else ""
+            raise CorruptCheckpoint(
+                f"{where}: checksum mismatch{leaf} (expected {expected}, got {actual})",
+                path=where, step=self.manifest.step, expected=expected, actual=actual)
+
+    def blob_bytes(self, index: int) -> np.ndarray:
+        """The verified bytes of blob ``index`` (after :meth:`load`)."""
+        blob = self._blob(index)
+        ranges = blob["ranges"]
+        if len(ranges) == 1:
+            fi, offset, length, _ = ranges[0]
+            return self._files[fi].buffer[offset : offset + length]  # type: ignore[no-any-return]
+        out = read_buffer(int(blob["size"]))
+        self._read_ranges(index, out)
+        return out
+
+    def fill_targets(self) -> None:
+        """Copy every noted blob into its caller's array (everything is verified by now)."""
+        for target, index, data, order in self._fills:
+            if not target.size:
+                continue
+            raw = self.blob_bytes(index) if index is not None else np.frombuffer(data or b"", np.uint8)
+            if order == "F":
+                saved = raw.view(target.dtype).reshape(target.shape[::-1]).T
+            else:
+                saved = raw.view(target.dtype).reshape(target.shape)
+            np.copyto(target, saved, casting="no")
+        self._fills.clear()
+
+    def release(self) -> None:
+        """Drop maps that only served fills (arrays handed out keep their own buffers)."""
+        for file in self._files.values():
+            if not file.private and file.buffer is not None and not self.mmap:
+                file.buffer = None
+
+
+@dataclass
+class Loaded:
+    """A state tree read back; :meth:`fill` copies into the caller's live arrays."""
+
+    tree: Any
+    source: FileSet
+
+    def fill(self) -> None:
+        self.source.fill_targets()
+        self.source.release()
+
+
+def load_tree(
+    store: Store,
+    manifest: Manifest,
+    *,
+    allow_pickle: bool = False,
+    mmap: bool = False,
+    target: Any = None,
+    node: Any = None,
+) -> Loaded:
+    """Read (part of) the state tree of a validated manifest, checking every blob's checksum.
+
+    ``mmap=True`` maps blobs instead of reading them (read-only arrays, local stores only).
+    ``target``: a tree whose numpy arrays receive the saved arrays at their places, in place,
+    when :meth:`Loaded.fill` is called (shapes and dtypes must match). ``node``: a subtree of
+    the manifest's tree to read instead of the whole (only its blobs are read).
+    """
+    pickled = manifest.body.get("pickled") or []
+    if pickled and not allow_pickle and node is None:
+        raise UnsafeCheckpoint(
+            f"{store.url}/{manifest.key}: the checkpoint holds pickled values at "
+            f"{', '.join(pickled[:5])}; loading them could run arbitrary code. Pass "
+            "allow_pickle=True only if you trust where it came from",
+            path=manifest.key, leaves=list(pickled))
+    source = FileSet(store, manifest, mmap=mmap)
+    try:
+        tree = Decoder(source, allow_pickle=allow_pickle).decode(
+            manifest.body["tree"] if node is None else node, target)
+        source.load()
+    except CorruptCheckpoint as exc:
+        if exc.step is None:
+            exc.step = manifest.step
+        if not exc.path:
+            exc.path = f"{store.url}/{manifest.key}"
+        if not exc.message.startswith(store.url):
+            exc.message = f"{store.url}/{manifest.key}: {exc.message}"
+            exc.args = (exc.message,)
+        raise
+    return Loaded(tree, source)
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_checkpoint` found."""
+
+    name: str
+    step: int | None
+    checked_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_tree(manifest: Manifest, store: Store) -> None:
+    """Validate every node of a manifest's tree without reading a blob (what ``show`` and
+    ``ls`` rely on); raises :class:`CorruptCheckpoint`."""
+    try:
+        Decoder(_SizesOnly(manifest), build=False).decode(manifest.body["tree"])
+    except CorruptCheckpoint as exc:
+        exc.step = manifest.step
+        if not exc.message.startswith(store.url):
+            exc.message = f"{store.url}/{manifest.key}: {exc.message}"
+            exc.args = (exc.message,)
+        raise
+
+
+class _SizesOnly:
+    """A blob source that knows sizes only (the tree walk of verify and show)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+    def size(self, index: int) -> int:
+        blobs = self.manifest.blobs
+        if not 0 <= index < len(blobs):
+            raise CorruptCheckpoint(f"a node refers to blob {index}, which the manifest does not have")
+        return int(blobs[index]["size"])
+
+    def array(self, index: int) -> np.ndarray:
+        raise AssertionError("validation reads no blob")
+
+    read = array
+
+    def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
+        raise AssertionError("validation fills nothing")
+
+
+def verify_checkpoint(
+    store: Store, name: str, step: int, *, on_bytes: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Check the manifest, the tree and every byte range of one step; never raises for damage.
+
+    It refuses exactly what a restore refuses: the same validation of the manifest and its
+    tree, the same size and checksum of every range (read in bounded chunks).
+    """
+    report = VerifyReport(name, step)
+    try:
+        manifest = read_manifest(store, name, step)
+        check_tree(manifest, store)
+    except (CorruptCheckpoint, CheckpointNotFound) as exc:
+        report.problems.append(str(exc))
+        return report
+    source = FileSet(store, manifest)
+    for fi in range(len(manifest.files)):
+        try:
+            source._file(fi)
+        except CorruptCheckpoint as exc:
+            report.problems.append(str(exc))
+    if report.problems:
+        return report
+    buffer = np.empty(min(_VERIFY_CHUNK, max((s for _, s in manifest.files), default=0)), np.uint8)
+    for index, blob in enumerate(manifest.blobs):
+        for fi, offset, length, expected in blob["ranges"]:
+            try:
+                file = source._file(fi)
+                value, at = 0, 0
+                while at < length:
+                    view = memoryview(buffer)[: min(len(buffer), length - at)]
+                    got = store.read_range(file.key, offset + at, view)
+                    if got != len(view):
+                        raise CorruptCheckpoint(f"{store.url}/{file.key}: data file is shorter "
+                                                "than its manifest says", path=file.key)
+                    value = _crc32c.crc32c(view, value)
+                    at += got
+                    if on_bytes:
+                        on_bytes(got)
+                actual = f"{value & 0xFFFFFFFF:08x}"
+                if actual != expected:
+                    raise CorruptCheckpoint(
+                        f"{store.url}/{file.key}: checksum mismatch (data of {blob.get('path')}, "
+                        f"blob {index}; expected {expected}, got {actual})", path=file.key,
+                        expected=expected, actual=actual)
+            except CorruptCheckpoint as exc:
+                report.problems.append(str(exc))
+                break
+            report.checked_bytes += length
+    with contextlib.suppress(Exception):
+        source.release()
+    return report
+
+
+__all__ = ["FileSet", "Loaded", "VerifyReport", "check_tree", "load_tree", "read_buffer",
+           "verify_checkpoint"]

@@ -1,0 +1,48 @@
+"""Tunables in one place. Code reads them as ``knobs.NAME`` at call time, so a test can
+override one with ``monkeypatch.setattr(knobs, "NAME", value)``.
+
+The limits bound what safepoint allocates for anything it reads from a store: a size, a
+count or a depth found in a file is checked against them (and against the real size of the
+files) before any memory is taken, so a damaged or hostile store cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- reading limits
+
+MAX_MANIFEST_BYTES = 256 << 20
+"""No manifest (or latest record, lease ticket...) safepoint writes is larger."""
+MAX_RECORD_BYTES = 256 << 20
+"""No journal record is larger: a longer length field is damage."""
+MAX_JOURNAL_BYTES = 1 << 30
+"""A journal is compacted long before this; a larger file is damage (a sparse file, say)."""
+MAX_DEPTH = 200
+"""Containers nest at most this deep in a state tree, on save and on load."""
+MAX_DIMS = 64
+"""Arrays have at most this many dimensions (numpy's own limit)."""
+MAX_SMALL_READ = 64 << 20
+"""Records read whole (lease tickets, markers, part manifests) are at most this large."""
+
+# ---------------------------------------------------------------- format
+
+INLINE_LIMIT = 4096
+"""Arrays and byte strings of at most this many bytes are stored inside the manifest."""
+PACK_BELOW = 4 << 20
+"""Blobs smaller than this are packed together into shared files (one write and one fsync
+for many arrays); larger ones get a file of their own."""
+PACK_BYTES = 64 << 20
+"""A pack file is closed once it holds this many bytes."""
+ALIGN = 64
+"""Offsets of arrays inside a pack are multiples of this (cache-line and SIMD alignment)."""
+PARALLEL_BYTES = 32 << 20
+"""Blob files are written, and read, on several threads above this total size."""
+WRITE_THREADS = 4
+READ_THREADS = 2
+
+# ---------------------------------------------------------------- housekeeping
+
+LEFTOVER_MIN_AGE = 3600.0
+"""Seconds after which a Checkpointer's first save removes crash leftovers by itself;
+younger ones may belong to a save in flight in another process."""
+GC_MIN_AGE = 300.0
+"""``safepoint gc`` leaves leftovers younger than this alone unless told otherwise."""
