@@ -64,6 +64,19 @@ def committed_steps(store: Store, name: str, latest: int | bool | None = False) 
     return [s for s in steps if s <= latest]
 
 
+def latest_problem(store: Store, name: str) -> str | None:
+    """What is wrong with the newest-step record of ``name`` (``latest.json``), or None:
+    it must be readable and name a step whose manifest exists."""
+    try:
+        manifest = latest_manifest(store, name)
+    except CorruptCheckpoint as exc:
+        return str(exc)
+    if manifest is not None and not store.exists(manifest_key(name, manifest.step)):
+        return (f"{store.url}/{latest_key(name)} names step {manifest.step}, which has no "
+                "manifest of its own")
+    return None
+
+
 def is_name(store: Store, name: str) -> bool:
     """Whether ``name`` holds something safepoint wrote (steps, a newest-step record, a
     run's journal, a task's records)."""
@@ -285,5 +298,6 @@ def remove_name(store: Store, name: str) -> Cleanup:
 
 
 __all__ = ["Cleanup", "collect_garbage", "committed_steps", "is_name", "latest_manifest",
-           "list_names", "manifest_steps", "remove_name", "remove_step", "remove_steps",
+           "latest_problem", "list_names", "manifest_steps", "remove_name", "remove_step",
+           "remove_steps",
            "require_store"]

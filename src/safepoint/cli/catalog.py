@@ -17,7 +17,7 @@ from safepoint.store import Store, check_name
 # Manifest keys shown in their own place (by ``show``); the others came from
 # ``save(..., extra=...)`` and are listed as they are. "run" is a run's record.
 _KNOWN_KEYS = {"format", "version", "name", "step", "created", "save_id", "metadata",
-               "pickled", "blobs", "tree", "kind", "progress", "attempt", "table", "run"}
+               "pickled", "files", "blobs", "tree", "kind", "progress", "attempt", "table", "run"}
 
 
 @dataclass

@@ -30,6 +30,7 @@ from safepoint.checkpointer import (
     collect_garbage,
     committed_steps,
     is_name,
+    latest_problem,
     list_names,
     remove_name,
     require_store,
@@ -219,18 +220,29 @@ def verify(
     """Check every checksum of every step and run journal; exit status 1 if anything is damaged."""
     with reporting_errors():
         store = _open(location)
-        if name is not None:
-            names = [check_name(name)]
-            targets = [(name, s) for s in committed_steps(store, name)]
-        else:
-            names = list_names(store)
-            targets = [(n, s) for n in names for s in committed_steps(store, n)]
-        journals = [j for j in (verify_journal(store, n) for n in names) if j is not None]
-        if name is not None and not targets and not journals:
+        names = [check_name(name)] if name is not None else list_names(store)
+        targets, broken, latest = [], [], {}
+        for n in names:
+            try:
+                steps = committed_steps(store, n)
+                targets += [(n, s) for s in steps]
+                if steps:
+                    latest[(n, steps[-1])] = latest_problem(store, n)
+            except CorruptCheckpoint as exc:  # a name that is a link, say: one bad name
+                broken.append({"name": n, "step": None, "ok": False, "checked_bytes": 0,
+                               "problems": [str(exc)]})
+        journals = [j for j in (verify_journal(store, n) for n in names if not
+                                any(b["name"] == n for b in broken)) if j is not None]
+        if name is not None and not targets and not journals and not broken:
             raise not_found(store, name)
         total = sum(_blob_bytes(store, n, s) for n, s in targets)
         show_bar = not as_json and (total >= PROGRESS_MIN_BYTES or sys.stdout.isatty())
-        results = _verify_all(store, targets, total, show_bar) + journals
+        results = _verify_all(store, targets, total, show_bar) + journals + broken
+        for r in results:
+            problem = latest.get((r["name"], r["step"]))
+            if problem:
+                r["ok"] = False
+                r["problems"].append(problem)
     ok = all(r["ok"] for r in results)
     if as_json:
         print_json({"ok": ok, "location": store.url, "results": results})
@@ -317,7 +329,10 @@ def rm(
             raise CheckpointNotFound(
                 f"nothing safepoint wrote is named {name!r} in {store.url}; `safepoint ls "
                 f"{store.url}` lists what is there", name=name)
-        count = len(committed_steps(store, name))
+        try:
+            count = len(committed_steps(store, name))
+        except CorruptCheckpoint:  # a name that is a link: removing the link is all there is
+            count = 0
         report = remove_name(store, name)
     console = out()
     for key, why in report.kept:

@@ -30,6 +30,7 @@ from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeCheckp
 from safepoint.format.manifest import Manifest, read_manifest
 from safepoint.format.tree import Decoder
 from safepoint.store import Store
+from safepoint.store.base import KIND_TEXT
 
 _POPULATE_BYTES = 1 << 20
 _MAP_POPULATE = getattr(mmap_module, "MAP_POPULATE", None)
@@ -99,15 +100,13 @@ class FileSet:
             key = f"{self.manifest.name}/{rel}"
             try:
                 info = self.store.stat(key)
-            except FileNotFoundError as exc:
-                raise CorruptCheckpoint(
-                    f"{self._where(key)}: data file is missing (checkpoint step "
-                    f"{self.manifest.step} is incomplete)", path=self._where(key)) from exc
+            except FileNotFoundError:
+                raise self._missing(key) from None
             if info.kind != "file":
                 raise CorruptCheckpoint(
-                    f"{self._where(key)} is {'a folder' if info.kind == 'dir' else 'a link or a special file'}"
-                    ", not a data file; safepoint never follows links or reads special files "
-                    "inside a store", path=self._where(key))
+                    f"{self._where(key)} is {KIND_TEXT[info.kind]}, not a data file; safepoint "
+                    "never follows links or reads special files inside a store",
+                    path=self._where(key))
             if info.size != size:
                 raise CorruptCheckpoint(
                     f"{self._where(key)}: data file has {info.size} bytes, expected {size} "
@@ -125,7 +124,10 @@ class FileSet:
         return file.buffer  # type: ignore[no-any-return]
 
     def _map(self, file: _File) -> np.ndarray:
-        mapped = self.store.map(file.key)
+        try:
+            mapped = self.store.map(file.key)
+        except FileNotFoundError:
+            raise self._missing(file.key) from None
         view = np.frombuffer(mapped if mapped is not None else b"", np.uint8)
         if view.nbytes != file.size:
             raise CorruptCheckpoint(f"{self._where(file.key)}: data file changed while it was "
@@ -190,8 +192,16 @@ class FileSet:
                 self._verify(index)
         self._wanted.clear()
 
+    def _missing(self, key: str) -> CorruptCheckpoint:
+        return CorruptCheckpoint(
+            f"{self._where(key)}: data file is missing (checkpoint step {self.manifest.step} is "
+            "incomplete)", path=self._where(key), step=self.manifest.step)
+
     def _read_file(self, file: _File) -> None:
-        got = self.store.read_range(file.key, 0, memoryview(file.buffer))
+        try:
+            got = self.store.read_range(file.key, 0, memoryview(file.buffer))
+        except FileNotFoundError:
+            raise self._missing(file.key) from None
         if got != file.size:
             raise CorruptCheckpoint(
                 f"{self._where(file.key)}: data file has {got} bytes, expected {file.size} "
@@ -203,7 +213,11 @@ class FileSet:
         for fi, offset, length, expected in blob["ranges"]:
             file = self._files[fi]
             view = out[at : at + length]
-            if self.store.read_range(file.key, offset, memoryview(view)) != length:
+            try:
+                got = self.store.read_range(file.key, offset, memoryview(view))
+            except FileNotFoundError:
+                raise self._missing(file.key) from None
+            if got != length:
                 raise CorruptCheckpoint(f"{self._where(file.key)}: data file is shorter than "
                                         "its manifest says", path=self._where(file.key))
             self._check(file.key, view, expected, blob)
@@ -388,7 +402,10 @@ def verify_checkpoint(
                 value, at = 0, 0
                 while at < length:
                     view = memoryview(buffer)[: min(len(buffer), length - at)]
-                    got = store.read_range(file.key, offset + at, view)
+                    try:
+                        got = store.read_range(file.key, offset + at, view)
+                    except FileNotFoundError:
+                        raise source._missing(file.key) from None
                     if got != len(view):
                         raise CorruptCheckpoint(f"{store.url}/{file.key}: data file is shorter "
                                                 "than its manifest says", path=file.key)

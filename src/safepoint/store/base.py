@@ -106,6 +106,11 @@ class KeyInfo:
     """A token that changes with every write of the key (an ETag, or inode and mtime)."""
 
 
+KIND_TEXT = {"link": "a symbolic link", "dir": "a folder",
+             "other": "a special file (FIFO, device or socket)", "file": "a file"}
+"""How messages name each kind of entry."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One name in a listing, with what it is (never following a link)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safepoint.store.base import (
     ABSENT,
+    KIND_TEXT,
     MARKER,
     MARKER_BODY,
     Buffer,
@@ -84,8 +85,7 @@ def _kind(mode: int) -> EntryKind:
     return "other"
 
 
-_WHAT = {"link": "a symbolic link", "dir": "a folder", "other": "a special file (FIFO, device "
-         "or socket)"}
+_WHAT = KIND_TEXT
 
 
 def fsync_dir(path: str | os.PathLike[str] | int) -> None:
@@ -159,8 +159,9 @@ class LocalStore(Store):
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 kind = self._lkind(parent, part)
-                if kind == "file":
-                    raise NotADirectoryError(errno.ENOTDIR, f"{self._where(key)}: {part} is a file") from None
+                if kind == "file":  # nothing can be under a file: for a lookup, not found
+                    error = NotADirectoryError if create else FileNotFoundError
+                    raise error(errno.ENOTDIR, f"{self._where(key)} is a file, not a folder") from None
                 raise unsafe_entry(self._where(key), _WHAT.get(kind, "not a folder")) from None
             raise
         with contextlib.suppress(FileExistsError):
