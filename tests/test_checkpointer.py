@@ -373,3 +373,16 @@ def test_sigterm_asks_for_a_last_save(tmp_path: Path) -> None:
         assert ckpt.preempted and ckpt.should_save(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_retention_rules_compose(tmp_path: Path) -> None:
+    from safepoint import keep_best, keep_every, keep_last
+
+    ckpt = Checkpointer("job", location=tmp_path,
+                        keep=keep_last(2) | keep_every(5) | keep_best("loss", 1))
+    losses = {s: abs(s - 3) + 0.5 for s in range(1, 13)}
+    _save_steps(ckpt, range(1, 13), losses)
+    assert ckpt.steps() == [3, 5, 10, 11, 12]
+    both = Checkpointer("both", location=tmp_path, keep=keep_every(2) & keep_last(4))
+    _save_steps(both, range(1, 11))
+    assert both.steps() == [6, 8, 10]  # even, and among the newest four of those kept

@@ -7,6 +7,9 @@ from safepoint.errors import (
     CorruptCheckpoint,
     InputChanged,
     InvalidName,
+    KindMismatch,
+    LeaseHeld,
+    NotAStore,
     SafepointError,
     SaveFailed,
     StaleAttempt,
@@ -19,6 +22,7 @@ from safepoint.errors import (
 )
 from safepoint.flow import Flow
 from safepoint.policy import Policy, after_substep, every, manual, on_progress
+from safepoint.retention import Retention, keep_all, keep_best, keep_every, keep_last
 from safepoint.run import resume
 from safepoint.stateful import GlobalRNG, Stateful
 from safepoint.tasks import Task, TaskContext, run_task, task
@@ -34,8 +38,12 @@ __all__ = [
     "GlobalRNG",
     "InputChanged",
     "InvalidName",
+    "KindMismatch",
+    "LeaseHeld",
+    "NotAStore",
     "Policy",
     "Restored",
+    "Retention",
     "SafepointError",
     "SaveFailed",
     "StaleAttempt",
@@ -51,6 +59,10 @@ __all__ = [
     "__version__",
     "after_substep",
     "every",
+    "keep_all",
+    "keep_best",
+    "keep_every",
+    "keep_last",
     "manual",
     "on_progress",
     "resume",

@@ -232,3 +232,13 @@ def test_save_errors_say_what_happened(tmp_path: Path, code: int, words: str) ->
     assert "'job' step 1" in str(error) and "untouched" in str(error)
     assert error.errno == code and error.step == 1 and error.name == "job"
     assert isinstance(error.__cause__, OSError)
+
+
+def test_the_format_doc_reader_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/format.md shows how to read a checkpoint with JSON, base64 and crc32c alone."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "format.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    exec(compile(block.replace("/tmp/fmt", str(tmp_path / "fmt")), "format.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "3 0.1 [0. 1. 2.]"
