@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -24,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import Report, Skip
-from safepoint.checkpointer import list_steps
-from safepoint.fencing import attempt_key
-from safepoint.format import read_manifest, step_key
+from safepoint.errors import CorruptCheckpoint
+from safepoint.lease import holder
 from safepoint.policy import every
+from safepoint.run import RunInfo, describe_run
 from safepoint.store import LocalStore
 from safepoint.tasks import TaskContext, run_task, task
-from safepoint.tasks.context import ATTEMPT_STRIDE
 
 ROOT = str(Path(__file__).resolve().parents[1])
 """The repository root: job processes and Dask workers import ``bench.bench_tasks`` from it."""
@@ -80,6 +78,19 @@ def _steps_done(progress: Path) -> int:
     return len(progress.read_text().splitlines()) if progress.exists() else 0
 
 
+def _info(store: LocalStore, job: str) -> RunInfo | None:
+    """The job's newest record (None before its first, or while a commit is half-written)."""
+    try:
+        return describe_run(store, job)
+    except (CorruptCheckpoint, OSError):
+        return None
+
+
+def _committed_steps(store: LocalStore, job: str) -> int:
+    info = _info(store, job)
+    return 0 if info is None else sum(r["status"] == "done" for r in info.steps)
+
+
 def killed_and_rerun(kind: str, workdir: Path, seconds: float, *, kill: bool) -> float:
     """Wall time of: start, SIGKILL once step ``KILL_AFTER`` is done (and, with safepoint,
     committed), then a rerun to completion."""
@@ -91,8 +102,7 @@ def killed_and_rerun(kind: str, workdir: Path, seconds: float, *, kill: bool) ->
         while _steps_done(progress) < KILL_AFTER:
             time.sleep(0.002)
         if kind == "safepoint":  # wait for the commit that records step KILL_AFTER
-            while not list_steps(LocalStore(store), "stepwise") or \
-                    list_steps(LocalStore(store), "stepwise")[-1] % ATTEMPT_STRIDE < KILL_AFTER:
+            while _committed_steps(LocalStore(store), "stepwise") < KILL_AFTER:
                 time.sleep(0.002)
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -136,36 +146,42 @@ def ticking(ctx: TaskContext, n: int, seconds: float) -> int:
     return ctx.state["total"]
 
 
-def _marker(store: LocalStore, job: str, number: int) -> dict[str, Any] | None:
-    try:
-        return json.loads(store.read(attempt_key(job, number)))
-    except FileNotFoundError:
-        return None
+def _attempt(store: LocalStore, job: str, attempt: int) -> RunInfo | None:
+    """The job's newest record once attempt ``attempt`` (or a later one) has committed."""
+    info = _info(store, job)
+    return info if info is not None and info.attempt >= attempt and info.position >= 1 else None
 
 
 def dask_handover(client: Any, workdir: Path, job: str) -> tuple[float, float]:
-    """Seconds from SIGKILL to the new attempt's marker, and to its first checkpoint."""
+    """Seconds from SIGKILL to the new attempt's lease (the scheduler has rescheduled it and
+    it has started), and to its first checkpoint."""
     from safepoint.integrations.dask import submit
 
     store = LocalStore(workdir / "store")
     future = submit(client, ticking, 400, 0.01, job_id=job, location=store.root)
     deadline = time.monotonic() + 60
-    while not list_steps(store, job) or list_steps(store, job)[-1] % ATTEMPT_STRIDE < 5:
+    while _attempt(store, job, 1) is None or _attempt(store, job, 1).position < 5:  # type: ignore[union-attr]
         if time.monotonic() > deadline:
             raise RuntimeError("the Dask task made no checkpoints within 60 s")
         time.sleep(0.005)
-    pid = _marker(store, job, 1)["pid"]
+    first = holder(store, job)
+    assert first is not None
     killed_at = time.time()
-    os.kill(pid, signal.SIGKILL)
-    while not any(s >= 2 * ATTEMPT_STRIDE for s in list_steps(store, job)):
+    os.kill(first.info["holder"]["pid"], signal.SIGKILL)
+    rescheduled = None
+    while True:
         if time.monotonic() > deadline:
             raise RuntimeError("the new attempt made no checkpoint within 60 s")
+        current = holder(store, job)
+        if rescheduled is None and current is not None and current.generation > first.generation:
+            rescheduled = float(current.info["holder"]["started"])
+        info = _attempt(store, job, first.generation + 1)
+        if info is not None and info.updated > killed_at:
+            committed = info.updated
+            break
         time.sleep(0.001)
-    first = min(s for s in list_steps(store, job) if s >= 2 * ATTEMPT_STRIDE)
-    committed = read_manifest(store, step_key(job, first)).created
-    rescheduled = _marker(store, job, 2)["started"]
     future.result(timeout=60)
-    return rescheduled - killed_at, committed - killed_at
+    return (rescheduled or committed) - killed_at, committed - killed_at
 
 
 def bench_dask_handover(report: Report) -> None:
@@ -198,7 +214,7 @@ def bench_dask_handover(report: Report) -> None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = previous
-    section.add("kill → new attempt started", handed)
+    section.add("kill → new attempt holds the lease", handed)
     section.add("kill → its first checkpoint", resumed)
     median = sorted(resumed)[len(resumed) // 2]
     report.target("Dask kill-to-resume (first checkpoint of the new attempt) ≤ 1 s", median,

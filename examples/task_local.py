@@ -4,7 +4,8 @@
     python examples/task_local.py                 # resumes: skips "generate", goes on at chunk 6
     safepoint run -- python examples/task_local.py    # rerun it until it completes
 
-Checkpoints go to ./.safepoint (or $SAFEPOINT_DIR); a completed job removes them.
+Checkpoints go to ./.safepoint (or $SAFEPOINT_DIR). A completed job is idempotent: running
+it again returns its recorded result at once; `safepoint rm statistics` forgets it.
 """
 
 from __future__ import annotations

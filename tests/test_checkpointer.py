@@ -97,8 +97,10 @@ def test_save_restore_list_delete(store: Store) -> None:
     assert ckpt.restore(step=5).state["step"] == 5
     ckpt.delete(5)
     assert ckpt.steps() == [1, 9]
-    assert store.list("job") == ["000000000001", "000000000001.json", "000000000009",
-                                 "000000000009.json", "latest.json"]
+    listed = store.list("job")  # besides the steps: the writer's lease (and a lock file)
+    assert [e for e in listed if e not in (".lock", "lease")] == [
+        "000000000001", "000000000001.json", "000000000009", "000000000009.json", "latest.json"]
+    assert "lease" in listed
     with pytest.raises(CheckpointNotFound):
         ckpt.delete(5)
     with pytest.raises(CheckpointNotFound):
@@ -160,8 +162,8 @@ def test_keep_last_n(store: Store) -> None:
     ckpt = Checkpointer("job", location=store, keep=3)
     _save_steps(ckpt, range(1, 8))
     assert ckpt.steps() == [5, 6, 7]
-    assert store.list("job") == ["000000000005.json", "000000000006.json", "000000000007.json",
-                                 "latest.json"]
+    assert [e for e in store.list("job") if e not in (".lock", "lease")] == [
+        "000000000005.json", "000000000006.json", "000000000007.json", "latest.json"]
 
 
 def test_keep_every_k_and_last_n_is_a_union(tmp_path: Path) -> None:
@@ -316,7 +318,8 @@ def test_a_small_save_stats_once_publishes_once_and_lists_nothing(tmp_path: Path
         ckpt.save(step, {"step": step})
     store.calls.clear()
     ckpt.save(5, {"step": 5})
-    assert store.calls == {"stat": 2, "publish": 1}  # the newest step (twice), then commit
+    # the newest step (twice), the lease (one listing: still this writer's?), then commit
+    assert store.calls == {"stat": 2, "list": 1, "publish": 1}
     store.calls.clear()
     ckpt.save(5, {"step": "again"}, overwrite=True)
     assert store.calls["read"] == 1  # the manifest it replaces, kept to roll back a failure

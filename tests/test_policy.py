@@ -104,7 +104,7 @@ def test_default_policy_is_time_based() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: every(), "every() needs items=N, seconds=T, or both"),
+        (lambda: every(), "every() needs items=N, seconds=T, steps=S, or several"),
         (lambda: every(items=0), "positive count"),
         (lambda: every(seconds=0), "positive period"),
         (lambda: every(seconds=float("nan")), "positive period"),

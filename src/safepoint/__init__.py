@@ -2,6 +2,7 @@
 checkpoint, with nothing lost and nothing done twice."""
 
 from safepoint.checkpointer import Checkpointer, CorruptCheckpointWarning, Restored
+from safepoint.consistency import CheckReport, check
 from safepoint.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
@@ -30,6 +31,7 @@ from safepoint.tasks import Task, TaskContext, run_task, task
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckReport",
     "CheckpointNotFound",
     "Checkpointer",
     "CorruptCheckpoint",
@@ -58,6 +60,7 @@ __all__ = [
     "UnsupportedType",
     "__version__",
     "after_substep",
+    "check",
     "every",
     "keep_all",
     "keep_best",

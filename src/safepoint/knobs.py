@@ -8,6 +8,8 @@ files) before any memory is taken, so a damaged or hostile store cannot exhaust 
 
 from __future__ import annotations
 
+import os
+
 # ---------------------------------------------------------------- reading limits
 
 MAX_MANIFEST_BYTES = 256 << 20
@@ -46,3 +48,14 @@ LEFTOVER_MIN_AGE = 3600.0
 younger ones may belong to a save in flight in another process."""
 GC_MIN_AGE = 300.0
 """``safepoint gc`` leaves leftovers younger than this alone unless told otherwise."""
+
+# ---------------------------------------------------------------- writers
+
+LEASE_TTL = float(os.environ.get("SAFEPOINT_LEASE_TTL", "30"))
+"""Seconds without a heartbeat after which a writer counts as gone (hung, paused, or on
+another host; on the same host an OS lock tells at once that a writer died). Heartbeats
+come every third of it. ``$SAFEPOINT_LEASE_TTL`` sets it for a whole cluster."""
+LEASE_POLL = 0.2
+"""Seconds between looks at a busy name, when waiting for its writer to let go."""
+LOG_COMPACT_RECORDS = 256
+"""On object stores a run's log (one object per record) is compacted after this many."""

@@ -1,18 +1,28 @@
-"""When to checkpoint: small composable policies.
+"""When to checkpoint: small composable policies that own their behaviour.
 
-A policy is asked at every item (or sub-step) boundary whether to checkpoint now. Combine
-them with ``|`` (any) and ``&`` (all); a plain callable taking a :class:`Tick` works too::
+A policy is asked at boundaries (between items of a loop, after a sub-step, at a training
+step) whether to checkpoint now. Combine them with ``|`` (any) and ``&`` (all); a plain
+callable taking a :class:`Tick` works too::
 
     policy = every(items=1000) | every(seconds=30)
 
-Time-based policies read the clock each time they are asked, so a deadline is missed by at
-most the time between two boundaries, however suddenly items become slow. Asking rarely
-enough is the caller's job: a run asks at segment ends (a few hundred times a second at
-most), not after every item.
+A policy also answers what a loop needs to know to ask it rarely, so that asking costs
+nothing per item (tenacity's ``stop`` strategies are the model; nothing outside a policy
+inspects its class):
+
+- :meth:`Policy.horizon`: how many more items may pass before it could say yes (``None``:
+  no count bounds it, ask at segment ends, a few hundred times a second at most). The
+  default, for a policy that does not say, is 1: it is asked after every item.
+- :attr:`Policy.uses_clock`: whether it may become due by time alone (the loop then keeps a
+  watchdog, so that slow items cannot delay it).
+- :attr:`Policy.uses_fraction`: whether it reads ``Tick.fraction`` (costly for a stream).
+
+A user-written policy that defines ``horizon`` is as fast as a built-in one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +35,7 @@ class Tick:
     """What a policy sees at a boundary."""
 
     items: int
-    """Items (or sub-steps) completed since the last checkpoint."""
+    """Items (or sub-steps, or training steps) since the last checkpoint."""
     last_checkpoint_at: float
     """Clock reading at the last checkpoint (or the start)."""
     fraction: float | None = None
@@ -33,7 +43,9 @@ class Tick:
     fraction_at_last: float = 0.0
     """Progress at the last checkpoint."""
     substep_completed: bool = False
-    """A named sub-step has just finished (tasks)."""
+    """A named sub-step has just finished (tasks and flows)."""
+    step: int | None = None
+    """The training step being asked about (``Checkpointer.should_save(step)``)."""
     clock: Clock = field(default=time.monotonic, repr=False)
 
     def now(self) -> float:
@@ -42,10 +54,25 @@ class Tick:
 
 
 class Policy:
-    """Base of checkpoint policies; subclasses implement :meth:`__call__`."""
+    """Base of checkpoint policies; subclasses implement :meth:`__call__`, and should
+    answer :meth:`horizon`, :attr:`uses_clock` and :attr:`uses_fraction` where they can."""
 
     def __call__(self, tick: Tick) -> bool:
         raise NotImplementedError
+
+    def horizon(self, since: int, position: int, total: int | None, fraction_at_last: float) -> int | None:
+        """Items that may pass (``since`` have passed since the last checkpoint, the loop is
+        at ``position`` of ``total``) before this policy could say yes; None when no count
+        bounds it. The default, 1, asks after every item."""
+        return 1
+
+    @property
+    def uses_clock(self) -> bool:
+        return True
+
+    @property
+    def uses_fraction(self) -> bool:
+        return True
 
     def __or__(self, other: PolicyLike) -> Policy:
         return AnyOf(self, as_policy(other))
@@ -64,6 +91,8 @@ PolicyLike = Policy | Callable[[Tick], bool]
 
 
 class _Callable(Policy):
+    """A plain function of a Tick: it may look at anything, so it is asked after every item."""
+
     def __init__(self, fn: Callable[[Tick], bool]) -> None:
         self.fn = fn
 
@@ -94,25 +123,54 @@ class AnyOf(Policy):
         results = [p(tick) for p in self.policies]
         return any(results)
 
+    def horizon(self, since: int, position: int, total: int | None, fraction_at_last: float) -> int | None:
+        values = [v for p in self.policies if (v := p.horizon(since, position, total, fraction_at_last)) is not None]
+        return min(values) if values else None
+
+    @property
+    def uses_clock(self) -> bool:
+        return any(p.uses_clock for p in self.policies)
+
+    @property
+    def uses_fraction(self) -> bool:
+        return any(p.uses_fraction for p in self.policies)
+
     def __repr__(self) -> str:
         return " | ".join(map(repr, self.policies))
 
 
-class AllOf(Policy):
-    """Checkpoint when all of the policies say so (``a & b``)."""
-
-    def __init__(self, *policies: Policy) -> None:
-        self.policies = policies
+class AllOf(AnyOf):
+    """Checkpoint when all of the policies say so (``a & b``): not before the latest of
+    their horizons."""
 
     def __call__(self, tick: Tick) -> bool:
         results = [p(tick) for p in self.policies]
         return all(results)
 
+    def horizon(self, since: int, position: int, total: int | None, fraction_at_last: float) -> int | None:
+        values = [v for p in self.policies if (v := p.horizon(since, position, total, fraction_at_last)) is not None]
+        return max(values) if values else None
+
     def __repr__(self) -> str:
         return "(" + " & ".join(map(repr, self.policies)) + ")"
 
 
-class _Items(Policy):
+class _Quiet(Policy):
+    """A built-in policy that never reads the clock or the fraction unless it says so."""
+
+    @property
+    def uses_clock(self) -> bool:
+        return False
+
+    @property
+    def uses_fraction(self) -> bool:
+        return False
+
+    def horizon(self, since: int, position: int, total: int | None, fraction_at_last: float) -> int | None:
+        return None
+
+
+class _Items(_Quiet):
     def __init__(self, items: int) -> None:
         if items < 1:
             raise ValueError(f"every(items=...) needs a positive count, not {items}")
@@ -121,11 +179,27 @@ class _Items(Policy):
     def __call__(self, tick: Tick) -> bool:
         return tick.items >= self.items
 
+    def horizon(self, since: int, position: int, total: int | None, fraction_at_last: float) -> int | None:
+        return self.items - since
+
     def __repr__(self) -> str:
         return f"every(items={self.items})"
 
 
-class _Seconds(Policy):
+class _Steps(_Quiet):
+    def __init__(self, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"every(steps=...) needs a positive count, not {steps}")
+        self.steps = steps
+
+    def __call__(self, tick: Tick) -> bool:
+        return tick.step is not None and tick.step % self.steps == 0
+
+    def __repr__(self) -> str:
+        return f"every(steps={self.steps})"
+
+
+class _Seconds(_Quiet):
     def __init__(self, seconds: float) -> None:
         if not seconds > 0:
             raise ValueError(f"every(seconds=...) needs a positive period, not {seconds}")
@@ -134,11 +208,15 @@ class _Seconds(Policy):
     def __call__(self, tick: Tick) -> bool:
         return tick.now() - tick.last_checkpoint_at >= self.seconds
 
+    @property
+    def uses_clock(self) -> bool:
+        return True
+
     def __repr__(self) -> str:
         return f"every(seconds={self.seconds})"
 
 
-class _Progress(Policy):
+class _Progress(_Quiet):
     def __init__(self, fraction: float) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"on_progress(...) needs a fraction in (0, 1], not {fraction}")
@@ -149,11 +227,20 @@ class _Progress(Policy):
             return False
         return tick.fraction - tick.fraction_at_last >= self.fraction - 1e-12
 
+    def horizon(self, since: int, position: int, total: int | None, fraction_at_last: float) -> int | None:
+        if total is None:
+            return None
+        return math.ceil((fraction_at_last + self.fraction - 1e-12) * total) - position
+
+    @property
+    def uses_fraction(self) -> bool:
+        return True
+
     def __repr__(self) -> str:
         return f"on_progress({self.fraction})"
 
 
-class _Manual(Policy):
+class _Manual(_Quiet):
     def __call__(self, tick: Tick) -> bool:
         return False
 
@@ -161,7 +248,7 @@ class _Manual(Policy):
         return "manual()"
 
 
-class _AfterSubstep(Policy):
+class _AfterSubstep(_Quiet):
     def __call__(self, tick: Tick) -> bool:
         return tick.substep_completed
 
@@ -169,15 +256,19 @@ class _AfterSubstep(Policy):
         return "after_substep()"
 
 
-def every(*, items: int | None = None, seconds: float | None = None) -> Policy:
-    """Checkpoint every ``items`` items, or every ``seconds`` seconds (either, if both)."""
+def every(*, items: int | None = None, seconds: float | None = None,
+          steps: int | None = None) -> Policy:
+    """Checkpoint every ``items`` items, every ``seconds`` seconds, or at every training
+    step divisible by ``steps`` (any of those given)."""
     parts: list[Policy] = []
     if items is not None:
         parts.append(_Items(items))
     if seconds is not None:
         parts.append(_Seconds(seconds))
+    if steps is not None:
+        parts.append(_Steps(steps))
     if not parts:
-        raise TypeError("every() needs items=N, seconds=T, or both")
+        raise TypeError("every() needs items=N, seconds=T, steps=S, or several")
     return parts[0] if len(parts) == 1 else AnyOf(*parts)
 
 

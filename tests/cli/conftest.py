@@ -10,6 +10,7 @@ from typer.testing import CliRunner, Result
 
 from safepoint import Checkpointer
 from safepoint.cli import app
+from safepoint.flow import Flow
 
 
 @pytest.fixture
@@ -28,16 +29,29 @@ def invoke(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Invoke:
     return run
 
 
+def _failing_flow(root: Path) -> None:
+    """A real flow whose first step completes and whose second fails, run twice."""
+    flow = Flow("prep", location=root)
+    flow.step(name="load")(lambda state, data: state.update(rows=3))
+
+    @flow.step
+    def clean(state: dict, data: object) -> None:
+        raise ValueError("bad row 2")
+
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            flow.run()
+
+
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
-    """A store with ``train`` (steps 10, 20, 30), a flow-like ``prep`` and a one-step ``solo``."""
+    """A store with ``train`` (steps 10, 20, 30), a flow ``prep`` (its first step done, its
+    second failed, attempt 2) and a one-step ``solo``."""
     root = tmp_path / "store"
     train = Checkpointer("train", location=root)
     for step in (10, 20, 30):
         train.save(step, weights(step), metadata={"loss": 1.0 / step})
-    prep = Checkpointer("prep", location=root)
-    prep.save(0, {"record": {"done": 1}}, extra={
-        "kind": "flow", "progress": 0.5, "attempt": 2,
-        "table": [{"step": "load", "status": "done"}, {"step": "clean", "status": "failed"}]})
+    train.close()
+    _failing_flow(root)
     Checkpointer("solo", location=root).save(7, {"x": 1})
     return root

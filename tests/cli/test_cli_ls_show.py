@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,9 @@ def test_ls_lists_each_name_with_kind_steps_and_latest(invoke: Invoke, store_dir
     assert result.exit_code == 0, result.output
     table = rows(result.stdout)
     assert set(table) == {"train", "prep", "solo"}
-    assert table["train"][1:4] == ["checkpoint", "3", "30"]
-    assert table["prep"][1:6] == ["flow", "1", "0", "50%", "2"]
-    assert table["solo"][1:4] == ["checkpoint", "1", "7"]
+    assert table["train"][1:5] == ["checkpoint", "-", "3", "30"]
+    assert table["prep"][1:6] == ["flow", "idle", "2", "-", "50%"]  # two steps recorded
+    assert table["solo"][1:5] == ["checkpoint", "-", "1", "7"]
     assert "just now" in result.stdout
 
 
@@ -43,7 +44,9 @@ def test_ls_json_matches_the_store(invoke: Invoke, store_dir: Path) -> None:
     newest = [store_dir / "train" / "000000000030.json",
               *(store_dir / "train" / "000000000030").iterdir()]
     assert train["nbytes"] == sum(f.stat().st_size for f in newest)  # the newest step's bytes
-    assert (by_name["prep"]["progress"], by_name["prep"]["attempt"]) == (0.5, 2)
+    prep = by_name["prep"]
+    assert (prep["progress"], prep["attempt"], prep["status"]) == (0.5, 2, "idle")
+    assert prep["owner"]["pid"] == os.getpid() and prep["owner"]["kind"] == "flow"
     assert by_name["solo"]["progress"] is None
 
 
@@ -103,9 +106,23 @@ def test_show_a_run(invoke: Invoke, tmp_path: Path) -> None:
     interrupted_run(store, "journal", 4)
     result = invoke("show", "journal", "-l", store)
     assert result.exit_code == 0, result.output
-    assert "position 4 of 10 (40%), attempt 1" in result.stdout
+    out = result.stdout
+    assert "journal (run)" in out and "status   idle" in out and "attempt 1" in out
+    assert "position 4 of 10 (40%)" in out
     info = parse_json(invoke("show", "journal", "-l", store, "--json"))
     assert (info["kind"], info["run"]["position"], info["run"]["total"]) == ("run", 4, 10)
+    assert info["run"]["liveness"] == "idle" and info["run"]["owner"]["pid"] == os.getpid()
+
+
+def test_show_a_run_shows_its_state(invoke: Invoke, tmp_path: Path) -> None:
+    store = tmp_path / "runs"
+    interrupted_run(store, "sums", 6, arrays=True)  # the state holds an array: a checkpoint
+    interrupted_run(store, "small", 3)
+    tree = {r["path"]: r for r in parse_json(invoke("show", "sums", "-l", store, "--json"))["tree"]}
+    assert tree["state['w']"]["shape"] == "(10000,)" and tree["state['w']"]["dtype"] == "float64"
+    assert "state['w']" in invoke("show", "sums", "-l", store).stdout
+    small = parse_json(invoke("show", "small", "-l", store, "--json"))
+    assert small["tree"][0]["path"] == "state" and small["table"] == []
 
 
 def test_show_prints_metadata_and_the_tree(invoke: Invoke, store_dir: Path) -> None:
@@ -133,11 +150,15 @@ def test_show_renders_a_flow_table(invoke: Invoke, store_dir: Path) -> None:
     result = invoke("show", "prep", "-l", store_dir)
     assert result.exit_code == 0, result.output
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert ["load", "done"] in lines and ["clean", "failed"] in lines
-    assert "progress 50%, attempt 2" in result.stdout
+    assert next(cells[:2] for cells in lines if cells[:1] == ["load"]) == ["load", "done"]
+    assert next(cells[:2] for cells in lines if cells[:1] == ["clean"]) == ["clean", "failed"]
+    assert "position" in result.stdout and "(50%)" in result.stdout and "attempt 2" in result.stdout
+    assert "error    ValueError: bad row 2" in result.stdout
+    out = result.stdout
+    assert out.index("clean") < out.index("state['state']")  # the steps come before the state
     info = parse_json(invoke("show", "prep", "-l", store_dir, "--json"))
-    assert info["table"][1] == {"step": "clean", "status": "failed"}
-    assert info["kind"] == "flow"
+    assert [(r["name"], r["status"]) for r in info["table"]] == [("load", "done"), ("clean", "failed")]
+    assert info["kind"] == "flow" and info["table"][1]["error"] == "ValueError: bad row 2"
 
 
 def test_show_reads_no_blobs(invoke: Invoke, store_dir: Path) -> None:
@@ -190,11 +211,14 @@ def test_an_unknown_store_url_is_one_clear_line(invoke: Invoke) -> None:
 
 def test_a_damaged_run_record_is_reported_not_fatal(invoke: Invoke, tmp_path: Path) -> None:
     store = tmp_path / "runs"
-    Checkpointer("odd", location=store).save(1, {"x": 1}, extra={"run": {"format": "garbage"}})
+    interrupted_run(store, "odd", 4, arrays=True)
     interrupted_run(store, "fine", 2)
+    journal = next((store / "odd").glob("run-*.journal"))
+    journal.write_bytes(journal.read_bytes()[:8] + b"\xff" * (journal.stat().st_size - 8))
     listed = {e["name"]: e for e in parse_json(invoke("ls", store, "--json"))}
     assert (listed["odd"]["kind"], listed["odd"]["damaged"]) == ("run", 1)
+    assert "no intact record" in listed["odd"]["problem"]
     assert listed["fine"]["damaged"] == 0
-    result = invoke("show", "odd", "-l", store)
+    result = invoke("show", "odd", "-l", store)  # its checkpoints are still there to look at
     assert result.exit_code == 0, result.output
-    assert "run      record damaged:" in result.stdout and "odd/000000000001" in result.stdout
+    assert "record   damaged:" in result.stdout and "no intact record" in result.stdout

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import safepoint
 from safepoint import Checkpointer, CorruptCheckpointWarning
 from safepoint.checkpointer import collect_garbage
 from safepoint.format import read_manifest, step_of_folder, step_of_manifest, verify_checkpoint
@@ -222,8 +223,8 @@ def check_store(store: Path, steps: list[int]) -> None:
     """After gc, the store holds exactly the committed steps, each intact, and no leftover."""
     local = LocalStore(store)
     for entry in (store / NAME).iterdir():
-        if entry.name == "latest.json":
-            continue
+        if entry.name in ("latest.json", "lease", ".lock"):
+            continue  # the newest-step record; the writer's lease and its commit lock
         step = step_of_manifest(entry.name) if entry.is_file() else step_of_folder(entry.name)
         assert step is not None and step in steps, f"gc left {entry}"
         report = verify_checkpoint(local, NAME, step)
@@ -255,6 +256,8 @@ def check_after_kill(variant: Variant, store: Path, log: Path, previous: int | N
     collect_garbage(ckpt.store, NAME)  # the child is dead: every leftover may go
     assert ckpt.steps() == steps
     check_store(store, steps)
+    report = safepoint.check(store)
+    assert report.ok and report.clean, report.findings
     return restored.step
 
 

@@ -135,10 +135,10 @@ def test_a_different_step_where_one_completed_is_refused(tmp_path, names, index,
 def test_a_removed_step_of_a_completed_flow_is_refused_when_reused(tmp_path):
     steps_flow(tmp_path, ["a", "b"], []).run()
     flow = steps_flow(tmp_path, ["a"], [])
-    flow.rerun_completed = False
+    flow.keep_completed = True
     with pytest.raises(StepMismatch, match="'b' but no longer exists"):
         flow.run()
-    flow.rerun_completed = True
+    flow.keep_completed = False
     assert flow.run() == {"a": True}  # starting over reuses nothing
 
 

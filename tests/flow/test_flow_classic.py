@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
-from safepoint import Checkpointer
+import pytest
+
 from safepoint.flow import Flow
+from safepoint.run import describe_run
+from safepoint.store import open_store
 
 PIPELINE = """
 import json, os, sys
@@ -100,15 +103,14 @@ def test_classic_scenario_across_processes(script, tmp_path):
     assert pipeline.calls() == ["load2", F2_INPUT, "f3"]
 
 
-def test_show_table_is_in_the_manifest(script, tmp_path):
-    """`safepoint show NAME` reads the status table from the newest commit's manifest."""
+def test_show_reads_the_step_table_from_the_flow_record(script, tmp_path):
+    """`safepoint show NAME` reads the status of every step from the flow's newest record."""
     pipeline = script(PIPELINE)
     pipeline.run(env={"F2_FAILS": "1"}, ok=False)
-    checkpointer = Checkpointer("classic", location=tmp_path / "store")
-    body = checkpointer.manifest(checkpointer.latest_step()).body
-    assert body["kind"] == "flow"
-    assert body["progress"] == 1 / 3
-    assert [(r["step"], r["status"], r["error"]) for r in body["table"]] == [
-        ("f1", "done", None), ("f2", "failed", "RuntimeError: f2 is broken"), ("f3", "pending", None)]
-    assert all(isinstance(r["duration"], float) and r["when"] for r in body["table"][:2])
-    assert body["table"][2]["duration"] is None and body["table"][2]["when"] is None
+    info = describe_run(open_store(tmp_path / "store"), "classic")
+    assert info is not None and info.kind == "flow" and not info.complete
+    assert info.progress == pytest.approx(1 / 3)
+    assert [(r["name"], r["status"], r["error"]) for r in info.steps] == [
+        ("f1", "done", None), ("f2", "failed", "RuntimeError: f2 is broken")]
+    assert all(isinstance(r["duration"], float) for r in info.steps)
+    assert info.error == "RuntimeError: f2 is broken"

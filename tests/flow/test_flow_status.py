@@ -8,9 +8,18 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import safepoint
 from safepoint import Checkpointer, CorruptCheckpointWarning
-from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SafepointError, UnsupportedType
-from safepoint.flow import Flow, NotAFlow
+from safepoint.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    KindMismatch,
+    SafepointError,
+    UnsupportedType,
+)
+from safepoint.flow import Flow
+from safepoint.run.log import read_log
+from safepoint.store import open_store
 
 
 class FakeClock:
@@ -143,8 +152,10 @@ def test_stored_outputs_are_read_only_when_asked_and_only_once(counting_store):
     asks: list[str] = []
     assert build(False, asks).run() == {"a": 100_001.0}
     assert asks == ["False", "True"]
+    outputs = {r.name: f"{r.tree['checkpoint']:012d}" for r in read_log(counting_store, "lazy").steps().values()
+               if r.tree is not None and "checkpoint" in r.tree}
     blob_reads = {key.rsplit("/", 2)[1]: n for key, n in counting_store.reads.items() if key.endswith(".bin")}
-    assert blob_reads == {"000000000000": 1}  # a's output, once; b's never
+    assert blob_reads == {outputs["a"]: 1}  # a's output, once; b's never
 
 
 def test_store_keeps_only_the_newest_record_and_live_outputs(tmp_path):
@@ -163,21 +174,29 @@ def test_store_keeps_only_the_newest_record_and_live_outputs(tmp_path):
     def c(state, data):
         return np.ones(10_000)
 
+    def outputs() -> dict[str, int]:
+        return {r.name: r.tree["checkpoint"] for r in read_log(checkpointer.store, "f").steps().values()
+                if r.tree is not None}
+
     flow.run()
-    assert checkpointer.steps() == [0, 2]  # a's output; c's output with the newest record
-    flow.run()  # starts over: commit 3 records the restart and drops the old outputs
-    assert checkpointer.steps() == [4, 6]
-    flow.run(start_at="b")  # 7 restarts at b; a's output stays in use
-    assert checkpointer.steps() == [4, 9]
+    first = outputs()
+    assert sorted(first) == ["a", "c"] and checkpointer.steps() == sorted(first.values())
+    flow.run()  # starts over: the old outputs are dropped
+    second = outputs()
+    assert checkpointer.steps() == sorted(second.values()) and not set(first.values()) & set(second.values())
+    flow.run(start_at="b")  # restarts at b; a's output stays in use, c's is replaced
+    third = outputs()
+    assert third["a"] == second["a"] and third["c"] != second["c"]
+    assert checkpointer.steps() == sorted(third.values())
 
 
 def test_completed_flow_without_rerun_returns_its_final_state(tmp_path):
     calls: list[str] = []
-    flow = Flow("f", location=tmp_path, rerun_completed=False)
+    flow = Flow("f", location=tmp_path, keep_completed=True)
     three_steps(flow, calls, train_fails=[False])
     first = flow.run({"seed": 2})
     assert flow.run() == first and len(calls) == 3
-    with pytest.warns(UserWarning, match="complete and rerun_completed=False"):
+    with pytest.warns(UserWarning, match="complete and keep_completed=True"):
         assert flow.run({"seed": 3}) == first and len(calls) == 3
     assert flow.run(start_at="report") == first and calls[-1] == "report"
 
@@ -293,13 +312,18 @@ def test_a_damaged_newest_commit_falls_back_to_the_one_before(tmp_path):
     flow, calls = Flow("f", location=tmp_path), []
     for name in ("a", "b", "c"):
         flow.step(name=name)(lambda state, data, name=name: calls.append(name) or np.full(2000, 1.0))
+    flow.keep_completed = True
     flow.run()
-    manifest = tmp_path / "f" / "000000000002.json"
-    manifest.write_bytes(manifest.read_bytes().replace(b'"done"', b'"dune"', 1))
+    journal = next((tmp_path / "f").glob("run-*.journal"))
+    data = journal.read_bytes()
+    at = data.index(b'"key":"#2"')  # the record of step c, followed by the final state
+    journal.write_bytes(data[:at] + b'"kez"' + data[at + 5:])
     calls.clear()
-    with pytest.warns(CorruptCheckpointWarning, match="step 2"):
+    with pytest.warns(CorruptCheckpointWarning, match="damaged"):
         flow.run()
-    assert calls == ["c"]
+    assert calls == ["c"]  # a and b are still recorded; c, whose record is damaged, reruns
+    report = safepoint.check(tmp_path)
+    assert report.ok, report.findings
 
 
 def test_a_damaged_output_names_the_step_to_rerun(tmp_path):
@@ -315,7 +339,8 @@ def test_a_damaged_output_names_the_step_to_rerun(tmp_path):
 
     with pytest.raises(RuntimeError):
         flow.run()
-    blob = next((tmp_path / "f" / "000000000000").glob("*.bin"))
+    a_output = read_log(open_store(tmp_path), "f").steps()["#0"].tree["checkpoint"]
+    blob = next((tmp_path / "f" / f"{a_output:012d}").glob("*.bin"))
     blob.write_bytes(b"\0" * blob.stat().st_size)
     fail[0] = False
     fresh = Flow("f", location=tmp_path)
@@ -330,7 +355,7 @@ def test_a_name_used_by_other_checkpoints_is_refused(tmp_path):
     Checkpointer("weights", location=tmp_path).save(0, {"w": 1})
     flow = Flow("weights", location=tmp_path)
     flow.step(name="s")(lambda state, data: None)
-    with pytest.raises(NotAFlow, match="not a flow"):
+    with pytest.raises(KindMismatch, match="not a flow"):
         flow.run()
 
 
@@ -339,8 +364,9 @@ def test_step_registration_errors(tmp_path):
     with pytest.raises(ValueError, match="give this step a name"):
         flow.step(lambda state, data: None)
     flow.step(name="x")(lambda state, data: None)
-    with pytest.raises(ValueError, match="already has a step named 'x'"):
-        flow.step(name="x")(lambda state, data: None)
+    flow.step(name="y")(lambda state, data: None)
+    fixed = flow.step(name="x")(lambda state, data: state.update(x=1))  # a notebook cell again
+    assert flow.steps == ["x", "y"] and flow._steps[0].fn is fixed  # replaced in place
     with pytest.raises(TypeError, match="load= must be callable"):
         flow.step(load=3, name="y")
     with pytest.raises(SafepointError, match="no steps"):

@@ -5,10 +5,14 @@ from __future__ import annotations
 import multiprocessing
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safepoint.run.persist import Loaded, RunStore
+from safepoint.checkpointer import Checkpointer
+from safepoint.format.tree import decode_inline
+from safepoint.run.log import read_log
+from safepoint.run.record import Record
 from safepoint.store import open_store
 
 
@@ -24,13 +28,26 @@ def write_numbers(path: Path, count: int, seed: int = 0) -> list[int]:
     return values
 
 
-def saved(store: Path | str, name: str) -> Loaded | None:
+@dataclass
+class Saved:
+    """The newest checkpoint of a run: its record and its state."""
+
+    record: Record
+    state: dict[str, Any]
+
+
+def saved(store: Path | str, name: str) -> Saved | None:
     """The newest checkpoint of run ``name`` (record and state), as a resume would see it."""
-    run_store = RunStore(open_store(store), name, durable=False)
-    try:
-        return run_store.open()
-    finally:
-        run_store.close()
+    opened = open_store(store)
+    record = read_log(opened, name).state
+    if record is None:
+        return None
+    tree = record.tree or {"node": {}}
+    if "node" in tree:
+        state = decode_inline(tree["node"])
+    else:
+        state = Checkpointer(name, location=opened).restore(tree["checkpoint"]).state
+    return Saved(record, state)
 
 
 FORK = multiprocessing.get_context("fork")

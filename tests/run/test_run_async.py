@@ -13,6 +13,7 @@ from run_helpers import Boom, saved
 
 import safepoint.run as runs
 from safepoint.errors import StaleAttempt
+from safepoint.lease import Lease
 from safepoint.policy import every
 
 
@@ -84,14 +85,25 @@ def test_break_out_of_an_async_loop_lets_the_next_one_start(store: Path) -> None
     assert asyncio.run(job()) == [0, 1, 2]
 
 
-def test_sync_commits_of_an_async_loop_are_written_off_the_event_loop(store: Path) -> None:
-    writers: list[bool] = []
+def _fence(monkeypatch: pytest.MonkeyPatch, hook: Any) -> None:
+    """Run ``hook`` where every commit checks the writer's lease (just before it writes)."""
+    real = Lease.check
 
-    def fence() -> None:
-        writers.append(threading.current_thread() is threading.main_thread())
+    def check(lease: Lease) -> None:
+        hook()
+        real(lease)
+
+    monkeypatch.setattr(Lease, "check", check)
+
+
+def test_sync_commits_of_an_async_loop_are_written_off_the_event_loop(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writers: list[bool] = []
+    _fence(monkeypatch, lambda: writers.append(threading.current_thread() is threading.main_thread()))
 
     async def job() -> None:
-        async with runs.resume("job", location=store, policy=every(items=1), fence=fence) as run:
+        async with runs.resume("job", location=store, policy=every(items=1)) as run:
             async for _ in run.aiterate(Numbers(5)):
                 pass
 
@@ -99,7 +111,9 @@ def test_sync_commits_of_an_async_loop_are_written_off_the_event_loop(store: Pat
     assert writers[:5] == [False] * 5
 
 
-def test_background_commits_coalesce_and_are_all_written_at_the_end(store: Path) -> None:
+def test_background_commits_coalesce_and_are_all_written_at_the_end(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gate = threading.Event()
     calls: list[int] = []
 
@@ -107,8 +121,9 @@ def test_background_commits_coalesce_and_are_all_written_at_the_end(store: Path)
         calls.append(1)
         gate.wait(10)  # the first write stalls until the loop has handed over many more
 
+    _fence(monkeypatch, fence)
     with runs.resume("job", location=store, policy=every(items=1), commit="async",
-                     fence=fence, keep_completed=True) as run:
+                     keep_completed=True) as run:
         run.state["total"] = 0
         for i in run.range(100):
             run.state["total"] += i
@@ -120,7 +135,9 @@ def test_background_commits_coalesce_and_are_all_written_at_the_end(store: Path)
         assert again.complete and again.state == {"total": sum(range(100))}
 
 
-def test_a_background_commit_error_surfaces_and_nothing_is_committed_after_it(store: Path) -> None:
+def test_a_background_commit_error_surfaces_and_nothing_is_committed_after_it(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
 
     def fence() -> None:
@@ -128,8 +145,9 @@ def test_a_background_commit_error_surfaces_and_nothing_is_committed_after_it(st
         if len(calls) == 2:
             raise StaleAttempt("a newer attempt took over", name="job", attempt=1, current=2)
 
+    _fence(monkeypatch, fence)
     with pytest.raises(StaleAttempt), runs.resume("job", location=store, policy=every(items=10),
-                                                  commit="async", fence=fence) as run:
+                                                  commit="async") as run:
         run.state["n"] = 0
         for i in run.range(1000):
             run.state["n"] += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -147,11 +149,17 @@ def test_a_checkpoint_in_a_loop_body_counts_the_item_as_done(store: Path) -> Non
     assert record.record.position == 3 and sorted(record.state) == ["a", "b", "c"]
 
 
-def test_nested_loops_are_refused(store: Path) -> None:
-    with pytest.raises(SafepointError, match="not nested"), runs.resume("job", location=store) as run:
-        for _ in run.range(3):
-            for _ in run.range(3):
-                pass
+def test_nested_loops_resume_at_the_exact_inner_item(store: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    for stop in [(1, 2), (2, 0), None]:
+        with pytest.raises(Boom) if stop else contextlib.nullcontext(), \
+                runs.resume("job", location=store, policy=every(items=1)) as run:
+            for epoch in run.range(3):
+                for batch in run.iterate("abcd"):
+                    if (epoch, "abcd".index(batch)) == stop:
+                        raise Boom
+                    seen.append((epoch, "abcd".index(batch)))
+    assert seen == [(e, b) for e in range(3) for b in range(4)]
 
 
 def test_a_loop_left_by_break_lets_the_next_one_start(store: Path) -> None:
@@ -230,23 +238,25 @@ def test_describe_run(store: Path) -> None:
     info = runs.describe_run(open_store(store), "job")
     assert (info.kind, info.position, info.total, info.progress, info.attempt, info.complete) == (
         "run", 75, 100, 0.75, 1, False)
-    assert info.nbytes == (store / "job" / runs.JOURNAL).stat().st_size and info.updated > 0
+    assert info.nbytes == (store / "job" / "run-00000001.journal").stat().st_size
+    assert info.updated > 0 and info.liveness == "idle" and info.owner["pid"] == os.getpid()
 
 
 def test_a_failure_while_opening_leaves_no_handler_behind(store: Path) -> None:
     import signal
 
-    from safepoint.errors import StaleAttempt
+    from safepoint.errors import LeaseHeld
+    from safepoint.lease import Lease
 
     with pytest.raises(Boom), runs.resume("job", location=store) as run:
         run.checkpoint()
         raise Boom
     before = signal.getsignal(signal.SIGINT)
-
-    def fence() -> None:
-        raise StaleAttempt("a newer attempt took over", name="job", attempt=1, current=2)
-
+    other = Lease.acquire(open_store(store), "job", kind="other writer")  # a live writer
     entered = []
-    with pytest.raises(StaleAttempt), runs.resume("job", location=store, fence=fence):
-        entered.append(True)  # never: the commit of the new attempt number is refused
+    try:
+        with pytest.raises(LeaseHeld, match="other writer pid"), runs.resume("job", location=store):
+            entered.append(True)  # never: one writer per name
+    finally:
+        other.release()
     assert entered == [] and signal.getsignal(signal.SIGINT) is before

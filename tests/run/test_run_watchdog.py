@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import safepoint
-from safepoint.run.signals import WATCH_SIGNAL
+from safepoint.signals import WATCH_SIGNAL
 
 
 def test_slow_items_after_fast_ones_still_get_time_checkpoints(tmp_path: Path) -> None:

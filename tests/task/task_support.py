@@ -71,6 +71,7 @@ def sum_of_squares(ctx: TaskContext, logdir: str, n: int) -> dict[str, float]:
     rows = ctx.step("load", load, logdir, n)
     ctx.state.setdefault("total", 0)
     for i in ctx.range(n):
+        log(logdir, "items", f"{ctx.attempt} {i} {ctx.durable_position}")  # the commits so far
         ctx.state["total"] += slow_item(logdir, int(rows[i]))
         ctx.progress((i + 1) / n)
     ctx.results["mean"] = ctx.state["total"] / n

@@ -19,10 +19,10 @@ dask = pytest.importorskip("dask")
 import task_support  # noqa: E402
 from task_support import HERE, read_log  # noqa: E402
 
-from safepoint.checkpointer import committed_steps  # noqa: E402
+from safepoint import check  # noqa: E402
 from safepoint.integrations.dask import submit  # noqa: E402
+from safepoint.run import describe_run  # noqa: E402
 from safepoint.store import LocalStore  # noqa: E402
-from safepoint.tasks.context import ATTEMPT_STRIDE  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL, SIGSTOP"),
               pytest.mark.timeout(120)]
@@ -36,10 +36,13 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) ->
         time.sleep(0.01)
 
 
-def checkpoints(store: Path, job: str) -> tuple[int, int]:
-    """(attempt, checkpoints committed by it) of the newest checkpoint; (0, 0) if none."""
-    steps = committed_steps(LocalStore(store), job)
-    return divmod(steps[-1], ATTEMPT_STRIDE) if steps else (0, 0)
+def position(store: Path, job: str) -> int:
+    """The loop position of the job's newest checkpoint (0 if none)."""
+    try:
+        info = describe_run(LocalStore(store), job)
+    except FileNotFoundError:
+        return 0
+    return info.position if info is not None else 0
 
 
 def attempts(logdir: Path) -> list[tuple[int, int]]:
@@ -53,6 +56,7 @@ def items(logdir: Path) -> list[tuple[int, int, int]]:
 @pytest.fixture
 def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     monkeypatch.setenv("PYTHONPATH", HERE)  # workers import task_support by name
+    monkeypatch.setenv("SAFEPOINT_LEASE_TTL", "2")  # a hung writer's lease expires fast
     logdir = tmp_path / "logs"
     logdir.mkdir()
     return tmp_path / "store", logdir
@@ -66,7 +70,7 @@ def test_a_killed_workers_task_resumes_on_another_worker(dirs: tuple[Path, Path]
             distributed.Client(cluster) as client:
         future = submit(client, task_support.count_on_worker, str(logdir), n, 0.05,
                         job_id="count", location=store)
-        wait_for(lambda: checkpoints(store, "count")[1] >= 4, "a few checkpoints")
+        wait_for(lambda: position(store, "count") >= 4 * every, "a few checkpoints")
         [(_, pid)] = attempts(logdir)
         os.kill(pid, signal.SIGKILL)
         assert future.result(timeout=60) == sum(range(n))
@@ -79,7 +83,9 @@ def test_a_killed_workers_task_resumes_on_another_worker(dirs: tuple[Path, Path]
     assert max(i for a, _, i in done if a == 1) < resumed_at + every
     assert sorted({i for _, _, i in done}) == list(range(n))
     assert len(done) < n + every  # at most one checkpoint interval was done twice
-    assert not (store / "count").exists()
+    info = describe_run(LocalStore(store), "count")
+    assert info is not None and info.complete and info.attempt == 2
+    assert check(store).ok
 
 
 @pytest.fixture
@@ -116,7 +122,7 @@ def test_a_hung_worker_is_taken_over_and_its_commits_are_refused(
     client, _ = cluster_without_nannies
     n = 40
     future = submit(client, task_support.count_fenced, str(logdir), n, 0.05, job_id="fenced", location=store)
-    wait_for(lambda: checkpoints(store, "fenced")[1] >= 3, "a few checkpoints")
+    wait_for(lambda: position(store, "fenced") >= 3, "a few checkpoints")
     [(_, pid)] = attempts(logdir)
     os.kill(pid, signal.SIGSTOP)
     try:

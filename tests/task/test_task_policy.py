@@ -8,11 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from safepoint.checkpointer import committed_steps
 from safepoint.policy import PolicyLike, after_substep, every, manual, on_progress
-from safepoint.store import LocalStore
 from safepoint.tasks import TaskContext, default_policy, run_task, task
-from safepoint.tasks.context import ATTEMPT_STRIDE
 
 
 class FakeClock:
@@ -23,10 +20,9 @@ class FakeClock:
         return self.now
 
 
-def commits(store: Path, job: str) -> int:
-    """How many checkpoints the current attempt has committed (older ones are pruned)."""
-    steps = committed_steps(LocalStore(store), job)
-    return steps[-1] % ATTEMPT_STRIDE if steps else 0
+def commits(ctx: TaskContext) -> int:
+    """How many checkpoints (of the state) this attempt has committed."""
+    return ctx.checkpoints
 
 
 def run(store: Path, policy: PolicyLike, body: Callable[[TaskContext], list[bool]],
@@ -36,7 +32,7 @@ def run(store: Path, policy: PolicyLike, body: Callable[[TaskContext], list[bool
     @task(policy=policy, clock=clock or FakeClock(), durable=False)
     def job(ctx: TaskContext) -> list[bool]:
         fired = body(ctx)
-        assert commits(store, "job") == sum(fired)
+        assert commits(ctx) == sum(fired)
         return fired
 
     return run_task(job, job_id="job", location=store)
@@ -56,11 +52,12 @@ def test_range_items_are_boundaries(store: Path) -> None:
     def loop(ctx: TaskContext) -> list[bool]:
         seen = []  # commits at the start of each item, and after the loop
         for _ in ctx.range(5):
-            seen.append(commits(store, "job"))
-        seen.append(commits(store, "job"))
+            seen.append(commits(ctx))
+        seen.append(commits(ctx))
         return [after > before for before, after in itertools.pairwise(seen)]
 
-    assert run(store, every(items=2), loop) == [False, True, False, True, False]
+    # after items 1 and 3, and once when the loop ends (as every loop of a run does)
+    assert run(store, every(items=2), loop) == [False, True, False, True, True]
 
 
 def test_every_seconds_uses_the_clock_since_the_last_checkpoint(store: Path) -> None:
@@ -108,7 +105,7 @@ def test_manual_checkpoints_only_when_asked(store: Path) -> None:
         ctx.step("a", int)
         with ctx.substep("b"):
             pass
-        fired += [commits(store, "job") > 0]
+        fired += [commits(ctx) > 0]
         ctx.checkpoint()
         return [*fired, True]
 
@@ -119,18 +116,19 @@ def test_after_substep_checkpoints_after_each_step_and_block_only(store: Path) -
     def body(ctx: TaskContext) -> list[bool]:
         fired = [ctx.maybe_checkpoint()]
         for name in ["a", "b"]:
-            before = commits(store, "job")
+            before = commits(ctx)
             ctx.step(name, int)
-            fired.append(commits(store, "job") == before + 1)
+            fired.append(commits(ctx) == before + 1)
         with ctx.substep("c"):
-            fired.append(commits(store, "job") > 2)  # not before the block ends
-        fired.append(commits(store, "job") == 3)
+            inside = commits(ctx)  # not before the block ends
+        fired.append(commits(ctx) == inside + 1)
+        before = commits(ctx)
         for _ in ctx.range(3):
-            pass
-        fired.append(commits(store, "job") > 3)  # loop items are not sub-steps
+            assert commits(ctx) == before  # loop items are not sub-steps
+        fired.append(commits(ctx) == before + 1)  # but a loop that ends commits once
         return fired
 
-    assert run(store, after_substep(), body) == [False, True, True, False, True, False]
+    assert run(store, after_substep(), body) == [False, True, True, True, True]
 
 
 def test_combined_strategies_fire_when_any_fires(store: Path) -> None:

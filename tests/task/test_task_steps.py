@@ -12,9 +12,9 @@ import pytest
 import task_support
 
 from safepoint.checkpointer import Checkpointer, committed_steps
-from safepoint.errors import InputChanged, SafepointError, UnsupportedType
-from safepoint.format import read_manifest
+from safepoint.errors import InputChanged, SafepointError, StateMismatch, UnsupportedType
 from safepoint.policy import after_substep, every, manual
+from safepoint.run import describe_run
 from safepoint.store import LocalStore
 from safepoint.tasks import StepMismatch, SubstepCompleted, TaskContext, run_task, task
 
@@ -51,7 +51,8 @@ def test_a_step_runs_once_and_a_resume_returns_its_recorded_result(store: Path) 
     assert calls == ["load"]
     assert run_task(job, 10_000, job_id="j", location=store) == sum(range(10_000))
     assert calls == ["load"]  # the resumed attempt used the recorded array
-    assert not (store / "j").exists()
+    assert committed_steps(LocalStore(store), "j") == []  # the array is gone with the job's steps
+    assert run_task(job, 10_000, job_id="j", location=store) == sum(range(10_000))  # idempotent
 
 
 def test_the_same_job_id_with_other_arguments_is_refused(store: Path) -> None:
@@ -193,7 +194,7 @@ def test_a_loop_whose_length_changed_is_refused(store: Path) -> None:
 
     with pytest.raises(Crash):
         run_task(job, job_id="j", location=store)
-    with pytest.raises(InputChanged, match=r"had 5 items .* 6 now"):
+    with pytest.raises(StateMismatch, match=r"\(5 items\) but this run iterates range\(0, 6, 1\) \(6 items\)"):
         run_task(job, job_id="j", location=store)
 
 
@@ -221,7 +222,7 @@ def test_keep_completed_returns_the_recorded_result_without_running(store: Path)
     def job(ctx: TaskContext, x: int) -> dict[str, Any]:
         runs.append(x)
         ctx.step("big", np.zeros, 10_000)
-        assert (store / "keep" / "step-results").is_dir()  # removed once the job completes
+        assert committed_steps(LocalStore(store), "keep")  # the big result, gone at the end
         return {"x": x, "array": np.full(3000, x)}
 
     first = run_task(job, 7, job_id="keep", location=store)
@@ -229,16 +230,15 @@ def test_keep_completed_returns_the_recorded_result_without_running(store: Path)
     assert runs == [7]
     assert again["x"] == 7 and np.array_equal(again["array"], first["array"])
     local = LocalStore(store)
-    steps = committed_steps(local, "keep")
-    assert len(steps) == 1 and not (store / "keep" / "step-results").exists()
-    body = read_manifest(local, "keep", steps[0]).body
-    assert (body["kind"], body["status"], body["progress"], body["attempt"]) == ("task", "completed", 1.0, 1)
+    assert len(committed_steps(local, "keep")) == 1  # only the result (3000 values: an array)
+    info = describe_run(local, "keep")
+    assert (info.kind, info.complete, info.progress, info.liveness) == ("task", True, 1.0, "complete")
 
 
 def test_without_keep_completed_a_rerun_runs_again(store: Path) -> None:
     runs: list[int] = []
 
-    @task(durable=False)
+    @task(durable=False, keep_completed=False)
     def job(ctx: TaskContext) -> int:
         runs.append(ctx.attempt)
         return len(runs)
@@ -255,13 +255,12 @@ def test_checkpoints_show_kind_progress_and_attempt(store: Path) -> None:
     def job(ctx: TaskContext) -> None:
         ctx.progress(0.25, "a quarter")
         ctx.checkpoint()
-        local = LocalStore(store)
-        bodies.append(read_manifest(local, "show", committed_steps(local, "show")[-1]).body)
+        bodies.append(describe_run(LocalStore(store), "show"))
 
     run_task(job, job_id="show", location=store)
-    body = bodies[0]
-    assert (body["kind"], body["progress"], body["attempt"], body["status"]) == ("task", 0.25, 1, "running")
-    assert body["metadata"]["message"] == "a quarter"
+    info = bodies[0]
+    assert (info.kind, info.progress, info.attempt, info.complete) == ("task", 0.25, 1, False)
+    assert info.message == "a quarter" and info.liveness == "running"
 
 
 def test_default_job_id_is_the_function_name_and_an_argument_hash(store: Path) -> None:
@@ -379,11 +378,10 @@ def test_tasks_pickle_by_reference_or_by_value() -> None:
 
 
 def test_small_results_live_in_the_record_and_large_ones_in_their_own_folder(store: Path) -> None:
-    folders: list[list[str]] = []
+    folders: list[int] = []
 
-    def listing() -> list[str]:
-        path = store / "sizes" / "step-results"
-        return sorted(p.name for p in path.iterdir()) if path.exists() else []
+    def listing() -> int:  # how many results are stored as checkpoint steps
+        return len(committed_steps(LocalStore(store), "sizes"))
 
     @task(durable=False)
     def job(ctx: TaskContext) -> tuple[int, list[int], np.ndarray]:
@@ -400,4 +398,4 @@ def test_small_results_live_in_the_record_and_large_ones_in_their_own_folder(sto
         run_task(job, job_id="sizes", location=store)
     small, long, array = run_task(job, job_id="sizes", location=store)
     assert (small, long, array.tolist()) == (7, list(range(5000)), [1.0] * 1000)
-    assert folders[:3] == [[], ["00000001-000001"], ["00000001-000001", "00000001-000002"]]
+    assert folders[:3] == [0, 1, 2]

@@ -15,11 +15,7 @@ first save of a Checkpointer for those older than ``knobs.LEFTOVER_MIN_AGE``.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import functools
-import signal
-import sys
 import threading
 import time
 import warnings
@@ -38,6 +34,7 @@ from safepoint.checkpointer.steps import (
     remove_name,
     remove_step,
 )
+from safepoint.committer import Committer, Pending
 from safepoint.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
@@ -45,6 +42,7 @@ from safepoint.errors import (
     SafepointError,
     SaveFailed,
     StepExists,
+    WriteConflict,
 )
 from safepoint.format import (
     Manifest,
@@ -56,9 +54,12 @@ from safepoint.format import (
     read_manifest,
     write_checkpoint,
 )
+from safepoint.lease import Lease
+from safepoint.policy import Policy, PolicyLike, Tick, as_policy, every
 from safepoint.retention import Retention, keep_all, keep_best, keep_every, keep_last
+from safepoint.signals import PREEMPT_SIGNALS, SignalGuard
 from safepoint.stateful import capture, restore_into
-from safepoint.store import Location, Store, check_name, open_store
+from safepoint.store import ABSENT, Location, Store, check_name, open_store
 
 _RETRIES = 1000
 """Times a reader starts over when the step it read was removed by retention meanwhile."""
@@ -147,6 +148,13 @@ class Checkpointer:
     or an int N for ``keep_last(N)``; ``keep_every``, ``keep_best``, ``best_metric`` and
     ``best_mode`` add rules to it. With none, every step is kept; the newest committed step
     is always kept, and retention runs only after a commit.
+
+    ``policy``: when :meth:`should_save` says yes (``every(steps=500) | every(seconds=1800)``;
+    ``save_interval_steps`` and ``save_interval_seconds`` are shorthands for those).
+    ``handle_preemption=True``: SIGTERM or SIGUSR1 makes :meth:`should_save` say yes once
+    and sets :attr:`preempted`. The first save takes the name's lease (one writer per
+    name): a second writer is refused with :class:`~safepoint.errors.LeaseHeld` naming the
+    first, unless ``takeover=True``. :meth:`close` lets it go.
     """
 
     def __init__(
@@ -161,10 +169,13 @@ class Checkpointer:
         best_mode: Literal["min", "max"] = "min",
         durable: bool = True,
         allow_pickle: bool = False,
+        policy: PolicyLike | None = None,
         save_interval_steps: int | None = None,
         save_interval_seconds: float | None = None,
         handle_preemption: bool = False,
+        takeover: bool = False,
         fence: Callable[[], None] | None = None,
+        lease: Lease | None = None,
         clock: Callable[[], float] = time.monotonic,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
@@ -174,23 +185,28 @@ class Checkpointer:
         self.retention = _retention(keep, keep_every, keep_best, best_metric, best_mode)
         self.durable = durable
         self.allow_pickle = allow_pickle
-        self.save_interval_steps = save_interval_steps
-        self.save_interval_seconds = save_interval_seconds
+        self.policy: Policy | None = _save_policy(policy, save_interval_steps, save_interval_seconds)
         self.fence = fence
+        self.takeover = takeover
+        self.lease: Lease | None = lease
+        self._own_lease = lease is None
         self._clock = clock
         self._last_save_time = clock()
+        self._last_step: int | None = None
         self._buffers: dict[int, np.ndarray] = {}  # async snapshot buffers, by blob index
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._committer = Committer(background=True, name=self.name, what="asynchronous save")
         self._lock = threading.Lock()
         self._cleaned = False
         self._metrics: dict[int, dict[str, Any]] = {}
         self._latest: tuple[str | None, int | None] | None = None  # (version, step) seen last
+        self._expect: str | None = None  # the newest-step record's version, as we wrote it
         self._deferred: list[str] = []  # data folders of removed steps, deleted a save later
-        self.preempted = False
+        self._preemption: SignalGuard | None = None
         if handle_preemption:
-            self._install_preemption_handler()
-        _live.add(self)
+            if threading.current_thread() is not threading.main_thread():
+                raise SafepointError("handle_preemption=True needs the main thread (signal handlers)")
+            self._preemption = SignalGuard(lambda signum: True, PREEMPT_SIGNALS).install()
+            weakref.finalize(self, self._preemption.restore)
 
     # ----------------------------------------------------------------- listing
 
@@ -239,13 +255,14 @@ class Checkpointer:
         blocking: bool = True,
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> Pending:
         """Save ``state`` as ``step``; visible to readers only once fully committed.
 
         ``blocking=False`` returns as soon as the state is copied into buffers reused across
-        saves; writing and committing go on in a background thread (one save in flight at a
-        time; an error there is raised by the next call or by :meth:`wait`). A step that
-        exists, or one older than the newest, is refused unless ``overwrite=True``.
+        saves; writing and committing go on in the background (one save in flight at a
+        time; an error there is raised by the returned handle's ``wait()``, by the next call
+        or by :meth:`wait`). A step that exists, or one older than the newest, is refused
+        unless ``overwrite=True``. Returns a handle to the save (done at once when blocking).
         """
         step = _check_step(step)
         self.wait()
@@ -263,14 +280,13 @@ class Checkpointer:
         prepared = prepare(tree, allow_pickle=self.allow_pickle, snapshot=snapshot)
         metadata, extra = json_copy(metadata, "metadata"), json_copy(extra, "extra")
         request = _SaveRequest(step, prepared, metadata, overwrite, extra)
-        self._last_save_time = self._clock()
+        self._last_save_time, self._last_step = self._clock(), step
         if blocking:
             self._write(request)
-            return
-        _report_lost_errors_at_exit()
-        self._thread = threading.Thread(
-            target=self._write_in_background, args=(request,), name=f"safepoint-save-{self.name}")
-        self._thread.start()
+            done = Pending(step)
+            done._finish()
+            return done
+        return self._committer.submit(lambda: self._write(request), tag=step)
 
     def _snapshot(self, index: int, array: np.ndarray) -> np.ndarray:
         buffer = self._buffers.get(index)
@@ -280,14 +296,29 @@ class Checkpointer:
         np.copyto(buffer, array, casting="no")
         return buffer
 
-    def _write_in_background(self, request: _SaveRequest) -> None:
-        try:
-            self._write(request)
-        except BaseException as exc:  # surfaced to the caller by the next call or wait()
-            self._error = exc
+    def _take_lease(self) -> Lease:
+        """The name's lease, taken at the first write (one writer per name)."""
+        if self.lease is None:
+            self.lease = Lease.acquire(self.store, self.name, kind="checkpointer",
+                                       takeover=self.takeover, durable=self.durable)
+            weakref.finalize(self, self.lease.release)
+            previous = self.lease.previous
+            if self.store.conditional and previous is not None and previous.state != "released":
+                # fence a writer that may still hold the newest-step record's version
+                with contextlib.suppress(FileNotFoundError):
+                    self.store.delete(latest_key(self.name))
+                self._expect = ABSENT
+        return self.lease
+
+    def _fence(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
+        if self.fence is not None:
+            self.fence()
 
     def _write(self, request: _SaveRequest) -> None:
         with self._lock:
+            self._take_lease()
             if not self._cleaned:  # housekeeping: never a reason to fail the save
                 with contextlib.suppress(OSError, CorruptCheckpoint):
                     collect_garbage(self.store, self.name, min_age=knobs.LEFTOVER_MIN_AGE,
@@ -301,12 +332,27 @@ class Checkpointer:
                 with contextlib.suppress(FileNotFoundError, CorruptCheckpoint):
                     previous = self.store.read(manifest_key(self.name, step),
                                                limit=knobs.MAX_MANIFEST_BYTES)
-            manifest, version = write_checkpoint(
-                self.store, self.name, step, request.prepared, metadata=request.metadata,
-                durable=self.durable, extra=request.manifest_extra, before_commit=self.fence,
-                newest=becomes_newest, previous=previous, previous_latest=newest)
+            expect = self._expect if self.store.conditional and becomes_newest else None
+            if expect is None and self.store.conditional and becomes_newest:
+                expect = self.store.version(latest_key(self.name)) or ABSENT
+            try:
+                manifest, version = write_checkpoint(
+                    self.store, self.name, step, request.prepared, metadata=request.metadata,
+                    durable=self.durable, extra=request.manifest_extra, before_commit=self._fence,
+                    newest=becomes_newest, previous=previous, previous_latest=newest,
+                    expect=expect)
+            except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
+                self._expect = None
+                self._take_lease().check()
+                raise SaveFailed(f"{self.name!r} step {step}: another writer changed the "
+                                 f"newest step of {self.store.url}/{self.name} meanwhile; this "
+                                 "save did not happen", name=self.name, step=step) from exc
+            except BaseException:
+                self._expect = None  # a failed commit may have rolled the record back: look again
+                raise
             if becomes_newest:
                 self._latest = (version, step)
+                self._expect = version if self.store.conditional else None
             if request.overwrite:
                 referenced = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
                 folder = f"{self.name}/{step:012d}"
@@ -325,13 +371,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Wait for the save in flight, if any; raise its error if it failed."""
-        thread = self._thread
-        if thread is not None:
-            thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
+        self._committer.flush()
 
     # --------------------------------------------------------------- retention
 
@@ -495,38 +535,34 @@ class Checkpointer:
 
     # ------------------------------------------------------- training helpers
 
+    @property
+    def preempted(self) -> bool:
+        """A preemption signal (SIGTERM, SIGUSR1) arrived: save, and stop."""
+        return self._preemption is not None and self._preemption.pending is not None
+
     def should_save(self, step: int) -> bool:
-        """True when ``step`` is due by ``save_interval_steps`` or ``save_interval_seconds``,
-        or a preemption signal arrived (then save, and stop: check :attr:`preempted`)."""
+        """Whether the policy says ``step`` is due (``save_interval_steps``: steps divisible
+        by it; ``save_interval_seconds``: that long since the last save), or a preemption
+        signal arrived (then save, and stop: check :attr:`preempted`)."""
         if self.preempted:
             return True
-        if self.save_interval_steps and step % self.save_interval_steps == 0:
-            return True
-        if self.save_interval_seconds is not None:
-            return self._clock() - self._last_save_time >= self.save_interval_seconds
-        return False
-
-    def _install_preemption_handler(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            raise SafepointError("handle_preemption=True needs the main thread (signal handlers)")
-        previous = signal.getsignal(signal.SIGTERM)
-        ref = weakref.ref(self)
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            checkpointer = ref()
-            if checkpointer is not None and not checkpointer.preempted:
-                checkpointer.preempted = True
-                return
-            signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
-            signal.raise_signal(signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
+        if self.policy is None:
+            return False
+        since = step - self._last_step if self._last_step is not None else step
+        return self.policy(Tick(items=since, last_checkpoint_at=self._last_save_time, step=step,
+                                clock=self._clock))
 
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Wait for the save in flight; the checkpointer stays usable."""
+        """Wait for the save in flight and let go of the name's lease (a later save takes
+        it again); the checkpointer stays usable."""
         self.wait()
+        if self._own_lease and self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        if self._preemption is not None:
+            self._preemption.restore()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -541,21 +577,15 @@ class Checkpointer:
         return f"Checkpointer({self.name!r}, location={self.store.url!r})"
 
 
-_live: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
-
-
-@functools.cache
-def _report_lost_errors_at_exit() -> None:
-    """Once per process, at the first asynchronous save: register the exit report."""
-    atexit.register(_report_lost_errors)
-
-
-def _report_lost_errors() -> None:
-    # Runs after the interpreter has joined the save threads (they are not daemons, so a
-    # save in flight always completes). An error nobody collected with wait() is printed
-    # rather than lost.
-    for checkpointer in list(_live):
-        error = checkpointer._error
-        if error is not None:
-            print(f"safepoint: the asynchronous save of {checkpointer.name!r} failed and "
-                  f"nobody called wait() to see it: {error}", file=sys.stderr)
+def _save_policy(policy: PolicyLike | None, steps: int | None, seconds: float | None) -> Policy | None:
+    parts = [as_policy(policy)] if policy is not None else []
+    if steps is not None:
+        parts.append(every(steps=steps))
+    if seconds is not None:
+        parts.append(every(seconds=seconds))
+    if not parts:
+        return None
+    rule = parts[0]
+    for other in parts[1:]:
+        rule = rule | other
+    return rule

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName, NotAStore
 from safepoint.format import (
-    JOURNAL,
     LATEST,
+    LEASE,
     Manifest,
     data_folder,
+    generation_of_segment,
     latest_key,
     manifest_key,
     read_manifest,
@@ -24,10 +25,14 @@ from safepoint.format import (
     step_of_manifest,
 )
 from safepoint.format.layout import LOCK, is_data_file, is_temp
+from safepoint.lease import ticket_key, tickets
 from safepoint.store import Store, check_name
 
-RECORD_FOLDERS = ("attempts", "step-results")
-"""Folders the execution layers keep under a name (fencing markers, step results)."""
+
+def _is_record(entry: str) -> bool:
+    """A newest-step record, a step manifest, or a run's log."""
+    return (entry == LATEST or step_of_manifest(entry) is not None
+            or generation_of_segment(entry) is not None)
 
 
 def manifest_steps(store: Store, name: str) -> list[int]:
@@ -84,8 +89,7 @@ def is_name(store: Store, name: str) -> bool:
         entries = store.list(name)
     except CorruptCheckpoint:
         return True  # a name that is a link: reported as damage by the callers
-    return any(e in (LATEST, JOURNAL, *RECORD_FOLDERS) or step_of_manifest(e) is not None
-               for e in entries)
+    return any(_is_record(e) for e in entries)
 
 
 def list_names(store: Store) -> list[str]:
@@ -122,6 +126,8 @@ class Cleanup:
     """(key, bytes) of each entry removed."""
     kept: list[tuple[str, str]] = field(default_factory=list)
     """(key, why) of each entry left alone."""
+    dry_run: bool = False
+    """Only report what would be removed."""
 
     @property
     def freed(self) -> int:
@@ -157,7 +163,8 @@ def _age(store: Store, key: str, now: float) -> float:
 
 def _remove(store: Store, key: str, report: Cleanup) -> None:
     size = _size(store, key)
-    store.delete(key)
+    if not report.dry_run:
+        store.delete(key)
     report.removed.append((key, size))
 
 
@@ -185,14 +192,15 @@ def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = f
         return True
     for key in removable:
         _remove(store, key, report)
-    if not left:
+    if not left and not report.dry_run:
         store.delete(folder)
         return True
     return False
 
 
 def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float | None = None,
-                    deep: bool = True) -> Cleanup:
+                    deep: bool = True, dry_run: bool = False,
+                    referenced: set[int] | None = None) -> Cleanup:
     """Remove leftovers of crashed saves under ``name``.
 
     Leftovers are step folders without a committed manifest, manifests above the newest
@@ -210,6 +218,10 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
     entries = store.scan(name)
     listed = {e.name for e in entries}
     committed = set(committed_steps(store, name, None if latest is None else latest.step))
+    if referenced is not None:  # an execution's checkpoints: those no record refers to go
+        committed &= referenced
+        if latest is not None and latest.step not in committed:
+            _remove(store, latest_key(name), report)
     for entry in entries:
         key = f"{name}/{entry.name}"
         old = not min_age or _age(store, key, now) >= min_age
@@ -239,6 +251,12 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
                 continue
             referenced = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
             _clear_folder(store, key, report, keep=referenced | {LOCK}, min_age=min_age, now=now)
+    if "lease" in listed:
+        found = tickets(store, name)
+        for generation in sorted(found)[:-1]:  # writers a newer one took over from: fenced
+            key = ticket_key(name, generation) + (".released" if found[generation] else "")
+            with contextlib.suppress(FileNotFoundError):
+                _remove(store, key, report)
     return report
 
 
@@ -275,21 +293,11 @@ def remove_name(store: Store, name: str) -> Cleanup:
         key = f"{name}/{entry.name}"
         if entry.kind == "link":
             _remove(store, key, report)  # the link only, never what it points at
-        elif step_of_manifest(entry.name) is not None or entry.name in (JOURNAL, LOCK) \
-                or is_temp(entry.name):
+        elif step_of_manifest(entry.name) is not None or entry.name == LOCK or is_temp(entry.name) \
+                or generation_of_segment(entry.name) is not None or entry.name == LEASE:
             _remove(store, key, report)
         elif step_of_folder(entry.name) is not None and entry.kind == "dir":
             _clear_folder(store, key, report)
-        elif entry.name == "attempts" and entry.kind == "dir":
-            _remove(store, key, report)
-        elif entry.name == "step-results" and entry.kind == "dir":
-            for sub in store.scan(key):
-                part = remove_name(store, f"{key}/{sub.name}")
-                report.removed += part.removed
-                report.kept += part.kept
-            with contextlib.suppress(OSError):
-                if not store.list(key):
-                    store.delete(key)
         else:
             report.kept.append((key, "not written by safepoint"))
     if not report.kept:

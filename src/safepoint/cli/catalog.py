@@ -5,19 +5,22 @@ Everything here reads manifests (and run journals) only, never the blobs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from safepoint.checkpointer import committed_steps, latest_manifest, list_names
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
 from safepoint.format import Manifest, check_tree, iter_tree_summary, read_manifest
-from safepoint.run import JOURNAL, describe_run
+from safepoint.lease import holder
+from safepoint.run import describe_run
+from safepoint.run.log import read_log, segments
 from safepoint.store import Store, check_name
 
 # Manifest keys shown in their own place (by ``show``); the others came from
-# ``save(..., extra=...)`` and are listed as they are. "run" is a run's record.
+# ``save(..., extra=...)`` and are listed as they are.
 _KNOWN_KEYS = {"format", "version", "name", "step", "created", "save_id", "metadata",
-               "pickled", "files", "blobs", "tree", "kind", "progress", "attempt", "table", "run"}
+               "pickled", "files", "blobs", "tree"}
 
 
 @dataclass
@@ -35,6 +38,11 @@ class NameSummary:
     nbytes: int
     damaged: int  # 1 for a damaged newest-step record, plus 1 for a damaged run record
     problem: str | None = None
+    status: str = "-"
+    """The writer: ``running`` (its heartbeat is fresh), ``stale`` (its heartbeat expired),
+    ``complete``, ``idle`` (an execution nobody writes now), ``-`` (checkpoints, no writer)."""
+    owner: dict[str, Any] | None = None
+    """The current or last writer: host, pid, kind, started."""
 
 
 def _describe_run(store: Store, name: str) -> tuple[Any, CorruptCheckpoint | None]:
@@ -45,44 +53,42 @@ def _describe_run(store: Store, name: str) -> tuple[Any, CorruptCheckpoint | Non
         return None, exc
 
 
-def _number(value: Any, kind: type) -> Any:
-    """``value`` if it is a number usable as ``kind`` (bools excluded), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return kind(value)
-
-
 def summarize_name(store: Store, name: str) -> NameSummary | None:
     """What ``ls`` shows about ``name`` (one listing and the newest step's manifest), or
     None if it holds neither steps nor a run."""
     damaged = 0
+    run, damage = _describe_run(store, name)
+    if run is not None or damage is not None:  # an execution: its log says it all
+        summary = NameSummary(name=name, kind=run.kind if run is not None else "run",
+                              steps=len(run.steps) if run is not None else 0, latest_step=None,
+                              progress=None, attempt=None, complete=None, updated=None, nbytes=0,
+                              damaged=int(damage is not None))
+        if run is not None:
+            summary.progress, summary.attempt = run.progress, run.attempt
+            summary.complete, summary.updated, summary.nbytes = run.complete, run.updated, run.nbytes
+            summary.status, summary.owner = run.liveness, run.owner or None
+        else:
+            summary.problem = str(damage)
+        return summary
     try:
         latest = latest_manifest(store, name)
     except CorruptCheckpoint:
         latest, damaged = None, 1
     steps = committed_steps(store, name, None if latest is None else latest.step)
-    run, damage = _describe_run(store, name)
-    if not steps and run is None and damage is None and not damaged:
+    if not steps and not damaged:
         return None
     summary = NameSummary(name=name, kind="checkpoint", steps=len(steps),
                           latest_step=steps[-1] if steps else None, progress=None, attempt=None,
                           complete=None, updated=None, nbytes=0,
                           damaged=damaged + int(damage is not None))
     if latest is not None:
-        body = latest.body
-        summary.nbytes = latest.nbytes
-        summary.kind = str(body.get("kind") or "checkpoint")
-        summary.progress = _number(body.get("progress"), float)
-        summary.attempt = _number(body.get("attempt"), int)
-        summary.updated = latest.created
-    if run is not None or damage is not None:
-        summary.kind = "run"
-    if run is not None:
-        for field in ("progress", "attempt", "complete", "updated"):
-            value = getattr(run, field, None)
-            if value is not None:
-                setattr(summary, field, value)
-        summary.nbytes = max(summary.nbytes, int(getattr(run, "nbytes", 0) or 0))
+        summary.nbytes, summary.updated = latest.nbytes, latest.created
+    writer = holder(store, name)
+    if writer is not None:
+        summary.attempt = writer.generation
+        summary.owner = dict(writer.info.get("holder") or {}) or None
+        if writer.state in ("running", "stale"):
+            summary.status = writer.state
     return summary
 
 
@@ -131,29 +137,21 @@ def not_found(store: Store, name: str) -> CheckpointNotFound:
 
 
 def verify_journal(store: Store, name: str) -> dict[str, Any] | None:
-    """``verify``'s result for the journal of run ``name`` (None when it has none).
-
-    The journal is read as a resume reads it: its header, and its newest intact record
-    (checksum, then contents), must check out. A damaged last record looks like a commit cut
-    short by a crash: the record before it is what resume reads, and nothing is reported.
-    """
-    key = f"{name}/{JOURNAL}"
-    if not store.exists(key):
+    """``verify``'s result for the log of execution ``name`` (None when it has none): every
+    record is checked as a resume reads it; damage before the newest intact record is
+    reported (a torn last record is a commit cut short by a crash, not damage)."""
+    found = segments(store, name)
+    if not found:
         return None
     problems: list[str] = []
     try:
-        from safepoint.store.journal import read_journal
-
-        scan, _ = read_journal(store, key)  # type: ignore[arg-type]
-        if scan is not None:
-            problems += scan.damage
+        problems += read_log(store, name).damage
     except CorruptCheckpoint as exc:
         problems.append(str(exc))
-    _, damage = _describe_run(store, name)
-    if damage is not None and str(damage) not in problems:
-        problems.append(str(damage))
-    return {"name": name, "step": None, "ok": not problems,
-            "checked_bytes": store.stat(key).size, "problems": problems}
+    key = f"{name}/{found[-1][1]}"
+    size = store.stat(key).size if store.stat(key).kind == "file" else 0
+    return {"name": name, "step": None, "ok": not problems, "checked_bytes": size,
+            "problems": problems}
 
 
 def _tree_rows(manifest: Manifest) -> list[dict[str, Any]]:
@@ -161,19 +159,33 @@ def _tree_rows(manifest: Manifest) -> list[dict[str, Any]]:
     return [{"path": p, "type": t, "dtype": d, "shape": s, "nbytes": n} for p, t, d, s, n in rows]
 
 
-def _flow_table(body: dict[str, Any]) -> list[dict[str, Any]] | None:
-    table = body.get("table")
-    if isinstance(table, list) and all(isinstance(row, dict) for row in table):
-        return table
-    return None
+def describe_execution(store: Store, name: str, run: Any) -> dict[str, Any]:
+    """Everything ``show`` prints about a run, task or flow: who writes it, where it is,
+    its durable steps and the structure of its newest state (reads no array data)."""
+    replay = read_log(store, name)
+    tree: list[dict[str, Any]] = []
+    saved = replay.state.tree if replay.state is not None else None
+    if saved is not None and "node" in saved:
+        rows = iter_tree_summary(saved["node"])
+        tree = [{"path": p, "type": t, "dtype": d, "shape": sh, "nbytes": n}
+                for p, t, d, sh, n in rows]
+    elif saved is not None and "checkpoint" in saved:
+        with contextlib.suppress(CheckpointNotFound, CorruptCheckpoint):
+            manifest = read_manifest(store, name, int(saved["checkpoint"]))
+            tree = _tree_rows(manifest)
+    return {"name": name, "location": store.url, "kind": run.kind, "run": asdict(run),
+            "steps": committed_steps(store, name), "table": run.steps, "tree": tree,
+            "damage": list(replay.damage)}
 
 
 def describe_step(store: Store, name: str, step: int | None) -> dict[str, Any]:
-    """Everything ``show`` prints about one step (the newest if ``step`` is None)."""
+    """Everything ``show`` prints about one step (the newest if ``step`` is None); for a
+    run, task or flow without ``step``: :func:`describe_execution`."""
     steps, run, run_damage = find_name(store, name)
-    run_info = None if run is None else asdict(run)
-    if not steps and step is None:  # a run whose commits are all in its journal
-        return {"name": name, "location": store.url, "kind": "run", "steps": [], "run": run_info}
+    if run is not None and step is None:
+        return describe_execution(store, name, run)
+    if not steps and step is None:
+        raise CorruptCheckpoint(f"{name!r} in {store.url}: {run_damage}", name=name)
     if step is None:
         step = steps[-1]
     elif step not in steps:
@@ -183,23 +195,18 @@ def describe_step(store: Store, name: str, step: int | None) -> dict[str, Any]:
     manifest = read_manifest(store, name, step)
     body = manifest.body
     check_tree(manifest, store)
-    tree = _tree_rows(manifest)
     return {
         "name": name,
         "location": store.url,
         "step": step,
         "steps": steps,
-        "kind": str(body.get("kind") or "checkpoint"),
-        "progress": _number(body.get("progress"), float),
-        "attempt": _number(body.get("attempt"), int),
+        "kind": "checkpoint" if run is None else run.kind,
         "created": manifest.created,
         "nbytes": manifest.nbytes,
         "format_version": body.get("version"),
         "metadata": manifest.metadata,
         "extra": {k: v for k, v in body.items() if k not in _KNOWN_KEYS},
         "pickled": list(body.get("pickled") or []),
-        "tree": tree,
-        "table": _flow_table(body),
-        "run": run_info,
+        "tree": _tree_rows(manifest),
         "run_damage": run_damage,
     }

@@ -103,8 +103,8 @@ def list_command(
         return
     now = time.time()
     table = _table(escape(store.url))
-    for column in ("name", "kind", "steps", "latest", "progress", "attempt", "age", "size"):
-        justify = "right" if column in ("steps", "latest", "progress", "attempt", "size") else "left"
+    for column in ("name", "kind", "status", "steps", "latest", "progress", "age", "size"):
+        justify = "right" if column in ("steps", "latest", "progress", "size") else "left"
         if column == "name":  # long names fold; the other columns never wrap
             width = min(12, max(len(s.name) for s in summaries))
             table.add_column(column, overflow="fold", min_width=width)
@@ -114,8 +114,8 @@ def list_command(
         steps = str(s.steps) + (f" [red]({s.damaged} bad)[/]" if s.damaged else "")
         progress = "done" if s.complete else human_progress(s.progress)
         table.add_row(
-            escape(s.name), s.kind, steps, "-" if s.latest_step is None else str(s.latest_step),
-            progress, "-" if s.attempt is None else str(s.attempt),
+            escape(s.name), s.kind, s.status, steps,
+            "-" if s.latest_step is None else str(s.latest_step), progress,
             human_age(None if s.updated is None else now - s.updated), human_bytes(s.nbytes))
     out().print(table)
 
@@ -139,9 +139,7 @@ def show(
         return
     console = out()
     if "step" not in info:
-        console.print(f"[bold]{escape(name)}[/] (run) in {escape(info['location'])}: no checkpoint "
-                      "steps; its commits are in its journal", soft_wrap=True)
-        console.print(_run_line(info["run"]), soft_wrap=True)
+        _show_execution(console, info)
         return
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["created"]))
     lines = [
@@ -150,13 +148,8 @@ def show(
         f"{human_bytes(info['nbytes'])}",
         f"steps    {_step_list(info['steps'])}",
     ]
-    if info["run"] is not None:
-        lines.append(_run_line(info["run"]))
-    elif info["run_damage"]:
-        lines.append(f"[red]run      record damaged: {escape(info['run_damage'])}[/]")
-    elif info["progress"] is not None or info["attempt"] is not None:
-        lines.append(f"progress {human_progress(info['progress'])}, attempt "
-                     f"{'-' if info['attempt'] is None else info['attempt']}")
+    if info["run_damage"]:
+        lines.append(f"[red]record   damaged: {escape(info['run_damage'])}[/]")
     for label, values in (("metadata", info["metadata"]), ("extra", info["extra"])):
         for key, value in values.items():
             lines.append(f"{label} {escape(str(key))} = {escape(repr(value))}")
@@ -165,25 +158,57 @@ def show(
                      "(restore needs allow_pickle=True)[/]")
     for line in lines:
         console.print(line, soft_wrap=True)
+    console.print(_tree_table(info["tree"]))
+
+
+def _tree_table(rows: list[dict[str, Any]]) -> Table:
     tree = _table("state")
     for column in ("path", "type", "dtype", "shape", "size"):
         tree.add_column(column, justify="right" if column == "size" else "left")
-    for row in info["tree"]:
+    for row in rows:
         tree.add_row(escape(row["path"]), row["type"], escape(row["dtype"]), escape(row["shape"]),
                      human_bytes(row["nbytes"]) if row["nbytes"] else "")
-    console.print(tree)
+    return tree
+
+
+def _show_execution(console: Any, info: dict[str, Any]) -> None:
+    """A run, task or flow: its writer, where it is, its steps first, then its state."""
+    run = info["run"]
+    console.print(f"[bold]{escape(info['name'])}[/] ({info['kind']}) in "
+                  f"{escape(info['location'])}", soft_wrap=True)
+    console.print(_status_line(run), soft_wrap=True)
+    console.print(_run_line(run), soft_wrap=True)
+    if run.get("message"):
+        console.print(f"message  {escape(str(run['message']))}", soft_wrap=True)
+    if run.get("error"):
+        console.print(f"[red]error    {escape(str(run['error']))}[/]", soft_wrap=True)
+    for problem in info["damage"]:
+        console.print(f"[red]damaged  {escape(problem)}[/]", soft_wrap=True)
     if info["table"]:
-        console.print(_dict_table(info["table"], "steps"))
+        rows = [{"step": r["name"], "status": r["status"],
+                 "duration": "" if r["duration"] is None else f"{r['duration']:.2f} s",
+                 "error": r["error"]} for r in info["table"]]
+        console.print(_dict_table(rows, "steps"))
+    if info["tree"]:
+        console.print(_tree_table(info["tree"]))
+
+
+def _status_line(run: dict[str, Any]) -> str:
+    owner = run.get("owner") or {}
+    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}" if owner else "nobody"
+    liveness = run.get("liveness")
+    text = {"running": f"running: written by {who}",
+            "stale": f"stale: {who} stopped renewing its lease (hung, or its host is gone)",
+            "complete": "complete", "idle": "idle: no writer (stopped, killed or between attempts)"}
+    return f"status   {text.get(str(liveness), str(liveness))}, attempt {run.get('attempt')}"
 
 
 def _run_line(run: dict[str, Any]) -> str:
     total = run.get("total")
     where = f"{run.get('position')}" + ("" if total is None else f" of {total}")
-    done = ", complete" if run.get("complete") else ""
     updated = run.get("updated")
     age = human_age(None if updated is None else time.time() - updated)
-    return (f"run      position {where} ({human_progress(run.get('progress'))}), attempt "
-            f"{run.get('attempt')}{done}, updated {age}")
+    return f"position {where} ({human_progress(run.get('progress'))}), updated {age}"
 
 
 def _step_list(steps: list[int], limit: int = 12) -> str:

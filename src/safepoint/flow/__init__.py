@@ -2,8 +2,7 @@
 
 from safepoint.errors import StepMismatch
 from safepoint.flow.engine import Flow
-from safepoint.flow.log import NotAFlow
 from safepoint.flow.record import StepChangedWarning, StepStatus
 from safepoint.flow.stepdata import StepData
 
-__all__ = ["Flow", "NotAFlow", "StepChangedWarning", "StepData", "StepMismatch", "StepStatus"]
+__all__ = ["Flow", "StepChangedWarning", "StepData", "StepMismatch", "StepStatus"]

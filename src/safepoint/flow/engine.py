@@ -1,5 +1,11 @@
 """Flow: a linear pipeline of heavy steps that restarts at the step that failed.
 
+A flow is a task whose steps are declared up front: each run is an execution of the core
+(:class:`FlowRun`, holding the name's lease), and each step's outcome is one durable step
+record: its result is the state after the step, its ``tree`` the data it returned, or its
+error, traceback and duration when it failed. The state a step received is the result of
+the step before it (or the initial state). ``start_at`` discards the records from a step on.
+
 The run itself is written once, as a generator that yields each call to user code (a
 loader, a step, a saver) and receives its result; :meth:`Flow.run` drives it with plain
 calls and :meth:`Flow.arun` awaits what those calls return, so both share every rule about
@@ -10,36 +16,36 @@ from __future__ import annotations
 
 import copy
 import inspect
-import re
 import time
-import traceback
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, Literal, TypeVar, overload
 
-from safepoint.checkpointer import Checkpointer
-from safepoint.errors import CheckpointNotFound, SafepointError, UnsupportedType
-from safepoint.flow import drivers
+from safepoint.checkpointer import remove_name, split_location
+from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SafepointError, UnsupportedType
 from safepoint.flow.drivers import Call, adrive, drive
-from safepoint.flow.log import FlowLog
 from safepoint.flow.record import (
-    FlowRecord,
+    FlowView,
     StepChangedWarning,
-    StepRecord,
     StepStatus,
     changed_steps,
     check_reused,
     code_hash,
-    failure,
     format_when,
+    step_index,
 )
 from safepoint.flow.stepdata import StepData
 from safepoint.flow.warn import warn_caller
 from safepoint.format import prepare
+from safepoint.lease import Lease
+from safepoint.policy import Policy, after_substep
+from safepoint.run import Run
+from safepoint.run.log import Replay, read_log
+from safepoint.run.record import Record
 from safepoint.stateful import capture
-from safepoint.store import Location
+from safepoint.store import Location, check_name, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 State = dict[str, Any]
@@ -59,6 +65,100 @@ class _Step:
         return [label for label, f in parts if f is not None and _is_async(f)]
 
 
+def _view(replay: Replay, log: Any) -> FlowView:
+    steps: dict[int, Record] = {}
+    for record in replay.steps().values():
+        index = step_index(record)
+        if index is not None:
+            steps[index] = record
+    state = replay.state
+    initial = None
+    names: tuple[str, ...] = ()
+    if state is not None:
+        names = tuple(state.extra.get("names") or ())
+        if state.tree is not None and log is not None:
+            tree = log.load(state.tree, allow_pickle=True)
+            if isinstance(tree, dict) and isinstance(tree.get("initial"), dict):
+                initial = tree["initial"]
+    return FlowView(steps, initial, names)
+
+
+class FlowRun(Run):
+    """One run of a flow: the execution that records its steps."""
+
+    kind = "flow"
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__(flow.name, location=flow.location, policy=after_substep(),
+                         keep_completed=True, progress=False, commit="sync",
+                         durable=flow.durable, clock=time.monotonic)
+        self.flow = flow
+        self.allow_pickle = flow.allow_pickle
+        self.initial: State = {}
+        self.current: State = {}
+        self.view = FlowView({})
+
+    def default_policy(self) -> Policy:
+        return after_substep()
+
+    def _replay(self, replay: Replay) -> None:
+        super()._replay(replay)
+        self.view = _view(replay, self._log)
+        self.initial = self.view.initial or {}
+
+    def _load_tree(self, tree: dict[str, Any]) -> None:
+        state = tree.get("state")
+        self.current = state if isinstance(state, dict) else {}
+
+    def _saved_tree(self) -> Any:
+        return {"initial": capture(self.initial), "state": capture(self.current)}
+
+    def _extra(self) -> dict[str, Any]:
+        names = [s.name for s in self.flow._steps]
+        done = _frontier(self._steps)
+        return {"kind": "flow", "names": names, "done": done, "total": len(names)}
+
+    def _now(self) -> float:
+        return self.flow._clock()
+
+    def _stopped(self, exc: BaseException) -> None:
+        """A step raised: its failure is recorded and noted by the flow itself."""
+        assert self._committer is not None
+        if not self._interrupts.stopped_at_once:
+            self._committer.flush()
+
+    def discard_from(self, index: int) -> None:
+        """Forget the steps from ``index`` on (a rerun from there)."""
+        assert self._log is not None
+        self._committer.flush()  # type: ignore[union-attr]
+        reset = Record("reset", attempt=self.attempt, time=time.time(), key=f"#{index}",
+                       extra=self._extra())
+        dropped = [r for k, r in self._steps.items() if (step_index(r) or 0) >= index and k.startswith("#")]
+        for record in dropped:
+            del self._steps[record.key]
+        self._log.append(reset, self._live_steps([]))
+        for record in dropped:
+            self._log.release(record)
+        self.view = FlowView({i: r for i, r in self.view.steps.items() if i < index},
+                             self.view.initial, self.view.names)
+
+    def _finish(self) -> None:
+        """Every step ran: commit, and keep the record (a later run decides whether to
+        start over: a flow's status and outputs stay readable until then)."""
+        assert self._committer is not None
+        self._committer.flush()
+        self._progress_value = 1.0
+        self._commit(wait=True)
+        self.complete = True
+
+
+def _frontier(steps: dict[str, Record]) -> int:
+    count = 0
+    while steps.get(f"#{count}") is not None and steps[f"#{count}"].status == "done":
+        count += 1
+    return count
+
+
 class Flow:
     """A linear pipeline of steps; a rerun starts at the first step that did not complete.
 
@@ -74,11 +174,11 @@ class Flow:
 
     ``state`` is a small dict committed after every step; ``data`` carries heavy values
     between steps (see :class:`StepData`). The record lives under ``name`` in ``location``
-    (``None``: ``$SAFEPOINT_DIR`` or ``./.safepoint``). ``rerun_completed``: a flow whose
-    steps all completed starts again from the first step on the next run (else ``run``
-    returns its final state). ``rerun_changed``: restart from the first completed step
-    whose code changed (else a :class:`StepChangedWarning`). ``clock`` gives wall-clock
-    seconds for the step table.
+    (``None``: ``$SAFEPOINT_DIR`` or ``./.safepoint``). ``keep_completed``: a flow whose
+    steps all completed returns its final state from ``run`` and runs nothing (by default
+    it starts again from its first step on the next run). ``rerun_changed``: restart from
+    the first completed step whose code changed (else a :class:`StepChangedWarning`).
+    ``clock`` gives wall-clock seconds for the step table.
     """
 
     def __init__(
@@ -87,16 +187,18 @@ class Flow:
         *,
         location: Location = None,
         allow_pickle: bool = False,
-        rerun_completed: bool = True,
+        keep_completed: bool = False,
         rerun_changed: bool = False,
         durable: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        checkpointer = Checkpointer(name, location=location, durable=durable, allow_pickle=allow_pickle)
-        self._log = FlowLog(checkpointer)
-        self.name = checkpointer.name
-        self.rerun_completed = rerun_completed
+        name, location = split_location(name, location)
+        self.name = check_name(name)
+        self.location = self._location = location
+        self.allow_pickle = allow_pickle
+        self.keep_completed = keep_completed
         self.rerun_changed = rerun_changed
+        self.durable = durable
         self._clock = clock
         self._steps: list[_Step] = []
         self._memory: dict[str, Any] = {}  # data produced or loaded in this process
@@ -122,7 +224,8 @@ class Flow:
         The step is called as ``fn(state, data)``. ``load(state)`` returns a dict merged into
         ``data`` before the step (when it is the first step of a run, or always with
         ``reload="always"``); ``save(state, data)`` persists data after the step. The
-        function is returned unchanged.
+        function is returned unchanged. Registering a step under a name the flow already
+        has replaces that step in place (a notebook cell defining a fixed step again).
         """
         for label, hook in (("load", load), ("save", save)):
             if hook is not None and not callable(hook):
@@ -134,11 +237,12 @@ class Flow:
             step_name = name if name is not None else getattr(f, "__name__", "")
             if not isinstance(step_name, str) or not step_name or step_name == "<lambda>":
                 raise ValueError(f"flow {self.name!r}: give this step a name: @flow.step(name=...)")
+            new = _Step(step_name, f, load, save, code_hash(f))
             if step_name in self.steps:
-                raise ValueError(
-                    f"flow {self.name!r} already has a step named {step_name!r}; step names "
-                    "must be unique: pass @flow.step(name=...)")
-            self._steps.append(_Step(step_name, f, load, save, code_hash(f)))
+                self._steps[self.steps.index(step_name)] = new
+                self._memory.pop(step_name, None)
+            else:
+                self._steps.append(new)
             return f
 
         if fn is None:
@@ -193,47 +297,61 @@ class Flow:
             raise SafepointError(f"flow {self.name!r} is already running in this process")
         self._running = True
         try:
-            return (yield from self._run_steps(initial_state, start_at, reload))
+            with FlowRun(self) as run:
+                return (yield from self._run_steps(run, initial_state, start_at, reload))
         finally:
             self._running = False
 
     def _run_steps(
-        self, initial_state: Mapping[str, Any] | None, start_at: str | int | None, reload: Reload,
+        self, run: FlowRun, initial_state: Mapping[str, Any] | None, start_at: str | int | None,
+        reload: Reload,
     ) -> Generator[Call, Any, State]:
         steps = list(self._steps)
-        names = [s.name for s in steps]
-        record = self._record()
-        start = self._choose_start(record, steps, start_at)
+        view = run.view
+        start = self._choose_start(view, steps, start_at)
         if start is None:
-            if initial_state is not None and not _same_tree(initial_state, record.states[0]):
+            final = self._state_after(run, view, len(steps) - 1)
+            if initial_state is not None and not _same_tree(initial_state, view.initial or {}):
                 warn_caller(
-                    f"flow {self.name!r} is complete and rerun_completed=False, so initial_state "
+                    f"flow {self.name!r} is complete and keep_completed=True, so initial_state "
                     "is ignored and the recorded final state returned; pass start_at=0 to run "
                     "with it", UserWarning)
-            return copy.deepcopy(record.states[record.frontier])
-        first_state = self._first_state(record, start, initial_state)
+            return copy.deepcopy(final)
         if start == 0 and initial_state is not None:
-            self._check_storable(first_state)
-        discarding = start < record.frontier
-        record = record.restarted(start, names, first_state)
+            self._check_storable(initial_state)
+        first_state = self._first_state(run, view, start, initial_state)
+        if any(i >= start for i in view.steps):
+            run.discard_from(start)
+        if start == 0:
+            run.initial = copy.deepcopy(first_state)
+        run.current = copy.deepcopy(first_state)
+        run.progress(start / len(steps))
+        run._commit(wait=True)  # where this run starts, and with what
         for step in steps[start:]:
             self._memory.pop(step.name, None)
-        if discarding:
-            self._log.commit(self._log.next_commit(), record, event="start", step=names[start],
-                             total=len(steps))
-        stored = {s.name: partial(self._log.output, s.output, s.name)
-                  for s in record.steps[:start] if s.output is not None}
+        stored = {s.name: partial(self._stored_output, run, view.steps[i], s.name)
+                  for i, s in enumerate(steps[:start]) if view.steps[i].tree is not None}
         data = StepData(self._memory, stored)
         state = copy.deepcopy(first_state)
         for index in range(start, len(steps)):
             load = index == start or reload == "always"
-            record = yield from self._run_step(record, index, steps[index], state, data, load=load)
+            yield from self._run_step(run, index, steps[index], state, data, load=load)
         return state
 
+    def _stored_output(self, run: FlowRun, record: Record, name: str) -> Any:
+        try:
+            return run._log.load(record.tree, allow_pickle=self.allow_pickle)  # type: ignore[union-attr]
+        except (CorruptCheckpoint, CheckpointNotFound) as exc:
+            raise type(exc)(
+                f"the data returned by step {name!r} of flow {self.name!r} cannot be read: {exc}; "
+                f"rerun that step with run(start_at={name!r})", **exc.fields()) from exc
+
     def _run_step(
-        self, record: FlowRecord, index: int, step: _Step, state: State, data: StepData, *, load: bool,
-    ) -> Generator[Call, Any, FlowRecord]:
+        self, run: FlowRun, index: int, step: _Step, state: State, data: StepData, *, load: bool,
+    ) -> Generator[Call, Any, None]:
         started = self._clock()
+        key = f"#{index}"
+        extra = {"code": step.code}
         try:
             if load and step.load is not None:
                 loaded = yield Call(step.load, (state,))
@@ -251,84 +369,95 @@ class Flow:
         except GeneratorExit:
             raise
         except BaseException as exc:
-            self._record_failure(record, index, step, started, exc)
+            self._record_failure(run, key, step, started, exc)
             raise
-        number = self._log.next_commit()
-        entry = StepRecord(step.name, "done", step.code, started, self._clock() - started,
-                           output=number if output is not None else None)
-        done = record.done(index, entry, copy.deepcopy(state))
+        after = capture(state)
+        returned = capture(output) if output is not None else None
         try:
-            self._log.commit(number, done, event="done", step=step.name, total=len(self._steps),
-                             output=output)
+            prepare(after, allow_pickle=self.allow_pickle)
+            if returned is not None:
+                try:
+                    prepare(returned, allow_pickle=self.allow_pickle)
+                except UnsupportedType as exc:
+                    raise _unstorable(step.name, exc, output=True) from exc
         except UnsupportedType as exc:
-            error = _unstorable(step.name, exc)
-            self._record_failure(record, index, step, started, error)
+            error = exc if exc.message.startswith("step ") else _unstorable(step.name, exc)
+            self._record_failure(run, key, step, started, error)
             raise error from exc
-        except Exception as exc:
-            self._record_failure(record, index, step, started, exc)
-            raise
-        return done
-
-    def _record_failure(
-        self, record: FlowRecord, index: int, step: _Step, started: float, exc: BaseException,
-    ) -> None:
-        entry = replace(record.steps[index], name=step.name, code=step.code, started=started,
-                        duration=self._clock() - started)
-        failed = record.failed(index, failure(entry, exc, _traceback_text(exc)))
         try:
-            self._log.commit(self._log.next_commit(), failed, event="failed", step=step.name,
-                             total=len(self._steps))
+            run._record_step(key, step.name, started, result=copy.deepcopy(after),
+                             output=returned, extra=extra)
+        except Exception as exc:
+            self._record_failure(run, key, step, started, exc)
+            raise
+        run.current = copy.deepcopy(state)
+        run.progress((index + 1) / len(self._steps))
+        run._after_substep()
+
+    def _record_failure(self, run: FlowRun, key: str, step: _Step, started: float,
+                        exc: BaseException) -> None:
+        try:
+            run._record_step(key, step.name, started, error=exc, extra={"code": step.code})
         except Exception as commit_error:
             warn_caller(f"flow {self.name!r}: could not record the failure of step "
                         f"{step.name!r}: {commit_error}", RuntimeWarning)
+        note = (f"safepoint: flow {self.name!r} stopped at step {step.name!r}; fix it and run "
+                "the flow again to resume at this step")
         if hasattr(exc, "add_note"):
-            exc.add_note(f"safepoint: flow {self.name!r} stopped at step {step.name!r}; fix it "
-                         "and run the flow again to resume at this step")
+            exc.add_note(note)
 
     # ------------------------------------------------------ where a run starts
 
-    def _choose_start(self, record: FlowRecord, steps: list[_Step], start_at: str | int | None) -> int | None:
-        """The index to run from, or None when the flow is complete and not to be rerun."""
-        names, frontier, count = [s.name for s in steps], record.frontier, len(steps)
+    def _choose_start(self, view: FlowView, steps: list[_Step], start_at: str | int | None) -> int | None:
+        """The index to run from, or None when the flow is complete and kept so."""
+        names, frontier, count = [s.name for s in steps], view.frontier, len(steps)
         if start_at is not None:
             start = self._index(start_at)
             if start > frontier:
                 raise SafepointError(
                     f"flow {self.name!r}: cannot start at {names[start]!r}: step {frontier} "
                     f"({names[frontier]!r}) before it has not completed; start at most there")
-        elif frontier >= count and all(record.steps[i].name == names[i] for i in range(count)):
-            start = 0 if self.rerun_completed else count  # every step done: complete
+        elif frontier >= count and all(view.steps[i].name == names[i] for i in range(count)):
+            start = count if self.keep_completed else 0  # every step done: complete
         else:
             start = min(frontier, count)
         reused = start if start < count else frontier
-        check_reused(self.name, record, names, reused)
-        changed = changed_steps(record, [s.code for s in steps], reused)
+        check_reused(self.name, view, names, reused)
+        changed = changed_steps(view, [s.code for s in steps], reused)
         if changed and self.rerun_changed:
             return changed[0]
         for index in changed:
             warn_caller(
                 f"flow {self.name!r}: the code of step {names[index]!r} changed since it completed "
-                f"({format_when(record.steps[index].started)}); its recorded result is reused. "
+                f"({format_when(view.steps[index].started)}); its recorded result is reused. "
                 f"Rerun from it with run(start_at={names[index]!r}), or create the flow with "
                 "rerun_changed=True", StepChangedWarning)
         return start if start < count else None
 
-    def _first_state(self, record: FlowRecord, start: int, initial_state: Mapping[str, Any] | None) -> State:
+    def _state_after(self, run: FlowRun, view: FlowView, index: int) -> State:
+        if index < 0:
+            return dict(view.initial or {})
+        record = view.steps[index]
+        value = run._log.load(record.result, allow_pickle=self.allow_pickle)  # type: ignore[union-attr]
+        return value if isinstance(value, dict) else {}
+
+    def _first_state(self, run: FlowRun, view: FlowView, start: int,
+                     initial_state: Mapping[str, Any] | None) -> State:
         if start == 0 and initial_state is not None:
             return copy.deepcopy(dict(initial_state))
-        if start < len(record.states):
-            if initial_state is not None and not _same_tree(initial_state, record.states[0]):
-                warn_caller(
-                    f"flow {self.name!r}: initial_state differs from the one this flow started "
-                    f"with, and is ignored while resuming at step {start}; pass start_at=0 to "
-                    "start over with it", UserWarning)
-            return record.states[start]
-        return {}
+        if start == 0:
+            return dict(view.initial or {})
+        if initial_state is not None and not _same_tree(initial_state, view.initial or {}):
+            warn_caller(
+                f"flow {self.name!r}: initial_state differs from the one this flow started "
+                f"with, and is ignored while resuming at step {start}; pass start_at=0 to "
+                "start over with it", UserWarning)
+        return self._state_after(run, view, start - 1)
 
-    def _check_storable(self, initial: State) -> None:
+    def _check_storable(self, initial: Mapping[str, Any]) -> None:
         """Refuse an initial state that could never be committed, before any step runs."""
         try:
-            prepare(capture(initial), allow_pickle=self._log.checkpointer.allow_pickle)
+            prepare(capture(dict(initial)), allow_pickle=self.allow_pickle)
         except UnsupportedType as exc:
             where = exc.tree_path.replace("state", "initial_state", 1)
             raise UnsupportedType(exc.message.replace(exc.tree_path, where, 1), tree_path=where,
@@ -348,9 +477,20 @@ class Flow:
 
     # -------------------------------------------------------------- inspecting
 
-    def _record(self) -> FlowRecord:
-        found = self._log.latest()
-        return found[1] if found else FlowRecord()
+    def _read(self) -> tuple[FlowView, Any]:
+        store = open_store(self._location)
+        replay = read_log(store, self.name)
+        state = replay.state
+        if state is not None and state.extra.get("kind") != "flow":
+            from safepoint.errors import KindMismatch
+
+            raise KindMismatch(f"{self.name!r} in {store.url} is a {state.extra.get('kind', 'run')}, "
+                               f"not a flow", name=self.name, found=str(state.extra.get("kind")),
+                               wanted="flow")
+        from safepoint.checkpointer import Checkpointer
+
+        loader = _Loader(Checkpointer(self.name, location=store, allow_pickle=self.allow_pickle))
+        return _view(replay, loader), loader
 
     def status(self) -> list[StepStatus]:
         """One row per step: done / failed / pending, duration, when, error and traceback.
@@ -358,68 +498,101 @@ class Flow:
         Rows follow the steps registered on this object (or the recorded ones when none
         are): a step shows its recorded outcome when it sits at the same index by name.
         """
-        record = self._record()
+        view, _ = self._read()
         if not self._steps:
-            pairs = [(r, None) for r in record.steps]
+            count = max([len(view.names), *(i + 1 for i in view.steps)])
+            rows = [(i, view.steps.get(i), None) for i in range(count)]
+            names = [view.names[i] if i < len(view.names) else view.steps[i].name
+                     for i in range(count)]
         else:
-            pairs = []
-            for index, step in enumerate(self._steps):
-                recorded = record.steps[index] if index < len(record.steps) else None
-                if recorded is None or recorded.name != step.name:
-                    recorded = StepRecord(step.name)
-                pairs.append((recorded, step.code))
-        return [
-            StepStatus(index=i, name=r.name, status=r.status, duration=r.duration,
-                       when=None if r.started is None else datetime.fromtimestamp(r.started),
-                       error=r.error, traceback=r.traceback,
-                       changed=r.status == "done" and code is not None and r.code != code,
-                       returned_data=r.output is not None)
-            for i, (r, code) in enumerate(pairs)]
+            names = self.steps
+            rows = [(i, view.steps.get(i), s.code) for i, s in enumerate(self._steps)]
+        result = []
+        for index, (i, record, code) in enumerate(rows):
+            name = names[index]
+            if record is None or record.name != name:
+                result.append(StepStatus(index=i, name=name, status="pending"))
+                continue
+            result.append(StepStatus(
+                index=i, name=name, status=record.status, duration=record.duration,
+                when=None if record.started is None else datetime.fromtimestamp(record.started),
+                error=record.error, traceback=record.traceback,
+                changed=record.status == "done" and code is not None and record.extra.get("code") != code,
+                returned_data=record.tree is not None))
+        return result
 
-    def _recorded_index(self, step: str | int, record: FlowRecord) -> int:
-        recorded = [s.name for s in record.steps]
+    def _recorded_index(self, step: str | int, view: FlowView) -> int:
+        recorded = {r.name: i for i, r in view.steps.items()}
         if isinstance(step, str) and step in recorded:
-            return recorded.index(step)
+            return recorded[step]
+        if isinstance(step, str) and not self._steps and step in view.names:
+            return view.names.index(step)
         if isinstance(step, int) and not isinstance(step, bool) and not self._steps:
-            if 0 <= step < len(recorded):
+            if step in view.steps:
                 return step
-            raise ValueError(f"flow {self.name!r} has {len(recorded)} recorded steps; no step index {step}")
+            raise ValueError(f"flow {self.name!r} has {len(view.steps)} recorded steps; no step index {step}")
         return self._index(step)
 
     def state_before(self, step: str | int) -> State:
         """The state ``step`` received the last time it ran (or will receive when resumed)."""
-        record = self._record()
-        index = self._recorded_index(step, record)
-        if index >= len(record.states):
-            reached = f"it is at step {record.frontier}" if record.states else "it has not run"
+        view, loader = self._read()
+        index = self._recorded_index(step, view)
+        if index > view.frontier or (index > 0 and index - 1 not in view.steps) or view.initial is None:
+            reached = f"it is at step {view.frontier}" if view.initial is not None else "it has not run"
             raise CheckpointNotFound(
                 f"flow {self.name!r} has no recorded input for step {step!r}: the flow has not "
                 f"reached it ({reached})", name=self.name)
-        return record.states[index]
+        if index == 0:
+            return dict(view.initial)
+        value = loader.load(view.steps[index - 1].result, allow_pickle=self.allow_pickle)
+        return value if isinstance(value, dict) else {}
 
     def output(self, step: str | int) -> Any:
         """The data a completed ``step`` returned (from memory, or read from the store)."""
-        record = self._record()
-        index = self._recorded_index(step, record)
-        name = record.steps[index].name if index < len(record.steps) else self.steps[index]
+        view, loader = self._read()
+        index = self._recorded_index(step, view)
+        record = view.steps.get(index)
+        name = record.name if record is not None else self.steps[index]
         if name in self._memory:
             return self._memory[name]
-        entry = record.steps[index] if index < len(record.steps) else None
-        if entry is None or entry.status != "done" or index >= record.frontier:
+        if record is None or record.status != "done" or index >= view.frontier:
             raise CheckpointNotFound(f"step {name!r} of flow {self.name!r} has not completed",
                                      name=self.name)
-        if entry.output is None:
+        if record.tree is None:
             raise CheckpointNotFound(f"step {name!r} of flow {self.name!r} returned no data",
                                      name=self.name)
-        return self._log.output(entry.output, name)
+        return loader.load(record.tree, allow_pickle=self.allow_pickle)
 
     def reset(self) -> None:
         """Forget every recorded step, state and output: the next run starts from scratch."""
-        self._log.checkpointer.delete_all()
+        store = open_store(self._location)
+        lease = Lease.acquire(store, self.name, kind="flow", durable=self.durable)
+        try:
+            remove_name(store, self.name)
+        finally:
+            lease.released = True
+            lease.release()
         self._memory.clear()
 
     def __repr__(self) -> str:
-        return f"Flow({self.name!r}, steps={self.steps}, location={self._log.checkpointer.store.url!r})"
+        where = open_store(self._location).url
+        return f"Flow({self.name!r}, steps={self.steps}, location={where!r})"
+
+
+class _Loader:
+    """Reads what a flow's records refer to, without taking its lease."""
+
+    def __init__(self, checkpointer: Any) -> None:
+        self.checkpointer = checkpointer
+
+    def load(self, tree: dict[str, Any] | None, *, allow_pickle: bool = False) -> Any:
+        from safepoint.format.tree import decode_inline
+
+        if tree is None:
+            return None
+        if "node" in tree:
+            return decode_inline(tree["node"])
+        return self.checkpointer.restore(tree["checkpoint"], allow_pickle=allow_pickle).state
 
 
 # ------------------------------------------------------------------ helpers
@@ -431,25 +604,10 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     return not inspect.isroutine(target) and inspect.iscoroutinefunction(type(target).__call__)
 
 
-_RUNNER_FILES = {__file__, drivers.__file__}
-
-
-def _traceback_text(exc: BaseException) -> str:
-    """The traceback of a step's error, without the flow's own frames."""
-    summary = traceback.TracebackException.from_exception(exc)
-    summary.stack = traceback.StackSummary.from_list(
-        [frame for frame in summary.stack if frame.filename not in _RUNNER_FILES])
-    return "".join(summary.format())
-
-
-_RECORDED_STATE = re.compile(r"state\['record'\]\['states'\]\[\d+\]")
-
-
-def _unstorable(step: str, exc: UnsupportedType) -> UnsupportedType:
+def _unstorable(step: str, exc: UnsupportedType, *, output: bool = False) -> UnsupportedType:
     """Restate a storage error in the step's terms: its state, or the data it returned."""
     def local(text: str) -> str:
-        text = _RECORDED_STATE.sub("state", text)
-        return text.replace("state['output']", f"the data returned by {step!r}")
+        return text.replace("state", f"the data returned by {step!r}", 1) if output else text
 
     return UnsupportedType(
         f"step {step!r} completed but its result cannot be stored, so it is recorded as failed: "

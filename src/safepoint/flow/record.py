@@ -1,9 +1,6 @@
-"""What a flow remembers between runs: one entry per step, and the state each step received.
-
-The record is small and plain: it is committed with every step and read back whole on a
-resume. Records are values; every change returns a new one, so a record that failed to
-commit never leaks into the next commit.
-"""
+"""What a flow remembers between runs, read from its log: the outcome of each step (a
+durable step record whose result is the state after the step, and whose ``tree`` is the
+data it returned), and the initial state."""
 
 from __future__ import annotations
 
@@ -13,126 +10,64 @@ import inspect
 import textwrap
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from safepoint.errors import CorruptCheckpoint, StepMismatch
+from safepoint.errors import StepMismatch
+from safepoint.run.record import Record
 
-RECORD_VERSION = 1
 Status = Literal["done", "failed", "pending"]
-_TRACEBACK_LIMIT = 20_000
-
-
-
 
 class StepChangedWarning(UserWarning):
     """The code of a completed step changed since it ran; its recorded result is reused."""
 
 
 @dataclass(frozen=True)
-class StepRecord:
-    """The last outcome of one step."""
+class FlowView:
+    """A flow as its log records it: the outcome of each step it ran (by index), and the
+    initial state it started from."""
 
-    name: str
-    status: Status = "pending"
-    code: str | None = None  # hash of the step's code when it last ran
-    started: float | None = None  # wall-clock time it last started
-    duration: float | None = None  # seconds
-    error: str | None = None  # "ValueError: bad input"
-    traceback: str | None = None
-    output: int | None = None  # the commit holding the data it returned; None if it returned None
-
-    def to_tree(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "code": self.code,
-                "started": self.started, "duration": self.duration, "error": self.error,
-                "traceback": self.traceback, "output": self.output}
-
-    @classmethod
-    def from_tree(cls, tree: dict[str, Any]) -> StepRecord:
-        status = tree["status"]
-        if status not in ("done", "failed", "pending"):
-            raise ValueError(f"unknown step status {status!r}")
-        return cls(name=str(tree["name"]), status=status, code=tree.get("code"),
-                   started=tree.get("started"), duration=tree.get("duration"),
-                   error=tree.get("error"), traceback=tree.get("traceback"),
-                   output=tree.get("output"))
-
-
-@dataclass(frozen=True)
-class FlowRecord:
-    """Steps in order, and ``states[i]``: the state step ``i`` received.
-
-    Steps ``0 .. frontier-1`` are done; the step at ``frontier`` is failed or pending, and
-    the rest are pending. ``states`` holds ``frontier + 1`` entries once the flow has
-    started (the last one is the final state when every step is done), none before.
-    """
-
-    steps: tuple[StepRecord, ...] = ()
-    states: tuple[dict[str, Any], ...] = ()
+    steps: dict[int, Record]
+    """The newest outcome of each step, by index (done or failed); a missing index is pending."""
+    initial: dict[str, Any] | None = None
+    """The state the first step received (None before the flow first ran)."""
+    names: tuple[str, ...] = ()
+    """The step names registered when the flow last ran."""
 
     @property
     def frontier(self) -> int:
         """How many steps, from the first, are done."""
         count = 0
-        for step in self.steps:
-            if step.status != "done":
-                break
+        while count in self.steps and self.steps[count].status == "done":
             count += 1
         return count
 
-    def outputs(self) -> set[int]:
-        """The commits holding data returned by the steps that are done."""
-        return {s.output for s in self.steps[: self.frontier] if s.output is not None}
+    def name(self, index: int) -> str | None:
+        record = self.steps.get(index)
+        if record is not None:
+            return record.name
+        return self.names[index] if index < len(self.names) else None
 
-    def restarted(self, start: int, names: Sequence[str], first_state: dict[str, Any]) -> FlowRecord:
-        """Steps from ``start`` on become pending (a failure at ``start`` stays on show until
-        the step runs again); ``first_state`` is the state step ``start`` will receive."""
-        frontier = self.frontier
-        steps = list(self.steps[:start])
-        for index in range(start, len(names)):
-            old = self.steps[index] if index < len(self.steps) else None
-            keep = old is not None and index == start == frontier and old.name == names[index]
-            steps.append(old if keep and old is not None else StepRecord(names[index]))
-        return FlowRecord(tuple(steps), (*self.states[:start], first_state))
-
-    def done(self, index: int, step: StepRecord, state_after: dict[str, Any]) -> FlowRecord:
-        """Step ``index`` completed; ``state_after`` is what the next step receives."""
-        steps = (*self.steps[:index], step, *self.steps[index + 1 :])
-        return FlowRecord(steps, (*self.states[: index + 1], state_after))
-
-    def failed(self, index: int, step: StepRecord) -> FlowRecord:
-        """Step ``index`` raised; the state it received stays recorded as ``states[index]``."""
-        return FlowRecord((*self.steps[:index], step, *self.steps[index + 1 :]), self.states)
-
-    def table(self) -> list[dict[str, Any]]:
+    def table(self, names: Sequence[str]) -> list[dict[str, Any]]:
         """The rows ``safepoint show`` prints: step, status, duration, when, error."""
-        return [{"step": s.name, "status": s.status,
-                 "duration": None if s.duration is None else round(s.duration, 3),
-                 "when": format_when(s.started), "error": s.error} for s in self.steps]
+        rows = []
+        for index, name in enumerate(names):
+            record = self.steps.get(index)
+            if record is None or record.name != name:
+                rows.append({"step": name, "status": "pending", "duration": None, "when": None,
+                             "error": None})
+                continue
+            rows.append({"step": name, "status": record.status,
+                         "duration": None if record.duration is None else round(record.duration, 3),
+                         "when": format_when(record.started), "error": record.error})
+        return rows
 
-    def to_tree(self) -> dict[str, Any]:
-        return {"version": RECORD_VERSION, "steps": [s.to_tree() for s in self.steps],
-                "states": list(self.states)}
 
-    @classmethod
-    def from_tree(cls, tree: Any, where: str) -> FlowRecord:
-        """Parse a stored record; damage raises :class:`CorruptCheckpoint` naming ``where``."""
-        try:
-            version = int(tree["version"])
-            if version > RECORD_VERSION:
-                raise CorruptCheckpoint(
-                    f"{where}: flow record version {version} was written by a newer safepoint; "
-                    "upgrade safepoint to resume this flow", path=where)
-            steps = tuple(StepRecord.from_tree(s) for s in tree["steps"])
-            states = tuple(tree["states"])
-            if not all(isinstance(s, dict) for s in states):
-                raise ValueError("a recorded state is not a dict")
-        except CorruptCheckpoint:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpoint(f"{where}: malformed flow record ({exc!r})", path=where) from exc
-        return cls(steps, states)
+def step_index(record: Record) -> int | None:
+    """The index of a flow step from its record's key (``#3`` -> 3)."""
+    scope, _, ordinal = record.key.rpartition("#")
+    return int(ordinal) if scope == "" and ordinal.isdigit() else None
 
 
 def format_when(started: float | None) -> str | None:
@@ -140,17 +75,10 @@ def format_when(started: float | None) -> str | None:
     return None if started is None else datetime.fromtimestamp(started).isoformat(timespec="seconds")
 
 
-def failure(step: StepRecord, exc: BaseException, traceback_text: str) -> StepRecord:
-    """``step`` marked failed with ``exc``: its output (if any) is gone."""
-    text = traceback_text[-_TRACEBACK_LIMIT:]
-    return replace(step, status="failed", error=f"{type(exc).__name__}: {exc}",
-                   traceback=text, output=None)
-
-
-def check_reused(flow: str, record: FlowRecord, names: Sequence[str], upto: int) -> None:
+def check_reused(flow: str, view: FlowView, names: Sequence[str], upto: int) -> None:
     """Refuse to reuse a recorded step whose place now holds another step (or nothing)."""
     for index in range(upto):
-        recorded = record.steps[index].name
+        recorded = view.steps[index].name
         current = names[index] if index < len(names) else None
         if recorded == current:
             continue
@@ -163,9 +91,9 @@ def check_reused(flow: str, record: FlowRecord, names: Sequence[str], upto: int)
             name=flow, index=index, recorded=recorded, current=current or "")
 
 
-def changed_steps(record: FlowRecord, codes: Sequence[str], upto: int) -> list[int]:
+def changed_steps(view: FlowView, codes: Sequence[str], upto: int) -> list[int]:
     """Indexes below ``upto`` whose recorded code differs from the code registered now."""
-    return [i for i in range(upto) if record.steps[i].code != codes[i]]
+    return [i for i in range(upto) if view.steps[i].extra.get("code") != codes[i]]
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,14 @@
 byte ranges in data files (see ``docs/format.md``)."""
 
 from safepoint.format.layout import (
-    JOURNAL,
     LATEST,
+    LEASE,
     data_folder,
+    generation_of_segment,
+    journal_name,
     latest_key,
     manifest_key,
+    segment_name,
     step_of_folder,
     step_of_manifest,
     step_text,
@@ -23,8 +26,8 @@ from safepoint.format.summary import iter_tree_summary
 from safepoint.format.write import Prepared, prepare, write_checkpoint
 
 __all__ = [
-    "JOURNAL",
     "LATEST",
+    "LEASE",
     "Loaded",
     "Manifest",
     "Prepared",
@@ -33,13 +36,16 @@ __all__ = [
     "checksum",
     "data_folder",
     "describe_os_error",
+    "generation_of_segment",
     "iter_tree_summary",
+    "journal_name",
     "json_copy",
     "latest_key",
     "load_tree",
     "manifest_key",
     "prepare",
     "read_manifest",
+    "segment_name",
     "step_of_folder",
     "step_of_manifest",
     "step_text",

@@ -7,7 +7,9 @@
                                               or a copy on object stores): the O(1) lookup
     <store>/<name>/<step>.json                one manifest per committed step (12+ digits)
     <store>/<name>/<step>/<save id>-<k>.bin   the step's data files: packs and large blobs
-    <store>/<name>/run.journal                a run's journal (local stores)
+    <store>/<name>/run-<gen>.journal          a run's log, one per writer (local stores)
+    <store>/<name>/log-<gen>/<seq>.rec|.snap  a run's log, one per writer (object stores)
+    <store>/<name>/lease/<gen>[.released]     the writers' lease tickets
     <store>/<name>/.<...>.tmp, .lock          temporary files and the folder's lock
 
 ``gc``, ``rm`` and retention delete only entries that match these names; anything else in a
@@ -19,13 +21,15 @@ from __future__ import annotations
 import re
 
 LATEST = "latest.json"
-JOURNAL = "run.journal"
 LOCK = ".lock"
+LEASE = "lease"
 
 _STEP_MANIFEST = re.compile(r"(\d{12,20})\.json")
 _STEP_FOLDER = re.compile(r"\d{12,20}")
 _DATA_FILE = re.compile(r"[0-9a-f]{12}-\d{1,9}\.bin")
 _TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+_JOURNAL = re.compile(r"run-(\d{8})\.journal")
+_SEGMENT = re.compile(r"log-(\d{8})")
 
 
 def step_text(step: int) -> str:
@@ -61,10 +65,27 @@ def is_data_file(entry: str) -> bool:
     return _DATA_FILE.fullmatch(entry) is not None
 
 
+def journal_name(generation: int) -> str:
+    """The local log file of writer ``generation``."""
+    return f"run-{generation:08d}.journal"
+
+
+def segment_name(generation: int) -> str:
+    """The object-store log folder of writer ``generation``."""
+    return f"log-{generation:08d}"
+
+
+def generation_of_segment(entry: str) -> int | None:
+    """The writer generation of a log entry (a journal file or a log folder), else None."""
+    match = _JOURNAL.fullmatch(entry) or _SEGMENT.fullmatch(entry)
+    return int(match.group(1)) if match else None
+
+
 def is_temp(entry: str) -> bool:
     """Whether an entry is one of safepoint's temporary files (``.x.<12 hex>.tmp``)."""
     return _TEMP.fullmatch(entry) is not None
 
 
-__all__ = ["JOURNAL", "LATEST", "LOCK", "data_folder", "is_data_file", "is_temp", "latest_key",
-           "manifest_key", "step_of_folder", "step_of_manifest", "step_text"]
+__all__ = ["LATEST", "LEASE", "LOCK", "data_folder", "generation_of_segment", "is_data_file",
+           "is_temp", "journal_name", "latest_key", "manifest_key", "segment_name",
+           "step_of_folder", "step_of_manifest", "step_text"]

@@ -11,11 +11,14 @@ hundred times a second, never once per item.
 
 A signal handler can *cut* the segment in progress: it exhausts the segment's iterator, so
 the loop reaches a boundary right after the item being processed.
+
+Loops nest: each :class:`Loop` keeps its own position and pacing, and the run keeps a stack
+of them (``ordinal`` numbers a loop among the loops of its scope: the top level, or one item
+of the enclosing loop).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import (
     AsyncIterable,
@@ -32,80 +35,52 @@ from operator import length_hint
 from typing import Any
 
 from safepoint.errors import StateMismatch
-from safepoint.policy import AllOf, AnyOf, Policy, after_substep, every, manual, on_progress
 
 CHUNK = 1 << 16
 """Items fetched at a time from an indexable source (sliced lists, ranges)."""
 SMALL_CHUNK = 256
 """Items fetched at a time from a source indexed item by item."""
 
-Horizon = Callable[[int, int, "int | None", float], "int | None"]
-"""``(items since the last checkpoint, position, total, fraction at the last checkpoint)`` ->
-the most items that can pass before the policy may say yes, or None when only time can."""
-
-_ITEMS = type(every(items=1))
-_SECONDS = type(every(seconds=1))
-_PROGRESS = type(on_progress(0.5))
-_NEVER_BY_COUNT = (_SECONDS, type(manual()), type(after_substep()))
-
-
-def horizon_of(policy: Policy) -> Horizon:
-    """How far a loop may run before asking ``policy`` again (see :data:`Horizon`).
-
-    The built-in policies are understood; any other callable is asked after every item.
-    """
-    if isinstance(policy, (AnyOf, AllOf)):
-        parts = [horizon_of(p) for p in policy.policies]
-        pick = min if isinstance(policy, AnyOf) else max
-
-        def combined(since: int, position: int, total: int | None, at_last: float) -> int | None:
-            values = [v for h in parts if (v := h(since, position, total, at_last)) is not None]
-            return pick(values) if values else None
-
-        return combined
-    if isinstance(policy, _ITEMS):
-        count = policy.items
-        return lambda since, position, total, at_last: count - since
-    if isinstance(policy, _PROGRESS):
-        step = policy.fraction
-
-        def progress(since: int, position: int, total: int | None, at_last: float) -> int | None:
-            if total is None:
-                return None
-            return math.ceil((at_last + step - 1e-12) * total) - position
-
-        return progress
-    if isinstance(policy, _NEVER_BY_COUNT):
-        return lambda since, position, total, at_last: None
-    return lambda since, position, total, at_last: 1
-
-
-def uses_clock(policy: Policy) -> bool:
-    """Whether ``policy`` may become due by time alone (and needs the segment watchdog)."""
-    if isinstance(policy, (AnyOf, AllOf)):
-        return any(uses_clock(p) for p in policy.policies)
-    return isinstance(policy, _SECONDS)
-
-
-def uses_fraction(policy: Policy) -> bool:
-    """Whether ``policy`` may look at ``Tick.fraction`` (costly to compute for lines)."""
-    if isinstance(policy, (AnyOf, AllOf)):
-        return any(uses_fraction(p) for p in policy.policies)
-    return not isinstance(policy, (_ITEMS, *_NEVER_BY_COUNT))
+MAX_SEGMENT = 16384
+"""Most items handed out between two boundaries."""
+SEGMENT_SECONDS = 0.002
+"""A segment is sized to last about this long, so the clock is read about this often."""
 
 
 class Loop:
-    """One positioned iteration of a run: its position and the segment being consumed."""
+    """One positioned iteration of a run: its position, its pacing and the segment being
+    consumed."""
 
-    def __init__(self, index: int, position: int, source: Any) -> None:
-        self.index = index
+    def __init__(self, ordinal: int, position: int, source: Any, depth: int, clock: Callable[[], float]) -> None:
+        self.ordinal = ordinal
+        self.depth = depth
         self.position = position
         """Items completed (updated at each segment's end)."""
+        self.start = position
+        self.counted = position
+        """Items up to here were counted for the policy (a checkpoint in the body counts
+        the item in progress)."""
         self.source = source
+        self.segment = 1
+        """Items in the next segment (paced to last about SEGMENT_SECONDS)."""
+        self.clocked_at = clock()
+        self.clock_position = position
+        self.bar_at = self.clocked_at
         self._it: Iterator[Any] | None = None
         self._len = 0
         self._cut: int | None = None
         self._entered_at = 0.0
+
+    def pace(self, now: float) -> bool:
+        """At a boundary: size the next segment from the item rate; True when the clock
+        was read (a segment's worth of items passed)."""
+        if self.position - self.clock_position < self.segment:
+            return False
+        per_item = (now - self.clocked_at) / (self.position - self.clock_position)
+        self.segment = (max(1, min(MAX_SEGMENT, int(SEGMENT_SECONDS / per_item)))
+                        if per_item > 0 else MAX_SEGMENT)
+        self.clocked_at, self.clock_position = now, self.position
+        return True
 
     def enter(self, it: Iterator[Any], length: int) -> None:
         """A segment of ``length`` items starts."""
@@ -159,6 +134,15 @@ class Loop:
     def fraction(self, position: int) -> float | None:
         return self.source.fraction_at(position)
 
+    def credit(self, position: int) -> None:
+        """Items up to ``position`` are counted already (a checkpoint in the body)."""
+        self.counted = max(self.counted, position)
+
+    def in_progress(self) -> int:
+        """The index of the item being processed (for an enclosing loop: the item whose
+        body runs the inner loops)."""
+        return self.current()
+
 
 def drive(run: Any, loop: Loop, chunks: Iterable[Sequence[Any]]) -> Iterator[Any]:
     """The items of ``chunks``, segment by segment, with a boundary between segments.
@@ -201,12 +185,14 @@ class RangeSource:
 
     def check(self, saved: Mapping[str, Any], position: int) -> None:
         if dict(saved) != self.identity:
+            before = range(int(saved.get("start", 0)), int(saved.get("stop", 0)), int(saved.get("step", 1)) or 1)
             raise StateMismatch(
                 f"the checkpoint is inside range({saved.get('start')}, {saved.get('stop')}, "
-                f"{saved.get('step')}) but this run iterates range({self.values.start}, "
-                f"{self.values.stop}, {self.values.step})")
+                f"{saved.get('step')}) ({len(before)} items) but this run iterates "
+                f"range({self.values.start}, {self.values.stop}, {self.values.step}) "
+                f"({len(self.values)} items); the code or its input changed")
 
-    def chunks(self, position: int, run: Any) -> Iterator[Sequence[Any]]:
+    def chunks(self, position: int, loop: Any) -> Iterator[Sequence[Any]]:
         yield self.values[position:]
 
     def state_at(self, position: int) -> dict[str, Any]:
@@ -246,7 +232,7 @@ class SequenceSource:
                 f"only {len(self.items)} items; it is not the sequence the checkpoint was "
                 "iterating")
 
-    def chunks(self, position: int, run: Any) -> Iterator[Sequence[Any]]:
+    def chunks(self, position: int, loop: Any) -> Iterator[Sequence[Any]]:
         start = position
         while start < len(self.items):  # re-read: a list may grow while it is iterated
             if self.sliceable:
@@ -278,13 +264,13 @@ class IterableSource:
     def check(self, saved: Mapping[str, Any], position: int) -> None:
         pass  # checked while skipping
 
-    def chunks(self, position: int, run: Any) -> Iterator[Sequence[Any]]:
+    def chunks(self, position: int, loop: Any) -> Iterator[Sequence[Any]]:
         it = iter(self.items)
         if position and next(islice(it, position - 1, position), _MISSING) is _MISSING:
             raise StateMismatch(
                 f"the checkpoint is at item {position}, but the iterable this run iterates "
                 "ended before it; it is not the one the checkpoint was iterating")
-        while chunk := list(islice(it, run._segment_target())):
+        while chunk := list(islice(it, loop.segment)):
             yield chunk
 
     def state_at(self, position: int) -> dict[str, Any]:
@@ -321,13 +307,12 @@ def check_reiterable(source: Any, how: str) -> None:
 
 
 __all__ = [
+    "MAX_SEGMENT",
     "IterableSource",
     "Loop",
     "RangeSource",
     "SequenceSource",
     "check_reiterable",
     "drive",
-    "horizon_of",
     "is_indexable",
-    "uses_fraction",
 ]

@@ -43,7 +43,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from safepoint.errors import CorruptCheckpoint, InvalidName, WriteConflict
 
@@ -165,6 +165,25 @@ class Store(ABC):
             raise conflict(self, alias)
         self.commit(alias, data, durable=durable)
         return self.version(alias)
+
+    def commit_if(self, key: str, data: bytes, *, expect: str | None, durable: bool) -> str | None:
+        """Commit ``data`` at ``key`` only if its version is still ``expect`` (None: it must
+        not exist); the new version. :class:`~safepoint.errors.WriteConflict` otherwise.
+        Atomic where :attr:`conditional`; else a check just before the write."""
+        if self.version(key) != expect:
+            raise conflict(self, key)
+        self.commit(key, data, durable=durable)
+        return self.version(key)
+
+    def hold_lock(self, key: str) -> Any:
+        """Take and keep an exclusive OS lock on the existing file ``key`` (released when
+        the returned handle is closed or the process dies); None where there is none."""
+        return None
+
+    def lock_free(self, key: str) -> bool | None:
+        """Whether no process holds the OS lock of ``key``: True, False, or None (unknown:
+        no OS locks on this backend, or they are switched off)."""
+        return None
 
     def sync_folder(self, prefix: str) -> None:
         """Make the names of files written under ``prefix`` durable (no-op where a write is

@@ -21,6 +21,7 @@ from typing import Any
 
 import fsspec
 
+from safepoint.errors import WriteConflict
 from safepoint.store.base import (
     ABSENT,
     MARKER,
@@ -125,6 +126,35 @@ class FsspecStore(Store):
             raise
         etag = out.get("ETag") if isinstance(out, dict) else None
         return str(etag) if etag else self.version(alias)
+
+    def commit_if(self, key: str, data: bytes, *, expect: str | None, durable: bool) -> str | None:
+        if not self.conditional:
+            return super().commit_if(key, data, expect=expect, durable=durable)
+        self._mark()
+        try:
+            if expect is None:
+                out = self.fs.pipe_file(self._file(key), bytes(data), mode="create")
+            else:
+                out = self.fs.pipe_file(self._file(key), bytes(data), IfMatch=expect)
+        except (FileExistsError, FileNotFoundError) as exc:
+            raise conflict(self, key) from exc
+        except OSError as exc:
+            if "pre-condition" in str(exc) or "Precondition" in str(exc):
+                raise conflict(self, key) from exc
+            raise
+        etag = out.get("ETag") if isinstance(out, dict) else None
+        return str(etag) if etag else self.version(key)
+
+    def touch(self, key: str) -> bool:
+        try:
+            data, version = self.read(key), self.version(key)
+        except FileNotFoundError:
+            return False
+        try:  # conditional where the backend can: never brings back a key deleted meanwhile
+            self.commit_if(key, data, expect=version, durable=False)
+        except WriteConflict:
+            return False
+        return True
 
     def create(self, key: str, data: bytes, *, durable: bool) -> bool:
         self._mark()

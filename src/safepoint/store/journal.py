@@ -133,12 +133,12 @@ def scan(data: bytes | memoryview, where: str = "journal") -> Scan:
             found.end = pos
             continue
         if suspect is None:
-            if pos == len(MAGIC):
-                found.damage.append(f"{where}: its first record (at byte {pos}) is damaged")
             suspect = pos
         pos = raw.find(SYNC, pos + 1)
         if pos < 0:
             break
+    if suspect == len(MAGIC) and not found.records:  # the first record is written whole
+        found.damage.append(f"{where}: its first record (at byte {suspect}) is damaged")
     found.torn = len(raw[found.end :].rstrip(b"\0"))
     return found
 

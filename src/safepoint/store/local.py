@@ -17,6 +17,7 @@ import stat as stat_module
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from safepoint.store.base import (
     ABSENT,
@@ -361,6 +362,47 @@ class LocalStore(Store):
                 os.fsync(parent)
             return True
 
+    def commit_if(self, key: str, data: bytes, *, expect: str | None, durable: bool) -> str | None:
+        with self._parent(key, create=True, durable=durable) as (parent, name):
+            tmp = self._temp(parent, name, key, [data], durable)
+            try:
+                with self._locked(parent):
+                    if self._version_at(parent, name) != expect:
+                        raise conflict(self, key)
+                    os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+            if durable:
+                os.fsync(parent)
+            return self._version_at(parent, name)
+
+    def hold_lock(self, key: str) -> Any:
+        if os.environ.get("SAFEPOINT_OS_LOCKS", "1") == "0":
+            return None
+        with self._parent(key) as (parent, name):
+            fd = self._open_regular(parent, name, key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return _Lock(fd)
+
+    def lock_free(self, key: str) -> bool | None:
+        if os.environ.get("SAFEPOINT_OS_LOCKS", "1") == "0":
+            return None
+        try:
+            with self.open_fd(key) as fd:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    return False
+                return True
+        except FileNotFoundError:
+            return None
+
     def touch(self, key: str) -> bool:
         with self._parent(key) as (parent, name):
             try:
@@ -449,6 +491,18 @@ class LocalStore(Store):
                 _remove(parent, name)
         except (FileNotFoundError, NotADirectoryError):
             pass
+
+
+class _Lock:
+    """An OS lock held on an open file; released by :meth:`close` or by the process's end."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def pread_into(fd: int, offset: int, out: memoryview) -> int:

@@ -1,4 +1,5 @@
-"""Layer 6: resumable tasks with named sub-steps, progress and checkpoint strategies.
+"""Layer 6: resumable, idempotent jobs with named sub-steps, progress and checkpoint
+strategies, built on the execution core (:mod:`safepoint.run`).
 
     @safepoint.task
     def job(ctx, path):
@@ -12,8 +13,7 @@
 """
 
 from safepoint.errors import StepMismatch, SubstepCompleted
-from safepoint.tasks.context import TaskContext
-from safepoint.tasks.runner import Task, default_job_id, default_policy, run_task, task
+from safepoint.tasks.task import Task, TaskContext, default_job_id, default_policy, run_task, task
 
 __all__ = [
     "StepMismatch",

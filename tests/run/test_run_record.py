@@ -1,4 +1,4 @@
-"""How a run's checkpoints are encoded and read back."""
+"""The record envelope of executions: encoding, validation, and reading back."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ import safepoint.run as runs
 from safepoint.errors import CorruptCheckpoint
 from safepoint.format import prepare
 from safepoint.policy import every
-from safepoint.run.persist import Record, _flat_node
+from safepoint.run.record import Frame, Record
+from safepoint.run.run import _flat_node
 from safepoint.store import open_store
 from safepoint.store.journal import Journal
+
+JOURNAL = "run-00000001.journal"  # the first writer's log
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
@@ -44,15 +47,21 @@ def test_the_fast_encoding_leaves_special_values_to_the_format() -> None:
 
 
 def test_a_record_round_trips_and_a_malformed_one_is_refused() -> None:
-    record = Record(seq=3, attempt=2, loop=1, position=10, total=20, fraction=0.5,
-                    source={"kind": "range"}, outputs={"/x": 5}, finished=False, time=1.5)
-    assert Record.from_json(json.loads(json.dumps(record.to_json())), "here") == record
-    body = record.to_json()
-    del body["position"]
-    with pytest.raises(CorruptCheckpoint, match="malformed run record"):
-        Record.from_json(body, "here")
-    with pytest.raises(CorruptCheckpoint, match="newer than this safepoint"):
-        Record.from_json({**record.to_json(), "version": 99}, "here")
+    record = Record("state", seq=3, attempt=2, time=1.5, outputs={"/x": 5}, tree={"node": {"n": 1}},
+                    frames=[Frame(1, 10, 20, 0.5, {"kind": "range"})])
+    assert Record.from_json(record.to_json(), "here") == record
+    body = json.loads(record.to_json())
+    for change, message in [(lambda b: b["frames"][0].update(position=-1), "bad loop frame"),
+                            (lambda b: b.update(kind="other"), "unknown kind"),
+                            (lambda b: b.update(tree={"x": 1}), "bad tree reference"),
+                            (lambda b: b.update(surprise=1), "malformed record"),
+                            (lambda b: b.update(version=99), "another version"),
+                            (lambda b: b.update(format="x"), "not a safepoint record")]:
+        changed = json.loads(record.to_json())
+        change(changed)
+        with pytest.raises(CorruptCheckpoint, match=message):
+            Record.from_json(json.dumps(changed).encode(), "here")
+    assert body["format"] == "safepoint-record"
 
 
 def test_a_damaged_newest_record_falls_back_to_the_one_before(store: Path) -> None:
@@ -61,7 +70,7 @@ def test_a_damaged_newest_record_falls_back_to_the_one_before(store: Path) -> No
         for _ in run.range(12):
             run.state["n"] += 1
         raise Boom
-    path = store / "job" / runs.JOURNAL
+    path = store / "job" / JOURNAL
     data = bytearray(path.read_bytes())
     end = len(data.rstrip(b"\0"))
     data[end - 2] ^= 0xFF  # the newest record (the loop's end) is damaged
@@ -71,9 +80,9 @@ def test_a_damaged_newest_record_falls_back_to_the_one_before(store: Path) -> No
 
 
 def test_a_record_that_is_not_a_runs_is_refused(store: Path) -> None:
-    journal = Journal(open_store(store), f"job/{runs.JOURNAL}")
+    journal = Journal(open_store(store), f"job/{JOURNAL}")  # type: ignore[arg-type]
     journal.open()
     journal.append(b'{"format": "something else"}')
     journal.close()
-    with pytest.raises(CorruptCheckpoint, match="not a safepoint run record"), runs.resume("job", location=store):
+    with pytest.raises(CorruptCheckpoint, match="not a safepoint record"), runs.resume("job", location=store):
         pass

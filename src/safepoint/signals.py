@@ -1,13 +1,15 @@
-"""Graceful interruption: SIGINT and SIGTERM stop a run at the next item boundary.
+"""The one signal path: SIGINT and SIGTERM (and SIGUSR1, which SLURM sends before a job's
+end) stop work at the next boundary, not in the middle of an item.
 
-While a run's loop is active, the first signal only sets a flag and cuts the loop's current
-segment short; when the item in progress is done, the run checkpoints and then raises
-``KeyboardInterrupt`` (SIGINT) or exits with ``SystemExit(143)`` (SIGTERM, 128 + 15). A second
-signal stops at once, like an unhandled one: the previous checkpoint stays. Outside a loop
-(no boundary is coming) a signal stops at once too.
+A :class:`SignalGuard` is installed by whatever owns the boundaries: a run's loops, a task,
+a flow, or a training loop's Checkpointer (``handle_preemption=True``). The first signal
+only records itself, and the owner's ``defer`` callback says whether a boundary is coming
+(it may cut the item segment short); when it is, the owner checkpoints there and stops with
+:func:`stop_now`. A second signal stops at once, like an unhandled one: the previous
+checkpoint stays. Where no boundary is coming, a signal stops at once too.
 
 Handlers are installed only in the main thread (Python runs signal handlers there) and the
-previous ones are put back when the run ends.
+previous ones are put back when the owner is done.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import _thread
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def stop_now(signum: int) -> BaseException:
@@ -29,26 +32,30 @@ def stop_now(signum: int) -> BaseException:
     return SystemExit(128 + signum)
 
 
-class Interrupts:
-    """Signal handling for one run.
+class SignalGuard:
+    """Deferred handling of stop signals for one owner.
 
-    ``defer()`` returns whether the signal can wait for a boundary (a loop is active), and
-    cuts that loop's segment short.
+    ``defer(signum)`` returns whether the signal can wait for a boundary.
     """
 
-    def __init__(self, defer: Callable[[], bool]) -> None:
+    def __init__(self, defer: Callable[[int], bool], signals: Iterable[int] = STOP_SIGNALS) -> None:
         self.defer = defer
+        self.signals = tuple(signals)
         self.pending: int | None = None
         """The first signal received."""
         self.stopped_at_once = False
-        """A signal stopped the run at once (a second one, or one outside a loop)."""
+        """A signal stopped the owner at once (a second one, or one with no boundary coming)."""
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+    def install(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -58,7 +65,7 @@ class Interrupts:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.pending is None:
             self.pending = signum
-            if self.defer():
+            if self.defer(signum):
                 return
         self.stopped_at_once = True
         raise stop_now(signum)
@@ -111,4 +118,5 @@ class SegmentWatchdog:
             self.cut()
 
 
-__all__ = ["SIGNALS", "WATCH_SIGNAL", "Interrupts", "SegmentWatchdog", "stop_now"]
+__all__ = ["PREEMPT_SIGNALS", "STOP_SIGNALS", "WATCH_SIGNAL", "SegmentWatchdog", "SignalGuard",
+           "stop_now"]

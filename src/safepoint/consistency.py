@@ -1,0 +1,174 @@
+"""``safepoint.check(location)``: one consistency check of a whole store.
+
+It knows every kind of record a store can hold: a name's committed steps (manifests, data
+files, the newest-step record), an execution's log (runs, tasks, flows: records, the
+checkpoint steps they refer to, segments of older writers), lease tickets, crash leftovers
+and entries safepoint did not write. It returns what it found; ``fix=True`` removes what is
+safe to remove (leftovers at least ``min_age`` seconds old), never damage (that is
+evidence: ``safepoint rm`` removes it) and never what safepoint did not write. ``safepoint
+verify`` and ``safepoint gc`` are built on it, and the test suite ends every crash, fault and
+concurrency test with it (like diskcache's ``Cache.check()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from safepoint.checkpointer.steps import (
+    collect_garbage,
+    committed_steps,
+    latest_problem,
+    list_names,
+)
+from safepoint.errors import CorruptCheckpoint
+from safepoint.format import verify_checkpoint
+from safepoint.lease import ticket_key, tickets
+from safepoint.run.log import read_log, segments
+from safepoint.store import Location, Store, open_store
+
+
+@dataclass
+class Finding:
+    """One thing :func:`check` found."""
+
+    name: str
+    key: str
+    what: str
+    """``damage``, ``leftover`` (removable), or ``foreign`` (not safepoint's: left alone)."""
+    detail: str
+    nbytes: int = 0
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check` found, and what ``fix=True`` removed."""
+
+    location: str
+    names: dict[str, str] = field(default_factory=dict)
+    """Every name found, with its kind (``checkpoint``, ``run``, ``task``, ``flow``)."""
+    steps: int = 0
+    """Committed checkpoint steps checked."""
+    records: int = 0
+    """Execution records checked."""
+    checked_bytes: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    removed: list[Finding] = field(default_factory=list)
+
+    @property
+    def damage(self) -> list[Finding]:
+        return [f for f in self.findings if f.what == "damage"]
+
+    @property
+    def leftovers(self) -> list[Finding]:
+        return [f for f in self.findings if f.what == "leftover"]
+
+    @property
+    def ok(self) -> bool:
+        """No damage anywhere (leftovers of crashes are not damage)."""
+        return not self.damage
+
+    @property
+    def clean(self) -> bool:
+        """No damage and no leftover."""
+        return self.ok and not self.leftovers
+
+    def __str__(self) -> str:
+        lines = [f"{self.location}: {len(self.names)} names, {self.steps} steps, "
+                 f"{self.records} records, {len(self.damage)} damaged, "
+                 f"{len(self.leftovers)} leftovers"]
+        lines += [f"  {f.what}: {f.detail}" for f in self.findings]
+        return "\n".join(lines)
+
+
+def check(
+    location: Location | Store = None,
+    *,
+    fix: bool = False,
+    data: bool = True,
+    min_age: float = 0.0,
+    on_bytes: Callable[[int], None] | None = None,
+) -> CheckReport:
+    """Check every record in the store at ``location``; see the module's documentation.
+
+    ``data=False`` skips reading data files (manifests, records and sizes are still
+    checked); ``fix=True`` removes the leftovers found (those ``min_age`` seconds old).
+    """
+    store = location if isinstance(location, Store) else open_store(location)
+    report = CheckReport(store.url)
+    if not store.exists(""):
+        return report
+    for name in list_names(store):
+        try:
+            _check_name(store, name, report, fix=fix, data=data, min_age=min_age, on_bytes=on_bytes)
+        except CorruptCheckpoint as exc:
+            report.names.setdefault(name, "?")
+            report.findings.append(Finding(name, name, "damage", str(exc)))
+    return report
+
+
+def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data: bool,
+                min_age: float, on_bytes: Callable[[int], None] | None) -> None:
+    found = segments(store, name)
+    referenced: set[int] | None = None
+    kind = "checkpoint"
+    if found:
+        replay = read_log(store, name)
+        report.records += len(replay.records)
+        state = replay.state
+        kind = str((state.extra if state is not None else (replay.records[-1].extra if replay.records else {}))
+                   .get("kind", "run"))
+        for problem in replay.damage:
+            report.findings.append(Finding(name, f"{name}/{found[-1][1]}", "damage", problem))
+        referenced = {ref for r in replay.records for ref in r.refs()}
+        for generation, entry in found[:-1]:  # older writers' segments: superseded
+            _leftover(store, report, Finding(name, f"{name}/{entry}", "leftover",
+                                             f"{store.url}/{name}/{entry}: the log of writer "
+                                             f"{generation}, superseded by a newer one"), fix)
+    report.names[name] = kind
+    steps = committed_steps(store, name)
+    missing = sorted((referenced or set()) - set(steps))
+    for ref in missing:
+        report.findings.append(Finding(name, f"{name}/{ref:012d}.json", "damage",
+                                       f"{store.url}/{name}: a record refers to checkpoint step "
+                                       f"{ref}, which is missing"))
+    for step in steps:
+        if referenced is not None and step not in referenced:
+            continue  # an orphan: a leftover, found below
+        report.steps += 1
+        result = verify_checkpoint(store, name, step, on_bytes=on_bytes) if data else None
+        if result is not None:
+            report.checked_bytes += result.checked_bytes
+            for problem in result.problems:
+                report.findings.append(Finding(name, f"{name}/{step:012d}.json", "damage", problem))
+    if referenced is None and steps:
+        problem = latest_problem(store, name)
+        if problem:
+            report.findings.append(Finding(name, f"{name}/latest.json", "damage", problem))
+    cleanup = collect_garbage(store, name, min_age=min_age, dry_run=not fix, referenced=referenced)
+    for key, nbytes in cleanup.removed:
+        finding = Finding(name, key, "leftover", f"{store.url}/{key}: left by a save that did not "
+                          "finish (or no longer referred to)", nbytes)
+        (report.removed if fix else report.findings).append(finding)
+    for key, why in cleanup.kept:
+        what = "foreign" if "not written by safepoint" in why or "link" in why else "kept"
+        if what == "foreign" or "damaged" in why:
+            report.findings.append(Finding(name, key, what, f"{store.url}/{key}: {why}"))
+    found_tickets = tickets(store, name)
+    for generation in sorted(found_tickets)[:-1]:  # writers a newer one took over from
+        key = ticket_key(name, generation) + (".released" if found_tickets[generation] else "")
+        _leftover(store, report, Finding(name, key, "leftover", f"{store.url}/{key}: the lease "
+                                         "of a writer a newer one took over"), fix)
+
+
+def _leftover(store: Store, report: CheckReport, finding: Finding, fix: bool) -> None:
+    if not fix:
+        report.findings.append(finding)
+        return
+    with contextlib.suppress(OSError):
+        store.delete(finding.key)
+    report.removed.append(finding)
+
+
+__all__ = ["CheckReport", "Finding", "check"]
