@@ -549,12 +549,17 @@ class ExportedEntry:
     kind: Literal["array", "metadata", "value"]
     """``array``: an array or tensor entry; ``metadata``: a plain value in the safetensors
     header metadata, as JSON; ``value``: a plain value kept as it is (``.pt``)."""
+    type: str
+    """The leaf's type in the state: ``ndarray``, ``torch.Tensor``, ``numpy scalar``,
+    ``int``, ``str``, ``None``, ..."""
     dtype: str
+    """The dtype of what was written (``float32``, ``bfloat16``); empty for plain values."""
     shape: tuple[int, ...] | None
     nbytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "key": self.key, "kind": self.kind, "dtype": self.dtype,
+        return {"path": self.path, "key": self.key, "kind": self.kind, "type": self.type,
+                "dtype": self.dtype,
                 "shape": None if self.shape is None else list(self.shape), "nbytes": self.nbytes}
 
 
@@ -723,6 +728,7 @@ def _atomic(target: Path) -> Iterator[Path]:
 class _Flat:
     path: str
     key: str
+    type: str
     value: Any  # an np.ndarray, or a plain value bound for the safetensors metadata
 
 
@@ -769,7 +775,7 @@ def _flatten(state: Any, fmt: ExportFormat, refused: list[tuple[str, str]],
                 f"{owners[key]} and {path} would both be the key {key!r} in the file; "
                 "export to .pt, which keeps the nesting as it is")
         owners[key] = path
-        flat.append(_Flat(path, key, converted))
+        flat.append(_Flat(path, key, _type_name(value), converted))
 
     visit(state, "state", ())
     return flat
@@ -794,7 +800,7 @@ def _flat_value(value: Any, path: str, fmt: ExportFormat) -> Any:
                                  "complex64)")
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        return np.ascontiguousarray(array)
+        return _c_order(array)
     if fmt == "safetensors":
         if value is None or type(value) in (bool, int, float, str):
             return value
@@ -825,6 +831,11 @@ def _describe(value: Any) -> str:
 
 def _dtype_text(dtype: np.dtype) -> str:
     return str(dtype) if dtype.fields is not None else dtype.name
+
+
+def _c_order(array: np.ndarray) -> np.ndarray:
+    """``array`` in C order (0-d stays 0-d, unlike ``np.ascontiguousarray``)."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
 
 def _is_ml_dtype(dtype: np.dtype) -> bool:
@@ -870,7 +881,7 @@ def _write_npz(flat: list[_Flat], target: Path) -> list[ExportedEntry]:
         for item in flat:  # what np.savez writes: KEY.npy members, stored uncompressed
             with archive.open(item.key + ".npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, item.value, allow_pickle=False)
-            entries.append(_array_entry(item.path, item.key, item.value))
+            entries.append(_array_entry(item.path, item.key, item.type, item.value))
     return entries
 
 
@@ -886,10 +897,10 @@ def _write_safetensors(flat: list[_Flat], target: Path) -> list[ExportedEntry]:
     for item in flat:
         if isinstance(item.value, np.ndarray):
             tensors[item.key] = item.value
-            entries.append(_array_entry(item.path, item.key, item.value))
+            entries.append(_array_entry(item.path, item.key, item.type, item.value))
         else:
             metadata[item.key] = json.dumps(item.value)
-            entries.append(ExportedEntry(item.path, item.key, "metadata", "", None, 0))
+            entries.append(ExportedEntry(item.path, item.key, "metadata", item.type, "", None, 0))
     with _atomic(target) as temp:
         try:
             safetensors.numpy.save_file(tensors, temp, metadata=metadata or None)
@@ -900,9 +911,23 @@ def _write_safetensors(flat: list[_Flat], target: Path) -> list[ExportedEntry]:
     return entries
 
 
-def _array_entry(path: str, key: str | None, array: np.ndarray) -> ExportedEntry:
-    return ExportedEntry(path, key, "array", _dtype_text(array.dtype), tuple(array.shape),
-                         int(array.nbytes))
+def _type_name(value: Any) -> str:
+    """A leaf's type as ``safepoint show`` names it."""
+    if value is None:
+        return "None"
+    if isinstance(value, np.ndarray):
+        return "ndarray"
+    if isinstance(value, np.generic):
+        return "numpy scalar"
+    kind = type(value)
+    if kind.__module__.split(".")[0] in ("torch", "jax", "jaxlib"):
+        return "torch.Tensor" if kind.__module__.startswith("torch") else "jax.Array"
+    return kind.__name__
+
+
+def _array_entry(path: str, key: str | None, type_name: str, array: np.ndarray) -> ExportedEntry:
+    return ExportedEntry(path, key, "array", type_name, _dtype_text(array.dtype),
+                         tuple(array.shape), int(array.nbytes))
 
 
 def _import_torch() -> Any:
@@ -942,7 +967,7 @@ def _torch_tree(torch: Any, state: Any, refused: list[tuple[str, str]]
     def leaf(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
             tensor = value.detach()  # a plain tensor, as in a state dict
-            entries.append(ExportedEntry(path, None, "array",
+            entries.append(ExportedEntry(path, None, "array", "torch.Tensor",
                                          str(tensor.dtype).removeprefix("torch."),
                                          tuple(tensor.shape),
                                          tensor.element_size() * tensor.nelement()))
@@ -950,10 +975,10 @@ def _torch_tree(torch: Any, state: Any, refused: list[tuple[str, str]]
         array = _to_numpy(value, path)
         if array is not None:
             tensor = _numpy_to_tensor(torch, array, path)
-            entries.append(_array_entry(path, None, array))
+            entries.append(_array_entry(path, None, _type_name(value), array))
             return tensor
         if value is None or type(value) in (bool, int, float, complex, str, bytes, bytearray):
-            entries.append(ExportedEntry(path, None, "value", "", None, 0))
+            entries.append(ExportedEntry(path, None, "value", _type_name(value), "", None, 0))
             return value
         raise _Refused(path, f"a torch state dict file holds tensors and plain values, not "
                              f"{_describe(value)}")
@@ -980,7 +1005,7 @@ def _numpy_to_tensor(torch: Any, array: np.ndarray, path: str) -> Any:
     dtype = getattr(torch, name, None) if name in _TORCH_FROM_ML else None
     if dtype is not None and _is_ml_dtype(array.dtype):
         carrier = _CARRIERS[array.dtype.itemsize]
-        return torch.from_numpy(np.ascontiguousarray(array).view(carrier)).view(dtype)
+        return torch.from_numpy(_c_order(array).view(carrier)).view(dtype)
     raise _Refused(path, f"a torch tensor cannot hold a {_dtype_text(array.dtype)} array")
 
 
