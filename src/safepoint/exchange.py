@@ -38,6 +38,7 @@ from safepoint.errors import (
     InvalidName,
     SafepointError,
     UnsafeCheckpoint,
+    UnsupportedType,
 )
 from safepoint.format import Manifest, check_tree, iter_tree_summary, load_tree
 from safepoint.format.dtypes import ML_DTYPES, decode_dtype
@@ -303,8 +304,9 @@ def _leaves(manifest: Manifest) -> list[_Leaf]:
             n += 1
             unique = f"{path} #{n}"
         seen.add(unique)
+        data = _data_of(node, blobs)
         leaves.append(_Leaf(unique, node, _info(node, kind, dtype, shape_text, nbytes),
-                            _signature(node, blobs), _data_of(node, blobs)))
+                            _signature(node, data), data))
     return leaves
 
 
@@ -331,23 +333,16 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _signature(node: Any, blobs: list[dict[str, Any]]) -> str:
-    """The leaf's node as canonical JSON, each blob reference replaced by what identifies
-    the blob's bytes: its size and the length and CRC-32C of each byte range."""
-
-    def resolve(value: Any) -> Any:
-        if isinstance(value, list):
-            return [resolve(v) for v in value]
-        if isinstance(value, dict):
-            out = {k: resolve(v) for k, v in value.items()}
-            index = value.get("blob") if "$" in value else None
-            if type(index) is int and 0 <= index < len(blobs):
-                blob = blobs[index]
-                out["blob"] = [blob["size"], [[r[2], r[3]] for r in blob["ranges"]]]
-            return out
-        return value
-
-    return json.dumps(resolve(node), sort_keys=True, separators=(",", ":"))
+def _signature(node: Any, data: Any) -> str:
+    """The leaf's node as canonical text, its blob reference (an index, which differs from
+    step to step) replaced by ``data``, what identifies the blob's bytes."""
+    if not isinstance(node, (dict, list)):
+        return f"{type(node).__name__}:{node!r}"
+    if isinstance(node, dict) and isinstance(node.get("blob"), int):
+        node = {**node, "blob": data}
+    elif isinstance(node, dict) and node.get("$") == "leaf" and "blob" in node["array"]:
+        node = {**node, "array": {**node["array"], "blob": data}}
+    return json.dumps(node, sort_keys=True, separators=(",", ":"))
 
 
 def _changes(la: _Leaf, lb: _Leaf) -> tuple[str, ...]:
@@ -452,10 +447,14 @@ def _read_values(ckpt: Checkpointer, manifest: Manifest, leaves: list[_Leaf]) ->
     return out
 
 
-def _typed_view(array: np.ndarray, dtype_name: Any) -> np.ndarray:
-    """A tensor leaf's stored array as its own dtype (bfloat16 is stored as uint16 bits)."""
+def _typed_view(array: np.ndarray, dtype_name: Any) -> np.ndarray | None:
+    """A tensor leaf's stored array as its own dtype (bfloat16 is stored as uint16 bits);
+    None when that dtype needs ml_dtypes and it is not installed (no difference then)."""
     if isinstance(dtype_name, str) and dtype_name in ML_DTYPES:
-        return array.view(decode_dtype({"ml_dtypes": dtype_name}))
+        try:
+            return array.view(decode_dtype({"ml_dtypes": dtype_name}))
+        except UnsupportedType:
+            return None
     return array
 
 
@@ -864,8 +863,8 @@ def _tensor_to_numpy(tensor: Any, path: str) -> np.ndarray:
     name = str(tensor.dtype).removeprefix("torch.")
     if name in _TORCH_FROM_NUMPY:
         return tensor.numpy()  # type: ignore[no-any-return]
-    if name in ML_DTYPES:
-        ml_dtype = decode_dtype({"ml_dtypes": name})
+    if name in _TORCH_FROM_ML and name in ML_DTYPES:
+        ml_dtype = decode_dtype({"ml_dtypes": name})  # UnsupportedType without ml_dtypes
         carrier = getattr(torch, f"uint{8 * tensor.element_size()}")
         return tensor.view(carrier).numpy().view(ml_dtype)  # type: ignore[no-any-return]
     raise _Refused(path, f"a {name} tensor has no numpy equivalent")
