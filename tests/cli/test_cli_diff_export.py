@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -226,3 +227,38 @@ def test_help_fits_80_columns(invoke: Invoke) -> None:
         result = invoke(command, "--help", env=NARROW)
         assert result.exit_code == 0, result.output
         assert fits(result.stdout), result.stdout
+
+
+# ====================================================================== the docs
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "export.md"
+
+
+def test_the_examples_in_docs_export_md_hold(invoke: Invoke, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    text = DOC.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(blocks[0], {})  # the store of the examples, in $SAFEPOINT_DIR
+    console = re.findall(r"```console\n(.*?)```", text, re.S)
+
+    def table(text: str) -> list[str]:  # the rows and the count line, spaces at the end cut
+        return [line.rstrip() for line in text.splitlines()
+                if (line.startswith(" ") and line.strip()) or " added, " in line]
+
+    result = invoke("diff", "train", 100, 200, env=NARROW)
+    assert table(result.stdout) == table(console[0])
+    export = [line.rstrip() for line in console[1].splitlines() if line.startswith(" ")]
+    result = invoke("export", "train", "--to", tmp_path / "weights.safetensors", env=NARROW)
+    assert [line.rstrip() for line in result.stdout.splitlines()
+            if line.startswith(" ") and line.strip()] == export
+    scope: dict[str, object] = {}
+    exec(blocks[1].replace("d.changed[0].changes, d.changed[0].max_abs_diff",
+                           "got = d.changed[0].changes, d.changed[0].max_abs_diff")
+         .replace("d.changed[0].a.dtype, d.changed[0].a.shape",
+                  "got_a = d.changed[0].a.dtype, d.changed[0].a.shape"), scope)
+    assert scope["got"] == (("data",), 0.1250000074505806)
+    assert scope["got_a"] == ("float32", (256, 128))
+    assert invoke("diff", "train", 200, 200).stdout.splitlines()[-1] == \
+        "no differences (6 leaves, all the same)"
