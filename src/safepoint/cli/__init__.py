@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _module in ("safepoint.cli.inspect", "safepoint.cli.jobs", "safepoint.cli.demo"):
+for _module in ("safepoint.cli.inspect", "safepoint.cli.compare", "safepoint.cli.jobs", "safepoint.cli.demo"):
     importlib.import_module(_module)
 
 
