@@ -14,7 +14,10 @@ The convention for benchmark modules: every ``bench/bench_<name>.py`` defines::
 
 ``python -m bench`` runs every such module (``--only NAME`` picks some, ``--quick`` makes a
 fast smoke run), prints a table per section and a targets table, and writes
-``bench/results/latest.json``. A module raises :class:`Skip` when something it needs is
+``bench/results/latest.json``. Every ratio comes with its spread over the rounds
+(:class:`Spread`: the interquartile range and the min–max of the per-round ratios, a row's
+round *i* against its reference's round *i*), so one lucky or unlucky round is visible as
+such; pass ``spread=section.spread(...)`` to :meth:`Report.target` to show it there too. A module raises :class:`Skip` when something it needs is
 missing (torch, say); an error in one module is reported and the others still run.
 """
 
@@ -53,6 +56,75 @@ class Timing:
     @property
     def best(self) -> float:
         return min(self.samples)
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of sorted values, interpolated linearly (numpy's default)."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How a figure varies over the rounds: quantiles of its per-round values (usually
+    ratios, one per round)."""
+
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("a spread needs at least one value")
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(tuple(float(v) for v in values))
+
+    @property
+    def rounds(self) -> int:
+        return len(self.values)
+
+    def quantile(self, q: float) -> float:
+        return _quantile(sorted(self.values), q)
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+    @property
+    def q1(self) -> float:
+        return self.quantile(0.25)
+
+    @property
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def q3(self) -> float:
+        return self.quantile(0.75)
+
+    def inverted(self) -> Spread:
+        """The spread of 1/value (a time ratio read as a speed-up, say)."""
+        return Spread(tuple(1 / v if v else float("inf") for v in self.values))
+
+    def scaled(self, factor: float) -> Spread:
+        return Spread(tuple(v * factor for v in self.values))
+
+    def text(self, unit: str = "×", digits: int = 2) -> str:
+        """``q1–q3 [min–max]``, e.g. ``1.02–1.10 [0.95–1.31]×``; one round: just the value."""
+        if self.rounds == 1:
+            return f"{self.values[0]:.{digits}f}{unit} (1 round)"
+        return (f"{self.q1:.{digits}f}–{self.q3:.{digits}f} "
+                f"[{self.min:.{digits}f}–{self.max:.{digits}f}]{unit}")
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"rounds": self.rounds, "min": self.min, "q1": self.q1, "median": self.median,
+                "q3": self.q3, "max": self.max}
 
 
 @dataclass
@@ -107,6 +179,7 @@ class Row:
     timing: Timing
     nbytes: int | None = None
     note: str = ""
+    reference: str | None = None  # the row this one is compared with; None: the section's
 
 
 @dataclass
@@ -122,13 +195,14 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
     def add(self, method: str, timing: Timing | float | Sequence[float], *,
-            nbytes: int | None = None, note: str = "") -> Row:
-        """Add a row; ``timing`` may be a :class:`Timing`, one duration, or samples."""
+            nbytes: int | None = None, note: str = "", reference: str | None = None) -> Row:
+        """Add a row; ``timing`` may be a :class:`Timing`, one duration, or samples.
+        ``reference``: the row this one's ratio is taken against (default: the section's)."""
         if isinstance(timing, (int, float)):
             timing = Timing((float(timing),))
         elif not isinstance(timing, Timing):
             timing = Timing(tuple(float(t) for t in timing))
-        row = Row(method, timing, self.nbytes if nbytes is None else nbytes, note)
+        row = Row(method, timing, self.nbytes if nbytes is None else nbytes, note, reference)
         self.rows.append(row)
         return row
 
@@ -153,17 +227,36 @@ class Section:
         timing = (self.row(row) if isinstance(row, str) else row).timing
         return timing.best if self.statistic == "best" else timing.median
 
+    def reference_of(self, row: Row) -> str | None:
+        """The row ``row`` is compared with: its own reference, else the section's."""
+        return row.reference or self.reference
+
     def ratio(self, method: str, to: str | None = None) -> float:
-        """Time of ``method`` divided by that of ``to`` (default: the reference)."""
-        other = to or self.reference
+        """Time of ``method`` divided by that of ``to`` (default: the row's reference)."""
+        other = to or self.reference_of(self.row(method))
         if other is None:
             raise KeyError(f"section {self.title!r} has no reference row")
         return self.value(method) / self.value(other)
 
     def ratio_to_reference(self, row: Row) -> float | None:
-        if not self.reference or not self.has(self.reference):
+        other = self.reference_of(row)
+        if not other or not self.has(other):
             return None
-        return self.value(row) / self.value(self.reference)
+        return self.value(row) / self.value(other)
+
+    def spread(self, method: Row | str, to: str | None = None) -> Spread | None:
+        """The per-round ratios of ``method`` to ``to`` (default: its reference). Rows with as
+        many samples as the reference are paired round by round (rows timed by one
+        :func:`compare`); otherwise each sample is divided by the reference's statistic.
+        None without a reference, for the reference itself, or with a single sample."""
+        row = self.row(method) if isinstance(method, str) else method
+        other = to or self.reference_of(row)
+        if not other or not self.has(other) or other == row.method or len(row.timing.samples) < 2:
+            return None
+        theirs = self.row(other).timing.samples
+        if len(theirs) == len(row.timing.samples):
+            return Spread(tuple(a / b for a, b in zip(row.timing.samples, theirs, strict=True)))
+        return Spread(tuple(a / self.value(other) for a in row.timing.samples))
 
     def gbps(self, row: Row) -> float | None:
         if not row.nbytes:
@@ -185,7 +278,9 @@ class Section:
                     "samples_s": list(r.timing.samples),
                     "nbytes": r.nbytes,
                     "gb_per_s": self.gbps(r),
+                    "reference": self.reference_of(r),
                     "ratio_to_reference": self.ratio_to_reference(r),
+                    "ratio_spread": (lambda sp: sp.to_json() if sp else None)(self.spread(r)),
                     "note": r.note,
                 }
                 for r in self.rows
@@ -199,7 +294,13 @@ class Target:
 
     name: str
     measured: str
-    met: bool | None  # None: could not be measured here
+    met: bool | None  # None: not judged (no goal given, or it could not be measured here)
+    spread: Spread | None = None  # how the measured figure varied over the rounds
+    unit: str = "×"
+
+    @property
+    def spread_text(self) -> str:
+        return self.spread.text(self.unit) if self.spread is not None else ""
 
 
 @dataclass
@@ -238,20 +339,24 @@ class Report:
         return section
 
     def target(self, name: str, measured: float | str, *, at_most: float | None = None,
-               at_least: float | None = None, unit: str = "×") -> Target:
+               at_least: float | None = None, unit: str = "×", spread: Spread | None = None) -> Target:
         """Record a goal. With ``at_most``/``at_least`` the number ``measured`` is checked;
-        with a string, pass neither and the target is reported as not judged."""
+        with neither (or a string) the figure is reported, not judged. ``spread``: how the
+        figure varied over the rounds (e.g. ``section.spread(method)``), in ``unit``."""
         if isinstance(measured, str):
-            target = Target(name, measured, None)
+            target = Target(name, measured, None, spread, unit)
         else:
-            met = (at_most is None or measured <= at_most) and (at_least is None or measured >= at_least)
-            target = Target(name, f"{measured:.2f}{unit}", met)
+            judged = at_most is not None or at_least is not None
+            met = ((at_most is None or measured <= at_most) and (at_least is None or measured >= at_least)
+                   if judged else None)
+            target = Target(name, f"{measured:.2f}{unit}", met, spread, unit)
         self.targets.append(target)
         return target
 
-    def verdict(self, name: str, measured: str, met: bool | None) -> Target:
+    def verdict(self, name: str, measured: str, met: bool | None, *, spread: Spread | None = None,
+                unit: str = "×") -> Target:
         """Record a goal judged by the caller (e.g. 'faster than every peer')."""
-        target = Target(name, measured, met)
+        target = Target(name, measured, met, spread, unit)
         self.targets.append(target)
         return target
 
@@ -270,7 +375,9 @@ class Report:
             "quick": self.quick,
             "max_bytes": self.max_bytes,
             "sections": [s.to_json() for s in self.sections],
-            "targets": [{"name": t.name, "measured": t.measured, "met": t.met} for t in self.targets],
+            "targets": [{"name": t.name, "measured": t.measured, "met": t.met,
+                         "spread": t.spread.to_json() if t.spread else None, "unit": t.unit}
+                        for t in self.targets],
             "skipped": self.skipped,
             "errors": self.errors,
         }
@@ -281,7 +388,13 @@ def format_seconds(seconds: float) -> str:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
         return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} µs"
+    if seconds >= 1e-4:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds >= 1e-5:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds >= 1e-6:
+        return f"{seconds * 1e6:.2f} µs"
+    return f"{seconds * 1e9:.0f} ns"
 
 
 def format_bytes(nbytes: int) -> str:

@@ -3,6 +3,11 @@
     python -m bench                      # everything, full sizes (1 GiB states)
     python -m bench --quick              # small sizes, few repeats: a smoke run
     python -m bench --only core --only torch
+    python -m bench --only growth        # cost against steps, leaves and arrays
+
+Each ratio is printed with its spread over the rounds: the interquartile range and, in
+brackets, the min–max of the per-round ratios (round i of a row against round i of its
+reference).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bench import RESULTS, Report, Row, Section, Skip, format_seconds
@@ -71,6 +77,14 @@ def _ratio(section: Section, row: Row) -> str:
     return "" if ratio is None else f"{ratio:.2f}×"
 
 
+def _spread(section: Section, row: Row) -> str:
+    spread = section.spread(row)
+    return "" if spread is None else spread.text()
+
+
+SPREAD_HEADER = "rounds: IQR [min–max]"
+
+
 def section_table(section: Section) -> Table:
     caption = " ".join([section.description, *section.notes]).strip() or None
     table = Table(title=section.title, caption=caption, title_justify="left", caption_justify="left")
@@ -79,11 +93,12 @@ def section_table(section: Section) -> Table:
     table.add_column("best", justify="right")
     table.add_column(f"GB/s ({section.statistic})", justify="right")
     table.add_column(f"× {section.reference or 'ref'} ({section.statistic})", justify="right")
+    table.add_column(escape(SPREAD_HEADER), justify="right")
     table.add_column("note")
     for row in section.rows:
         gbps = section.gbps(row)
         table.add_row(row.method, format_seconds(row.timing.median), format_seconds(row.timing.best),
-                      f"{gbps:.2f}" if gbps else "", _ratio(section, row), row.note)
+                      f"{gbps:.2f}" if gbps else "", _ratio(section, row), escape(_spread(section, row)), row.note)
     return table
 
 
@@ -91,9 +106,11 @@ def targets_table(report: Report) -> Table:
     table = Table(title="Targets", title_justify="left")
     table.add_column("target")
     table.add_column("measured", justify="right")
+    table.add_column(escape(SPREAD_HEADER), justify="right")
     table.add_column("met?")
     for t in report.targets:
-        table.add_row(t.name, t.measured, {True: "[green]yes", False: "[red]no", None: "n/a"}[t.met])
+        table.add_row(t.name, t.measured, escape(t.spread_text),
+                      {True: "[green]yes", False: "[red]no", None: "n/a"}[t.met])
     return table
 
 
@@ -102,15 +119,16 @@ def plain_lines(report: Report) -> list[str]:
     lines: list[str] = []
     for section in report.sections:
         lines += ["", f"**{section.title}**" + (f" ({section.description})" if section.description else ""), ""]
-        lines += [f"| method | median | best | GB/s | × {section.reference or 'ref'} ({section.statistic}) |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| method | median | best | GB/s | × {section.reference or 'ref'} ({section.statistic}) "
+                  f"| {SPREAD_HEADER} |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for row in section.rows:
             gbps = section.gbps(row)
             lines.append(f"| {row.method} | {format_seconds(row.timing.median)} | {format_seconds(row.timing.best)} | "
-                         f"{f'{gbps:.2f}' if gbps else ''} | {_ratio(section, row)} |")
+                         f"{f'{gbps:.2f}' if gbps else ''} | {_ratio(section, row)} | {_spread(section, row)} |")
     if report.targets:
-        lines += ["", "| target | measured | met? |", "|---|---:|---|"]
-        lines += [f"| {t.name} | {t.measured} | {({True: 'yes', False: 'no', None: 'n/a'})[t.met]} |"
+        lines += ["", f"| target | measured | {SPREAD_HEADER} | met? |", "|---|---:|---:|---|"]
+        lines += [f"| {t.name} | {t.measured} | {t.spread_text} | {({True: 'yes', False: 'no', None: 'n/a'})[t.met]} |"
                   for t in report.targets]
     return lines
 

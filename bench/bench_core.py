@@ -288,13 +288,16 @@ def large_targets(report: Report, save: Section, load: Section) -> None:
     raws = [r for r in save.rows if r.method.startswith("raw")]
     fastest_raw = min(raws, key=save.value)
     ours = save.value("safepoint")
+    raw_spread = save.spread("safepoint", to=fastest_raw.method)
     report.target(f"save ≥ 0.9× the raw limit ({fastest_raw.method}), as throughput",
-                  save.value(fastest_raw) / ours, at_least=0.9)
+                  save.value(fastest_raw) / ours, at_least=0.9,
+                  spread=raw_spread.inverted() if raw_spread else None)
     peer_rows = [r for r in save.rows if not r.method.startswith(("raw", "safepoint"))]
     if peer_rows:
         best = min(peer_rows, key=save.value)
         report.verdict("save faster than every peer",
-                       f"{ours / save.value(best):.2f}× {best.method} (fastest peer)", ours < save.value(best))
+                       f"{ours / save.value(best):.2f}× {best.method} (fastest peer)", ours < save.value(best),
+                       spread=save.spread("safepoint", to=best.method))
     peer_loads = [r for r in load.rows if not r.method.startswith(("raw", "safepoint"))]
     if peer_loads:
         best = min(peer_loads, key=load.value)
@@ -302,7 +305,8 @@ def large_targets(report: Report, save: Section, load: Section) -> None:
                              ("safepoint, into existing arrays", "load into existing arrays faster than the fastest peer")):
             ratio = load.value(method) / load.value(best)
             strict = "into" in method
-            report.verdict(goal, f"{ratio:.2f}× {best.method} (best runs)", ratio < 1 if strict else ratio <= 1)
+            report.verdict(goal, f"{ratio:.2f}× {best.method} (best runs)", ratio < 1 if strict else ratio <= 1,
+                           spread=load.spread(method, to=best.method))
 
 
 # ------------------------------------------------------------------------ async save
@@ -337,7 +341,7 @@ def async_save(report: Report, root: Path, state: State, repeat: int) -> None:
     })
     ckpt.delete_all()
     report.target("async save blocks ≤ 1.5× one np.copyto", section.ratio("safepoint save(blocking=False)"),
-                  at_most=1.5)
+                  at_most=1.5, spread=section.spread("safepoint save(blocking=False)"))
 
 
 # ------------------------------------------------------------------------ small state
@@ -385,7 +389,8 @@ def small_save(report: Report, root: Path, repeat: int) -> Section:
         "safepoint, keep=3": "includes removing the oldest step",
         "safepoint, durable=False": "no fsync (opt-out)",
     })
-    report.target("small save ≤ ~2× raw atomic commit", section.ratio("safepoint"), at_most=2.0)
+    report.target("small save ≤ ~2× raw atomic commit", section.ratio("safepoint"), at_most=2.0,
+                  spread=section.spread("safepoint"))
     return section
 
 

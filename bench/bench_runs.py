@@ -181,9 +181,13 @@ def run(report: Report, quick: bool) -> None:
         resume_section.add_all(resumes)
 
     report.target("run.lines, default policy: overhead ≤ 5%",
-                  stream.ratio("run.lines, default policy"), at_most=1.05)
+                  stream.ratio("run.lines, default policy"), at_most=1.05,
+                  spread=stream.spread("run.lines, default policy"))
     report.target("every(items=1000): one commit ≤ 2× append + fdatasync",
-                  commit.ratio("safepoint commit"), at_most=2.0)
+                  commit.ratio("safepoint commit"), at_most=2.0,
+                  spread=commit.spread("safepoint commit"))
     report.target("commit=\"async\", every(items=1000): overhead ≤ 20%",
-                  stream.ratio("run.lines, every(items=1000), async"), at_most=1.2)
-    report.target("resume at 90% ≤ 1.1× resume at 0%", resume_section.ratio("resume at 90%"), at_most=1.1)
+                  stream.ratio("run.lines, every(items=1000), async"), at_most=1.2,
+                  spread=stream.spread("run.lines, every(items=1000), async"))
+    report.target("resume at 90% ≤ 1.1× resume at 0%", resume_section.ratio("resume at 90%"), at_most=1.1,
+                  spread=resume_section.spread("resume at 90%"))

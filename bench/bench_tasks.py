@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import Report, Skip
+from bench import Report, Skip, Spread
 from safepoint.errors import CorruptCheckpoint
 from safepoint.lease import holder
 from safepoint.policy import every
@@ -131,7 +131,7 @@ def bench_kill_at_80(report: Report) -> None:
     for name, values in samples.items():
         section.add(name, values)
     report.target("killed at 80%: safepoint total ≤ 0.75× a restart from scratch",
-                  section.ratio("safepoint task"), at_most=0.75)
+                  section.ratio("safepoint task"), at_most=0.75, spread=section.spread("safepoint task"))
 
 
 # ------------------------------------------------------------------------ Dask
@@ -218,7 +218,7 @@ def bench_dask_handover(report: Report) -> None:
     section.add("kill → its first checkpoint", resumed)
     median = sorted(resumed)[len(resumed) // 2]
     report.target("Dask kill-to-resume (first checkpoint of the new attempt) ≤ 1 s", median,
-                  at_most=1.0, unit=" s")
+                  at_most=1.0, unit=" s", spread=Spread.of(resumed))
 
 
 def run(report: Report, quick: bool) -> None:

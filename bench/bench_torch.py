@@ -226,12 +226,14 @@ def targets(report: Report, save: Section, load: Section, asynchronous: Section)
                    ", ".join(f"{ours / save.value(r):.2f}× {r.method}" for r in peers),
                    all(ours < save.value(r) for r in peers))
     fresh = load.ratio("safepoint", "torch.load")
-    report.verdict("torch: load faster than torch.load", f"{fresh:.2f}× torch.load (best runs)", fresh < 1)
+    report.verdict("torch: load faster than torch.load", f"{fresh:.2f}× torch.load (best runs)", fresh < 1,
+                   spread=load.spread("safepoint", to="torch.load"))
     model_peers = [r for r in load.rows if r.method.startswith(("dcp.load", "torch.load + "))]
     into = load.value("safepoint restore(into=model)")
     report.verdict("torch: load into a model faster than dcp.load and torch.load + load_state_dict",
                    ", ".join(f"{into / load.value(r):.2f}× {r.method.split(',')[0]}" for r in model_peers)
                    + " (best runs)", all(into < load.value(r) for r in model_peers))
     shorter = 1 / asynchronous.ratio("safepoint save(blocking=False)")
+    blocking = asynchronous.spread("safepoint save(blocking=False)")
     report.target("torch: async save blocks ≥ 5× shorter than a synchronous save", shorter, at_least=5.0,
-                  unit="× shorter")
+                  unit="× shorter", spread=blocking.inverted() if blocking else None)

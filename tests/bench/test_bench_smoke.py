@@ -131,3 +131,70 @@ def test_a_section_compares_by_its_statistic(bench_pkg: types.ModuleType) -> Non
     assert report.to_json()["sections"][1]["rows"][1]["ratio_to_reference"] == 0.5
     with pytest.raises(ValueError, match="statistic"):
         report.section("x", statistic="mean")
+
+
+def test_quick_growth_run_reports_every_growth_with_its_spread(tmp_path: Path) -> None:
+    done = run_bench(tmp_path, "--only", "growth")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["errors"] == {} and results["skipped"] == {}
+    sections = {s["title"]: s for s in results["sections"]}
+    for what in ("latest_step()", "latest_step() on a new Checkpointer", "restore() of the newest",
+                 "restore() on a new Checkpointer", "steps(), per step",
+                 "durable save of one more small step", "first durable save of a new Checkpointer"):
+        rows = sections[f"Steps under one name: {what}"]["rows"]
+        assert [r["method"] for r in rows] == ["10 steps", "100 steps"], what
+        assert rows[0]["ratio_to_reference"] == 1.0 and rows[0]["ratio_spread"] is None
+        assert rows[1]["ratio_spread"]["rounds"] == 3, what
+    for title, peer in (("Tree of small leaves: durable save, per leaf", "pickle.dump+fsync"),
+                        ("Tree of small leaves: restore, per leaf", "pickle.load"),
+                        ("Many small arrays: durable save, per array", "safetensors save_file+fsync"),
+                        ("Many small arrays: restore, per array", "safetensors load_file")):
+        rows = {r["method"]: r for r in sections[title]["rows"]}
+        smallest = min(rows, key=lambda m: int(m.split(", ")[1].split()[0].replace(",", "")))
+        assert rows[smallest]["ratio_to_reference"] == 1.0
+        ours = [r for m, r in rows.items() if m.startswith("safepoint, ")]
+        assert len(ours) == 2 and all(f"× {peer}" in r["note"] for r in ours), title
+        assert sum(m.startswith(f"{peer}, ") for m in rows) == 2
+        for row in rows.values():  # each method is compared with itself at the smallest size
+            assert row["reference"].split(", ")[0] == row["method"].split(", ")[0]
+    assert {r["method"] for r in sections["Many small arrays: durable save, per array"]["rows"]} >= {
+        "safepoint, 32 arrays", "safetensors save_file+fsync, 10 arrays"}  # --max-bytes caps the count
+    targets = {t["name"]: t for t in results["targets"]}
+    judged = [t for t in targets.values() if t["met"] is not None]
+    assert len(judged) == 10 and all(t["spread"]["rounds"] >= 2 for t in targets.values())
+    assert "tree save, 1,000 leaves ≤ 1.5× pickle.dump+fsync" in targets
+    assert "save of one more small step: 10 → 100 steps ≤ 1.2×" in targets
+    assert "rounds: IQR [min–max]" in done.stdout
+    assert not list((tmp_path / "scratch").glob("tmp-*")), "scratch folders were left behind"
+
+
+def test_spreads_pair_rounds_and_reach_the_targets(bench_pkg: types.ModuleType) -> None:
+    report = bench_pkg.Report()
+    section = report.section("s", reference="ref")
+    section.add("ref", [1.0, 2.0, 4.0, 1.0, 1.0])
+    section.add("paired", [2.0, 2.0, 4.0, 3.0, 1.0])  # round by round: 2, 1, 1, 3, 1
+    section.add("alone", [1.0, 3.0])  # not as many rounds: against the reference's median (1.0)
+    section.add("own", [4.0, 4.0, 4.0, 4.0, 4.0], reference="paired")
+    spread = section.spread("paired")
+    assert spread.values == (2.0, 1.0, 1.0, 3.0, 1.0)
+    assert (spread.min, spread.q1, spread.median, spread.q3, spread.max) == (1.0, 1.0, 1.0, 2.0, 3.0)
+    assert spread.text() == "1.00–2.00 [1.00–3.00]×" and spread.inverted().max == 1.0
+    assert section.spread("alone").values == (1.0, 3.0)
+    assert section.spread("ref") is None
+    assert section.ratio("own") == 2.0 and section.spread("own").values == (2.0, 2.0, 1.0, 4 / 3, 4.0)
+    assert section.ratio("own", to="ref") == 4.0
+    rows = {r["method"]: r for r in section.to_json()["rows"]}
+    assert rows["own"]["reference"] == "paired" and rows["own"]["ratio_to_reference"] == 2.0
+    assert rows["paired"]["ratio_spread"]["q3"] == 2.0 and rows["ref"]["ratio_spread"] is None
+    # The ratio is that of the medians (2.0 here); the spread is that of the per-round ratios.
+    assert section.ratio("paired") == 2.0
+    judged = report.target("paired ≤ 1.5×", section.ratio("paired"), at_most=1.5, spread=spread)
+    shown = report.target("a figure, no goal", 2.0, spread=spread)
+    assert judged.met is False and shown.met is None and shown.spread_text == spread.text()
+    assert report.to_json()["targets"][0]["spread"]["max"] == 3.0
+    from bench.__main__ import plain_lines
+
+    lines = plain_lines(report)
+    assert "| paired ≤ 1.5× | 2.00× | 1.00–2.00 [1.00–3.00]× | no |" in lines
+    assert "| paired | 2.00 s | 1.00 s |  | 2.00× | 1.00–2.00 [1.00–3.00]× |" in lines
