@@ -76,16 +76,27 @@ class History:
         self.location, self.size = location, size
         self.name = f"steps{size}"
         self.ckpt = Checkpointer(self.name, location=location)
+        self.opened: list[Checkpointer] = []  # new Checkpointers made for a measurement
         self.rebuild()
+
+    def one_writer(self) -> None:
+        """Close the Checkpointers of earlier measurements: one writer per name (a closed
+        Checkpointer takes the name's lease again at its next save)."""
+        for ckpt in self.opened:
+            ckpt.close()
+        self.opened.clear()
+        self.ckpt.close()
 
     def rebuild(self) -> None:
         """Exactly ``size`` steps again: filler saves without fsync, the newest durable by
         the long-lived Checkpointer; then everything is flushed, so that no timed fsync
         pays for the filler's metadata."""
         self.ckpt.delete_all()
+        self.one_writer()
         filler = Checkpointer(self.name, location=self.location, durable=False)
         for step in range(self.size - 1):
             filler.save(step, SMALL_STATE)
+        filler.close()
         self.ckpt.save(self.size - 1, SMALL_STATE)
         self.newest = self.size - 1
         os.sync()
@@ -97,10 +108,13 @@ class History:
         only the sizes that were just rebuilt)."""
         if self.newest + 1 > self.size * 1.1:
             self.rebuild()
+        self.one_writer()
         os.sync()
 
     def fresh(self) -> Checkpointer:
-        return Checkpointer(self.name, location=self.location)
+        ckpt = Checkpointer(self.name, location=self.location)
+        self.opened.append(ckpt)
+        return ckpt
 
     def save_next(self, ckpt: Checkpointer) -> None:
         self.newest += 1

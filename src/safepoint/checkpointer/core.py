@@ -302,6 +302,7 @@ class Checkpointer:
             self.lease = Lease.acquire(self.store, self.name, kind="checkpointer",
                                        takeover=self.takeover, durable=self.durable)
             weakref.finalize(self, self.lease.release)
+            self._expect = None  # others may have written since this object last held it
             previous = self.lease.previous
             if self.store.conditional and previous is not None and previous.state != "released":
                 # fence a writer that may still hold the newest-step record's version
