@@ -91,8 +91,8 @@ class History:
         """Exactly ``size`` steps again: filler saves without fsync, the newest durable by
         the long-lived Checkpointer; then everything is flushed, so that no timed fsync
         pays for the filler's metadata."""
-        self.ckpt.delete_all()
         self.one_writer()
+        self.ckpt.delete_all()
         filler = Checkpointer(self.name, location=self.location, durable=False)
         for step in range(self.size - 1):
             filler.save(step, SMALL_STATE)
@@ -229,6 +229,7 @@ def steps_growth(report: Report, root: Path, sizes: Sequence[int], repeat: int, 
     growth_target(report, f"first save after opening (a resumed run): {span} ≤ {GROWTH_TARGET}×", section,
                   largest, at_most=GROWTH_TARGET)
     for history in histories:
+        history.one_writer()
         history.ckpt.delete_all()
 
 

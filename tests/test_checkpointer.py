@@ -318,8 +318,8 @@ def test_a_small_save_stats_once_publishes_once_and_lists_nothing(tmp_path: Path
         ckpt.save(step, {"step": step})
     store.calls.clear()
     ckpt.save(5, {"step": 5})
-    # the newest step (twice), the lease (one listing: still this writer's?), then commit
-    assert store.calls == {"stat": 2, "list": 1, "publish": 1}
+    # the newest step (twice), the writer's lease ticket (still there?), then the commit
+    assert store.calls == {"stat": 3, "publish": 1}
     store.calls.clear()
     ckpt.save(5, {"step": "again"}, overwrite=True)
     assert store.calls["read"] == 1  # the manifest it replaces, kept to roll back a failure
@@ -389,3 +389,16 @@ def test_retention_rules_compose(tmp_path: Path) -> None:
     both = Checkpointer("both", location=tmp_path, keep=keep_every(2) & keep_last(4))
     _save_steps(both, range(1, 11))
     assert both.steps() == [6, 8, 10]  # even, and among the newest four of those kept
+
+
+def test_saves_go_on_after_deleting_the_newest_step_or_everything(tmp_path: Path) -> None:
+    ckpt = Checkpointer("job", location=tmp_path)
+    ckpt.save(1, {"n": 1})
+    ckpt.save(2, {"n": 2})
+    ckpt.delete(2)  # the newest-step record moves back to step 1
+    ckpt.save(3, {"n": 3})
+    assert ckpt.steps() == [1, 3] and ckpt.restore().state == {"n": 3}
+    ckpt.delete_all()  # the name goes, the writer's lease with it
+    ckpt.save(4, {"n": 4})  # a new lease, taken at this save
+    assert ckpt.steps() == [4] and ckpt.restore().state == {"n": 4}
+    ckpt.close()

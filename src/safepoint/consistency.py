@@ -24,7 +24,7 @@ from safepoint.checkpointer.steps import (
 )
 from safepoint.errors import CorruptCheckpoint
 from safepoint.format import verify_checkpoint
-from safepoint.lease import ticket_key, tickets
+from safepoint.lease import FOLDER
 from safepoint.run.log import read_log, segments
 from safepoint.store import Location, Store, open_store
 
@@ -36,7 +36,9 @@ class Finding:
     name: str
     key: str
     what: str
-    """``damage``, ``leftover`` (removable), or ``foreign`` (not safepoint's: left alone)."""
+    """``damage``; ``leftover`` (removable); ``kept``: a leftover not removed, and why (too
+    young: a save may be in progress; its manifest is damaged: evidence); ``foreign``: not
+    safepoint's, left alone."""
     detail: str
     nbytes: int = 0
 
@@ -121,8 +123,9 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
                    .get("kind", "run"))
         for problem in replay.damage:
             report.findings.append(Finding(name, f"{name}/{found[-1][1]}", "damage", problem))
-        referenced = {ref for r in replay.records for ref in r.refs()}
-        for generation, entry in found[:-1]:  # older writers' segments: superseded
+        referenced = {ref for r in replay.live() for ref in r.refs()}
+        superseded = found[:-1] if replay.records and not replay.damage else []  # else evidence
+        for generation, entry in superseded:  # older writers' segments
             _leftover(store, report, Finding(name, f"{name}/{entry}", "leftover",
                                              f"{store.url}/{name}/{entry}: the log of writer "
                                              f"{generation}, superseded by a newer one"), fix)
@@ -143,23 +146,18 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
             for problem in result.problems:
                 report.findings.append(Finding(name, f"{name}/{step:012d}.json", "damage", problem))
     if referenced is None and steps:
-        problem = latest_problem(store, name)
-        if problem:
-            report.findings.append(Finding(name, f"{name}/latest.json", "damage", problem))
+        wrong = latest_problem(store, name)
+        if wrong:
+            report.findings.append(Finding(name, f"{name}/latest.json", "damage", wrong))
     cleanup = collect_garbage(store, name, min_age=min_age, dry_run=not fix, referenced=referenced)
     for key, nbytes in cleanup.removed:
-        finding = Finding(name, key, "leftover", f"{store.url}/{key}: left by a save that did not "
-                          "finish (or no longer referred to)", nbytes)
+        why = ("the lease of a writer a newer one took over" if f"/{FOLDER}/" in key else
+               "left by a save that did not finish (or no longer referred to)")
+        finding = Finding(name, key, "leftover", f"{store.url}/{key}: {why}", nbytes)
         (report.removed if fix else report.findings).append(finding)
     for key, why in cleanup.kept:
         what = "foreign" if "not written by safepoint" in why or "link" in why else "kept"
-        if what == "foreign" or "damaged" in why:
-            report.findings.append(Finding(name, key, what, f"{store.url}/{key}: {why}"))
-    found_tickets = tickets(store, name)
-    for generation in sorted(found_tickets)[:-1]:  # writers a newer one took over from
-        key = ticket_key(name, generation) + (".released" if found_tickets[generation] else "")
-        _leftover(store, report, Finding(name, key, "leftover", f"{store.url}/{key}: the lease "
-                                         "of a writer a newer one took over"), fix)
+        report.findings.append(Finding(name, key, what, f"{store.url}/{key}: {why}"))
 
 
 def _leftover(store: Store, report: CheckReport, finding: Finding, fix: bool) -> None:

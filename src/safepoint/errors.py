@@ -8,7 +8,23 @@ they cross process and Dask boundaries intact.
 
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
+from types import FrameType
 from typing import Any
+
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+"""Where safepoint's own code lives (frames from here are not the user's)."""
+
+
+def warn_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside the safepoint package."""
+    level = 2
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class SafepointError(Exception):

@@ -316,7 +316,7 @@ def _array_node(node: Any) -> dict[str, Any] | None:
         if node.get("$") == "ndarray":
             return node
         if node.get("$") == "leaf":
-            return node["array"]  # type: ignore[no-any-return]
+            return node["array"]
     return None
 
 
@@ -475,7 +475,8 @@ def _max_abs_diff(x: Any, y: Any) -> int | float | None:
     else:
         wide = np.longdouble if wide_input else np.float64
     with np.errstate(invalid="ignore", over="ignore"):
-        xw, yw = xa.astype(wide), ya.astype(wide)
+        xw: np.ndarray = xa.astype(wide)
+        yw: np.ndarray = ya.astype(wide)
         same = (xw == yw) | (np.isnan(xw) & np.isnan(yw))
         return float(np.where(same, 0, np.abs(xw - yw)).max())
 
@@ -862,11 +863,11 @@ def _tensor_to_numpy(tensor: Any, path: str) -> np.ndarray:
     tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
     name = str(tensor.dtype).removeprefix("torch.")
     if name in _TORCH_FROM_NUMPY:
-        return tensor.numpy()  # type: ignore[no-any-return]
+        return tensor.numpy()
     if name in _TORCH_FROM_ML and name in ML_DTYPES:
         ml_dtype = decode_dtype({"ml_dtypes": name})  # UnsupportedType without ml_dtypes
         carrier = getattr(torch, f"uint{8 * tensor.element_size()}")
-        return tensor.view(carrier).numpy().view(ml_dtype)  # type: ignore[no-any-return]
+        return tensor.view(carrier).numpy().view(ml_dtype)
     raise _Refused(path, f"a {name} tensor has no numpy equivalent")
 
 

@@ -53,6 +53,19 @@ FOLDER = "lease"
 _TICKET = re.compile(r"(\d{8})(\.released)?")
 _MAX_RACES = 1000
 HOST = socket.gethostname()
+
+
+def _boot_id() -> str | None:
+    """This machine's current boot (Linux): two machines that share a host name, or one
+    machine rebooted, never look like the same host."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+BOOT = _boot_id()
 Liveness = Literal["running", "stale", "released", "dead"]
 
 
@@ -112,6 +125,15 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+def _same_host(who: dict[str, Any]) -> bool:
+    """Whether the holder ran on this machine, in this boot (then its OS lock and pid tell
+    at once whether it died); never with ``SAFEPOINT_OS_LOCKS=0`` (hosts told apart by
+    heartbeats alone)."""
+    if os.environ.get("SAFEPOINT_OS_LOCKS", "1") == "0":
+        return False
+    return who.get("host") == HOST and who.get("boot") == BOOT
+
+
 def holder(store: Store, name: str, *, now: float | None = None) -> Holder | None:
     """The newest ticket of ``name`` and whether its holder is alive; None if it has none."""
     found = tickets(store, name)
@@ -133,7 +155,7 @@ def holder(store: Store, name: str, *, now: float | None = None) -> Holder | Non
     ttl = float(info.get("ttl") or knobs.LEASE_TTL)
     now = time.time() if now is None else now
     who = info.get("holder") or {}
-    if who.get("host") == HOST and (store.lock_free(key) is True or not _pid_alive(who.get("pid"))):
+    if _same_host(who) and (store.lock_free(key) is True or not _pid_alive(who.get("pid"))):
         return Holder(generation, info, beat, "dead")  # on this host: known at once
     fresh = beat is not None and now - beat <= ttl  # alive but hung (paused) counts as stale
     return Holder(generation, info, beat, "running" if fresh else "stale")
@@ -152,6 +174,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._version: str | None = None
+        self._looked = -float("inf")  # when stale() last looked at the store (monotonic)
         self.released = False
 
     @property
@@ -186,7 +209,7 @@ class Lease:
             token = uuid.uuid4().hex
             body = {"format": "safepoint-lease", "version": 1, "generation": generation,
                     "token": token, "ttl": ttl, "heartbeat": time.time(),
-                    "holder": {"host": HOST, "pid": os.getpid(), "kind": kind,
+                    "holder": {"host": HOST, "boot": BOOT, "pid": os.getpid(), "kind": kind,
                                "started": time.time(), "program": os.path.basename(sys.argv[0] or "")}}
             if not store.create(ticket_key(name, generation), json.dumps(body).encode(),
                                 durable=durable):
@@ -218,6 +241,7 @@ class Lease:
         """Look now: the error to raise if a newer holder took over, else None."""
         if self.fenced is not None:
             return self.fenced
+        self._looked = time.monotonic()
         found = tickets(self.store, self.name)  # one listing tells both
         newer = [g for g in found if g > self.generation]
         own = found.get(self.generation) is False and not self.released
@@ -231,8 +255,18 @@ class Lease:
                 name=self.name, attempt=self.generation, current=current)
         return self.fenced
 
-    def check(self) -> None:
-        """Raise :class:`StaleAttempt` unless this holder still holds the lease."""
+    def check(self, *, fresh: bool = False) -> None:
+        """Raise :class:`StaleAttempt` unless this holder still holds the lease.
+
+        A commit calls it before every write. It lists the tickets again when the last look
+        (its own or the heartbeat's) is older than a heartbeat interval, so a holder woken
+        from a pause looks at once; in between, where metadata is cheap (a local disk), it
+        checks that its own ticket is still there (a takeover deletes it), else it trusts
+        the heartbeat: on an object store, one request per interval rather than per commit.
+        ``fresh=True`` always lists (before completing or deleting)."""
+        recent = self.fenced is None and not fresh and time.monotonic() - self._looked < self.ttl / 3
+        if recent and (not self.store.cheap_metadata or self.store.exists(self.key)):
+            return
         error = self.stale()
         if error is not None:
             raise error
@@ -262,6 +296,15 @@ class Lease:
             self._lock.close()
             self._lock = None
 
+    def forget(self) -> None:
+        """The name was removed, its lease with it: stop the heartbeat and let go of the OS
+        lock without writing anything."""
+        self._stop.set()
+        self.released = True
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def __repr__(self) -> str:
         return f"<Lease {self.name!r} attempt {self.generation}>"
 
@@ -273,7 +316,7 @@ def _beat(ref: weakref.ref[Lease], stop: threading.Event, ttl: float) -> None:
             return
         try:
             lease.beat()
-        except OSError as exc:  # a store that is briefly unreachable: try again next time
+        except Exception as exc:  # a store that is briefly unreachable: try again next time
             log.debug("safepoint: heartbeat of %r failed: %s", lease.name, exc)
         if lease.fenced is not None:
             log.warning("safepoint: %s", lease.fenced)

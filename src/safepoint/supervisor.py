@@ -5,11 +5,14 @@ The supervisor is what ``safepoint run`` uses. Each attempt sees ``SAFEPOINT_ATT
 out-of-memory killer's SIGKILL) is followed by a restart after a backoff that doubles up to
 a cap, until ``max_restarts`` restarts have been made. SIGINT and SIGTERM sent to the
 supervisor are passed on to the command, and then nothing is restarted: the user (or the
-scheduler) asked the job to stop.
+scheduler) asked the job to stop. On Linux, a supervisor that dies (even by SIGKILL) takes
+its command with it: the command gets SIGTERM (a parent-death signal), so that no orphan
+goes on writing while a new supervisor starts a second writer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import signal
@@ -40,6 +43,27 @@ def describe_exit(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"was killed by {name}"
     return f"exited with status {returncode}"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _terminal_delivers_to_child() -> bool:
@@ -128,7 +152,8 @@ class Supervisor:
     def _run_once(self, attempt: int) -> int:
         env = dict(os.environ if self.env is None else self.env)
         env[ATTEMPT_ENV] = str(attempt)
-        self._child = child = subprocess.Popen(list(self.command), env=env)
+        self._child = child = subprocess.Popen(list(self.command), env=env,
+                                               preexec_fn=_die_with_parent())
         try:
             pending, self._pending = self._pending, None
             if pending is not None:  # it came before the child was known: pass it on

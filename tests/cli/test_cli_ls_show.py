@@ -222,3 +222,16 @@ def test_a_damaged_run_record_is_reported_not_fatal(invoke: Invoke, tmp_path: Pa
     result = invoke("show", "odd", "-l", store)  # its checkpoints are still there to look at
     assert result.exit_code == 0, result.output
     assert "record   damaged:" in result.stdout and "no intact record" in result.stdout
+
+
+def test_a_completed_flow_is_listed_complete_with_its_steps(invoke: Invoke, tmp_path: Path) -> None:
+    from safepoint.flow import Flow
+
+    store = tmp_path / "flows"
+    flow = Flow("done", location=store)
+    for name in ("a", "b", "c"):
+        flow.step(name=name)(lambda state, data: None)
+    flow.run()
+    entry = parse_json(invoke("ls", store, "--json"))[0]
+    assert (entry["status"], entry["complete"], entry["progress"]) == ("complete", True, 1.0)
+    assert "position 3 of 3 (100%)" in invoke("show", "done", "-l", store).stdout

@@ -128,6 +128,39 @@ def test_run_forwards_a_signal_and_does_not_restart(tmp_path: Path, sig: signal.
     assert b"restarting" not in stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_a_killed_supervisor_takes_its_command_with_it(tmp_path: Path) -> None:
+    """SIGKILL of `safepoint run` ends the job too: no orphan keeps writing the name while a
+    new supervisor would start a second writer."""
+    job = script(tmp_path, """
+        import os, sys, time
+        from pathlib import Path
+        here = Path(sys.argv[1])
+        (here / "child.pid").write_text(str(os.getpid()))
+        time.sleep(60)
+    """)
+    supervisor = subprocess.Popen([SAFEPOINT, "run", "--", sys.executable, job, str(tmp_path)],
+                                  start_new_session=True, stderr=subprocess.DEVNULL)
+    pid_file, deadline = tmp_path / "child.pid", time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and supervisor.poll() is None, "the job did not start"
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    supervisor.kill()
+    supervisor.wait()
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return  # gone (reaped by init once it died of SIGTERM)
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split(") ")[-1].startswith("Z"):
+                return  # a zombie: dead, not yet reaped
+        time.sleep(0.02)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the job outlived its killed supervisor")
+
+
 def test_backoff_doubles_up_to_the_cap(tmp_path: Path) -> None:
     slept: list[float] = []
     notices: list[str] = []

@@ -97,7 +97,7 @@ def test_verify_checks_a_run_journal(invoke: Invoke, tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     out = " ".join(result.stdout.split())
     assert f"stream journal: {journal}" in out and "not a safepoint journal" in out
-    assert "`safepoint rm NAME` removes the run" in out and "checkpoints are damaged" not in out
+    assert "`safepoint rm NAME` removes it, and it then starts over" in out and "checkpoints are damaged" not in out
     report = parse_json(invoke("verify", "stream", "-l", store, "--json"))
     assert report["ok"] is False and report["results"][0]["step"] is None
 
@@ -195,3 +195,13 @@ def test_gc_respects_min_age(invoke: Invoke, store_dir: Path) -> None:
     report = parse_json(invoke("gc", "--min-age", "60", "-l", store_dir, "--json"))
     assert report["count"] == 2
     assert not folder.exists() and not orphan.exists()
+
+
+def test_verify_reports_a_run_whose_checkpoint_is_missing(invoke: Invoke, tmp_path: Path) -> None:
+    store = tmp_path / "runs"
+    interrupted_run(store, "arrays", 4, arrays=True)  # its state is a checkpoint step
+    (step,) = Checkpointer("arrays", location=store).steps()
+    Checkpointer("arrays", location=store).delete(step)
+    result = invoke("verify", "arrays", "-l", store)
+    assert result.exit_code == 1, result.output
+    assert f"refers to checkpoint step {step}, which is missing" in " ".join(result.stdout.split())

@@ -89,9 +89,9 @@ def _fence(monkeypatch: pytest.MonkeyPatch, hook: Any) -> None:
     """Run ``hook`` where every commit checks the writer's lease (just before it writes)."""
     real = Lease.check
 
-    def check(lease: Lease) -> None:
+    def check(lease: Lease, *, fresh: bool = False) -> None:
         hook()
-        real(lease)
+        real(lease, fresh=fresh)
 
     monkeypatch.setattr(Lease, "check", check)
 

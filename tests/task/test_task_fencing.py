@@ -86,3 +86,39 @@ def test_a_duplicate_submission_waits_for_the_running_attempt(tmp_path: Path) ->
     second.join(10)
     assert results == [42, 42] and calls == [1]  # the duplicate got the result, ran nothing
     assert check(location).ok
+
+
+def test_a_fenced_attempt_runs_no_further_step(tmp_path: Path) -> None:
+    """A takeover fences the older attempt before its next step runs: a side effect in
+    that step would otherwise happen twice."""
+    location = tmp_path / "store"
+    paused, go = threading.Event(), threading.Event()
+    effects: list[tuple[int, str]] = []
+
+    @task(durable=False)
+    def job(ctx: TaskContext) -> str:
+        ctx.step("prepare", effects.append, (ctx.attempt, "prepare"))
+        if ctx.attempt == 1:
+            paused.set()
+            assert go.wait(10)
+        ctx.step("send", effects.append, (ctx.attempt, "send"))
+        return "sent"
+
+    outcome: list[BaseException] = []
+
+    def first_attempt() -> None:
+        try:
+            run_task(job, job_id="j", location=location)
+        except BaseException as exc:  # collected for the main thread's assertions
+            outcome.append(exc)
+
+    first = threading.Thread(target=first_attempt)
+    first.start()
+    assert paused.wait(10)
+    assert job.run((), {}, job_id="j", location=location, takeover=True) == "sent"
+    go.set()
+    first.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], StaleAttempt)
+    assert effects == [(1, "prepare"), (2, "send")]  # "send" once, by the new attempt
+    report = check(location)
+    assert report.ok and report.clean, report.findings

@@ -65,6 +65,10 @@ def test_the_same_job_id_with_other_arguments_is_refused(store: Path) -> None:
         run_task(job, "a.csv", job_id="j", location=store)
     with pytest.raises(InputChanged, match=r"other arguments \(recorded: .*a.csv"):
         run_task(job, "b.csv", job_id="j", location=store)
+    with pytest.raises(Crash):  # fresh=True forgets the old job before comparing anything
+        job.run(("b.csv",), {}, job_id="j", location=store, fresh=True)
+    with pytest.raises(InputChanged, match=r"recorded: .*b.csv"):
+        run_task(job, "a.csv", job_id="j", location=store)
 
 
 def test_steps_with_the_same_name_in_a_loop_are_told_apart_by_their_index(store: Path) -> None:

@@ -415,6 +415,7 @@ class Checkpointer:
         """Remove one step (its manifest first, so it vanishes atomically)."""
         step = _check_step(step)
         self.wait()
+        self._take_lease().check(fresh=True)  # deleting is writing: one writer per name
         steps = self.steps()
         if step not in steps:
             raise CheckpointNotFound(f"{self.name!r} has no step {step} in {self.store.url}",
@@ -427,7 +428,7 @@ class Checkpointer:
                 self.store.commit(latest_key(self.name), data, durable=self.durable)
             else:
                 self.store.delete(latest_key(self.name))
-            self._latest = None
+            self._latest, self._expect = None, None  # the record moved: look again
         for folder in remove_step(self.store, self.name, step):
             self.store.delete(folder)
         self._metrics.pop(step, None)
@@ -436,13 +437,27 @@ class Checkpointer:
         """Remove every step and leftover of this name (entries safepoint did not write are
         kept and reported)."""
         self.wait()
-        self._latest = None
-        return remove_name(self.store, self.name)
+        self._latest, self._expect = None, None
+        lease = self._take_lease()
+        lease.check(fresh=True)
+        try:
+            return remove_name(self.store, self.name)
+        finally:  # the lease went with the name; a later save takes a new one
+            lease.forget()
+            if self._own_lease:
+                self.lease = None
 
     def gc(self, *, min_age: float = 0.0) -> list[str]:
         """Remove leftovers of crashed saves under this name; returns the removed keys."""
         self.wait()
         return [key for key, _ in collect_garbage(self.store, self.name, min_age=min_age).removed]
+
+    def _keep_only(self, referenced: set[int]) -> None:
+        """Remove the steps not in ``referenced`` and crash leftovers (an execution's log
+        knows which of its checkpoints are alive); the newest-step record may move."""
+        self.wait()
+        collect_garbage(self.store, self.name, referenced=referenced, deep=False)
+        self._latest, self._expect = None, None
 
     # --------------------------------------------------------------- restoring
 

@@ -210,7 +210,7 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
     damaged is never touched: it is evidence (``verify`` reports it, ``rm`` removes it).
     """
     now = time.time() if now is None else now
-    report = Cleanup()
+    report = Cleanup(dry_run=dry_run)
     try:
         latest = latest_manifest(store, name)
     except CorruptCheckpoint:
@@ -249,8 +249,8 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
             except (CorruptCheckpoint, CheckpointNotFound):
                 report.kept.append((key, "its manifest is damaged (evidence: see verify)"))
                 continue
-            referenced = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
-            _clear_folder(store, key, report, keep=referenced | {LOCK}, min_age=min_age, now=now)
+            named = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
+            _clear_folder(store, key, report, keep=named | {LOCK}, min_age=min_age, now=now)
     if "lease" in listed:
         found = tickets(store, name)
         for generation in sorted(found)[:-1]:  # writers a newer one took over from: fenced

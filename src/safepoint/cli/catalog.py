@@ -145,9 +145,15 @@ def verify_journal(store: Store, name: str) -> dict[str, Any] | None:
         return None
     problems: list[str] = []
     try:
-        problems += read_log(store, name).damage
+        replay = read_log(store, name)
     except CorruptCheckpoint as exc:
         problems.append(str(exc))
+    else:
+        problems += replay.damage
+        steps = set(committed_steps(store, name))
+        for ref in sorted({ref for r in replay.live() for ref in r.refs()} - steps):
+            problems.append(f"{store.url}/{name}: a record refers to checkpoint step {ref}, "
+                            "which is missing")
     key = f"{name}/{found[-1][1]}"
     size = store.stat(key).size if store.stat(key).kind == "file" else 0
     return {"name": name, "step": None, "ok": not problems, "checked_bytes": size,
@@ -185,7 +191,7 @@ def describe_step(store: Store, name: str, step: int | None) -> dict[str, Any]:
     if run is not None and step is None:
         return describe_execution(store, name, run)
     if not steps and step is None:
-        raise CorruptCheckpoint(f"{name!r} in {store.url}: {run_damage}", name=name)
+        raise CorruptCheckpoint(f"{name!r} in {store.url}: {run_damage}", path=f"{store.url}/{name}")
     if step is None:
         step = steps[-1]
     elif step not in steps:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
+from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -27,7 +28,6 @@ from rich.table import Table
 from safepoint import knobs
 from safepoint.checkpointer import (
     Checkpointer,
-    collect_garbage,
     committed_steps,
     is_name,
     latest_problem,
@@ -51,6 +51,7 @@ from safepoint.cli.output import (
     print_json,
     reporting_errors,
 )
+from safepoint.consistency import check
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SafepointError
 from safepoint.format import read_manifest, verify_checkpoint
 from safepoint.store import Store, check_name, open_store
@@ -104,7 +105,7 @@ def list_command(
     now = time.time()
     table = _table(escape(store.url))
     for column in ("name", "kind", "status", "steps", "latest", "progress", "age", "size"):
-        justify = "right" if column in ("steps", "latest", "progress", "size") else "left"
+        justify: JustifyMethod = "right" if column in ("steps", "latest", "progress", "size") else "left"
         if column == "name":  # long names fold; the other columns never wrap
             width = min(12, max(len(s.name) for s in summaries))
             table.add_column(column, overflow="fold", min_width=width)
@@ -323,8 +324,10 @@ def _print_verify(store: Store, results: list[dict[str, Any]]) -> None:
         console.print(f"[red]{len(bad_steps)} of {len(steps)} checkpoints are damaged.[/] "
                       "`restore()` skips them; `safepoint rm NAME --step N` removes one.")
     if len(bad_steps) < len(damaged):
-        console.print("[red]A damaged journal stops its run from resuming:[/] `safepoint rm NAME` "
-                      "removes the run, which then starts over.")
+        console.print("[red]A damaged journal:[/] a run resumes from its newest intact record "
+                      "(with a warning); one with no intact record, or one that refers to a "
+                      "missing checkpoint, cannot resume: `safepoint rm NAME` removes it, and "
+                      "it then starts over.")
     if not damaged:
         what = "1 checkpoint" if len(results) == 1 else f"all {len(results)} checkpoints"
         console.print(f"[green]{what} intact[/] "
@@ -381,15 +384,11 @@ def gc(
     with reporting_errors():
         store = _open(location)
         require_store(store)
-        removed, kept = [], []
-        for name in list_names(store):
-            try:
-                report = collect_garbage(store, name, min_age=min_age)
-            except CorruptCheckpoint as exc:
-                kept.append({"key": name, "reason": str(exc)})
-                continue
-            removed += [{"key": key, "nbytes": size} for key, size in report.removed]
-            kept += [{"key": key, "reason": why} for key, why in report.kept]
+        report = check(store, fix=True, data=False, min_age=min_age)
+    removed: list[dict[str, Any]] = [{"key": f.key, "nbytes": f.nbytes} for f in report.removed]
+    kept: list[dict[str, Any]] = [
+        {"key": f.key, "reason": f.detail.removeprefix(f"{store.url}/{f.key}: ")}
+        for f in report.findings if f.what in ("kept", "foreign", "damage")]
     freed = sum(r["nbytes"] for r in removed)
     if as_json:
         print_json({"location": store.url, "count": len(removed), "nbytes": freed,

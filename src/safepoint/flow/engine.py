@@ -24,7 +24,13 @@ from functools import partial
 from typing import Any, Literal, TypeVar, overload
 
 from safepoint.checkpointer import remove_name, split_location
-from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SafepointError, UnsupportedType
+from safepoint.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    SafepointError,
+    UnsupportedType,
+    warn_caller,
+)
 from safepoint.flow.drivers import Call, adrive, drive
 from safepoint.flow.record import (
     FlowView,
@@ -37,7 +43,6 @@ from safepoint.flow.record import (
     step_index,
 )
 from safepoint.flow.stepdata import StepData
-from safepoint.flow.warn import warn_caller
 from safepoint.format import prepare
 from safepoint.lease import Lease
 from safepoint.policy import Policy, after_substep
@@ -148,7 +153,7 @@ class FlowRun(Run):
         assert self._committer is not None
         self._committer.flush()
         self._progress_value = 1.0
-        self._commit(wait=True)
+        self._commit(complete=True, wait=True)
         self.complete = True
 
 
@@ -215,7 +220,7 @@ class Flow:
         name: str | None = None,
     ) -> Callable[[F], F]: ...
 
-    def step(
+    def step(  # type: ignore[misc]  # mypy misreads the keyword-only overload
         self, fn: Callable[..., Any] | None = None, /, *, load: Callable[..., Any] | None = None,
         save: Callable[..., Any] | None = None, name: str | None = None,
     ) -> Any:
@@ -386,7 +391,7 @@ class Flow:
             raise error from exc
         try:
             run._record_step(key, step.name, started, result=copy.deepcopy(after),
-                             output=returned, extra=extra)
+                             output=returned, extra=extra, sync=False)
         except Exception as exc:
             self._record_failure(run, key, step, started, exc)
             raise
@@ -501,7 +506,8 @@ class Flow:
         view, _ = self._read()
         if not self._steps:
             count = max([len(view.names), *(i + 1 for i in view.steps)])
-            rows = [(i, view.steps.get(i), None) for i in range(count)]
+            rows: list[tuple[int, Record | None, str | None]] = [
+                (i, view.steps.get(i), None) for i in range(count)]
             names = [view.names[i] if i < len(view.names) else view.steps[i].name
                      for i in range(count)]
         else:
@@ -568,10 +574,10 @@ class Flow:
         store = open_store(self._location)
         lease = Lease.acquire(store, self.name, kind="flow", durable=self.durable)
         try:
+            lease.check(fresh=True)
             remove_name(store, self.name)
         finally:
-            lease.released = True
-            lease.release()
+            lease.forget()
         self._memory.clear()
 
     def __repr__(self) -> str:

@@ -49,20 +49,6 @@ class FlowView:
             return record.name
         return self.names[index] if index < len(self.names) else None
 
-    def table(self, names: Sequence[str]) -> list[dict[str, Any]]:
-        """The rows ``safepoint show`` prints: step, status, duration, when, error."""
-        rows = []
-        for index, name in enumerate(names):
-            record = self.steps.get(index)
-            if record is None or record.name != name:
-                rows.append({"step": name, "status": "pending", "duration": None, "when": None,
-                             "error": None})
-                continue
-            rows.append({"step": name, "status": record.status,
-                         "duration": None if record.duration is None else round(record.duration, 3),
-                         "when": format_when(record.started), "error": record.error})
-        return rows
-
 
 def step_index(record: Record) -> int | None:
     """The index of a flow step from its record's key (``#3`` -> 3)."""

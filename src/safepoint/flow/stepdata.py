@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 
@@ -16,7 +16,7 @@ class StepData(MutableMapping[str, Any]):
     membership or listing keys reads nothing.
     """
 
-    def __init__(self, values: dict[str, Any], stored: dict[str, Callable[[], Any]]) -> None:
+    def __init__(self, values: dict[str, Any], stored: Mapping[str, Callable[[], Any]]) -> None:
         self._values = values
         self._stored = {k: v for k, v in stored.items() if k not in values}  # never both
 

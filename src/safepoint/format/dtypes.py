@@ -42,7 +42,8 @@ def encode_dtype(dtype: np.dtype) -> Any:
             "descr": _descr_to_json(dtype.descr), "itemsize": dtype.itemsize, "names": names,
             "offsets": [dtype.fields[n][1] for n in names],
             "formats": [encode_dtype(dtype.fields[n][0]) for n in names]}
-        titles = [dtype.fields[n][2] if len(dtype.fields[n]) > 2 else None for n in names]
+        entries: dict[str, tuple[Any, ...]] = dict(dtype.fields)  # (dtype, offset[, title])
+        titles = [entries[n][2] if len(entries[n]) > 2 else None for n in names]
         if any(t is not None for t in titles):
             spec["titles"] = titles
         if dtype.isalignedstruct:
@@ -132,7 +133,7 @@ def _decode(spec: Any, depth: int) -> np.dtype:
         }
         if "titles" in spec:
             fields["titles"] = spec["titles"]
-        return np.dtype(fields, align=bool(spec.get("aligned")))
+        return np.dtype(fields, align=bool(spec.get("aligned")))  # type: ignore[call-overload]
     raise CorruptCheckpoint(f"unreadable dtype {_short(spec)} in manifest")
 
 

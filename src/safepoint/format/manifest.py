@@ -51,7 +51,8 @@ _ERRNO_HINTS = {
 
 def checksum(data: bytes | memoryview | np.ndarray) -> str:
     """crc32c of ``data`` as 8 hex digits (hardware-accelerated where the CPU has it)."""
-    return f"{_crc32c.crc32c(data) & 0xFFFFFFFF:08x}"
+    buffer = data.data if isinstance(data, np.ndarray) else data
+    return f"{_crc32c.crc32c(buffer) & 0xFFFFFFFF:08x}"
 
 
 @dataclass
@@ -128,7 +129,7 @@ def decode_manifest(data: bytes, where: str, *, name: str | None = None,
     except ValueError as exc:
         raise CorruptCheckpoint(f"{where}: manifest is not valid JSON: {exc}", path=where) from exc
     check_body(body, where, name=name, step=step)
-    return body  # type: ignore[no-any-return]
+    return body
 
 
 def check_body(body: Any, where: str, *, name: str | None = None, step: int | None = None) -> None:
@@ -258,7 +259,7 @@ def json_copy(value: dict[str, Any] | None, what: str = "metadata") -> dict[str,
         copied = json.loads(json.dumps(value, allow_nan=True, default=default))
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{what} must be JSON-serializable (str keys, plain values): {exc}") from exc
-    return _tag_floats(copied)  # type: ignore[no-any-return]
+    return _tag_floats(copied)
 
 
 def _tag_floats(value: Any) -> Any:

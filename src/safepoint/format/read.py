@@ -121,7 +121,7 @@ class FileSet:
                 file.buffer = self._map(file)
             else:
                 file.buffer, file.private = read_buffer(file.size), True
-        return file.buffer  # type: ignore[no-any-return]
+        return file.buffer
 
     def _map(self, file: _File) -> np.ndarray:
         try:
@@ -157,7 +157,7 @@ class FileSet:
     def read(self, index: int) -> memoryview:
         data = self.array(index)
         self.load()
-        return memoryview(data)
+        return data.data
 
     def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
         if index is not None:
@@ -214,7 +214,7 @@ class FileSet:
             file = self._files[fi]
             view = out[at : at + length]
             try:
-                got = self.store.read_range(file.key, offset, memoryview(view))
+                got = self.store.read_range(file.key, offset, view.data)
             except FileNotFoundError:
                 raise self._missing(file.key) from None
             if got != length:
@@ -246,7 +246,7 @@ class FileSet:
         ranges = blob["ranges"]
         if len(ranges) == 1:
             fi, offset, length, _ = ranges[0]
-            return self._files[fi].buffer[offset : offset + length]  # type: ignore[no-any-return]
+            return self._files[fi].buffer[offset : offset + length]
         out = read_buffer(int(blob["size"]))
         self._read_ranges(index, out)
         return out
@@ -365,7 +365,8 @@ class _SizesOnly:
     def array(self, index: int) -> np.ndarray:
         raise AssertionError("validation reads no blob")
 
-    read = array
+    def read(self, index: int) -> memoryview:
+        raise AssertionError("validation reads no blob")
 
     def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
         raise AssertionError("validation fills nothing")
@@ -401,7 +402,7 @@ def verify_checkpoint(
                 file = source._file(fi)
                 value, at = 0, 0
                 while at < length:
-                    view = memoryview(buffer)[: min(len(buffer), length - at)]
+                    view = buffer.data[: min(len(buffer), length - at)]
                     try:
                         got = store.read_range(file.key, offset + at, view)
                     except FileNotFoundError:

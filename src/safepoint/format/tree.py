@@ -154,7 +154,7 @@ class Encoder:
         if kind is bytearray:
             data = memoryview(obj)
             if self.snapshot is not None and len(obj) > self.inline_limit:
-                data = memoryview(self.snapshot(len(self.blobs), np.frombuffer(obj, np.uint8)))
+                data = self.snapshot(len(self.blobs), np.frombuffer(obj, np.uint8)).data
             return {"$": "bytearray", **self._data(data, path)}
         if kind in (list, tuple, dict, OrderedDict):
             return self._container(obj, path)
@@ -262,9 +262,9 @@ def bytes_view(array: np.ndarray) -> memoryview:
     if array.nbytes == 0:
         return memoryview(b"")
     try:
-        return memoryview(array).cast("B")
+        return array.data.cast("B")
     except (TypeError, ValueError):  # dtypes the buffer protocol cannot express
-        return memoryview(array.reshape(-1).view(np.uint8))
+        return array.reshape(-1).view(np.uint8).data
 
 
 # ------------------------------------------------------------------ decoding
@@ -416,7 +416,7 @@ class Decoder:
         bits = node["bits"]
         if not (isinstance(bits, str) and _HEX16.fullmatch(bits)):
             raise _fail(path, "a float node needs 16 hex digits")
-        return struct.unpack("<d", bytes.fromhex(bits))[0]  # type: ignore[no-any-return]
+        return struct.unpack("<d", bytes.fromhex(bits))[0]
 
     def _int(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> int:
         text = node["hex"]

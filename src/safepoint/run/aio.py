@@ -19,7 +19,7 @@ _END = object()
 
 async def thread_chunks(chunks: Iterator[Sequence[Any]]) -> AsyncIterator[Sequence[Any]]:
     """Chunks of a blocking source (file blocks), each produced on a worker thread."""
-    while (chunk := await asyncio.to_thread(next, chunks, _END)) is not _END:
+    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
         yield chunk
 
 
@@ -88,8 +88,8 @@ class AsyncLoopIterator:
                 self._start += loop.leave()
                 await run._aboundary(loop)
             if self._start >= len(self._chunk):
-                chunk = await anext(self._chunks, _END)
-                if chunk is _END:
+                chunk = await anext(self._chunks, None)
+                if chunk is None:
                     self._done = True
                     run._loop_finished(loop)
                     self._release()

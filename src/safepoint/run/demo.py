@@ -158,8 +158,9 @@ def _demo(directory: Path, count: int, seed: int, seconds: float, console: Conso
                       "(--seconds) or more numbers (--count)[/red]")
         return 1
     info = runs.describe_run(open_store(store), RUN_NAME)
+    position = info.position if info is not None else 0
     console.print(f"   [bold red]killed with SIGKILL[/bold red] after {first.seconds:.1f} s; its "
-                  f"last checkpoint: line {info.position:,} ({first.killed_at:.0%})")
+                  f"last checkpoint: line {position:,} ({first.killed_at:.0%})")
 
     console.print("[bold]4.[/bold] the same command again: it resumes from that checkpoint")
     second = _start_worker(numbers, store, result, work)

@@ -74,14 +74,17 @@ def describe_run(store: Store, name: str) -> RunInfo | None:
     failed = [r for r in steps.values() if r.status == "failed"]
     newest = max(replay.records, key=lambda r: r.seq)
     frames = state.frames if state is not None else []
+    extra = (state.extra if state is not None else newest.extra)
+    position, total = (frames[-1].position, frames[-1].total) if frames else (0, None)
+    if not frames and isinstance(extra.get("total"), int):  # a flow: its steps
+        position, total = int(extra.get("done") or 0), int(extra["total"])
     return RunInfo(
-        name=name, position=frames[-1].position if frames else 0,
-        total=frames[-1].total if frames else None,
+        name=name, position=position, total=total,
         progress=1.0 if complete else (state.fraction if state is not None else None),
         attempt=max((lease.generation if lease is not None else 0), newest.attempt),
         complete=complete, updated=newest.time, nbytes=nbytes,
         loop=frames[-1].loop if frames else 0,
-        kind=str((state.extra if state is not None else newest.extra).get("kind", "run")),
+        kind=str(extra.get("kind", "run")),
         liveness=liveness, owner=dict((lease.info.get("holder") if lease is not None else None) or {}),
         message=state.message if state is not None else None,
         error=failed[-1].error if failed else None,

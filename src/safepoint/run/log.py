@@ -42,6 +42,9 @@ from safepoint.store import LocalStore, Store
 from safepoint.store.journal import Journal, read_journal
 
 _OBJECT = re.compile(r"(\d{12,20})\.(rec|snap)")
+_STEPS_PER_WRITER = 10**9
+"""Checkpoint steps of writer generation g are numbered g × 10⁹ + seq: a stale writer woken
+after a takeover can never write (or roll back) a step the newer writer uses."""
 _PREFIX, _SUFFIX = b'{"crc32c":"', b"}\n"
 
 
@@ -90,6 +93,12 @@ class Replay:
     @property
     def seq(self) -> int:
         return max((r.seq for r in self.records), default=0)
+
+    def live(self) -> list[Record]:
+        """The records that still count: every step outcome and the newest state (older
+        state records are superseded; what they referred to may be gone)."""
+        state = self.state
+        return [*self.steps().values(), *([state] if state is not None else [])]
 
     def steps(self) -> dict[str, Record]:
         """Durable step outcomes by key, after resets (a later record wins)."""
@@ -178,16 +187,20 @@ class RunLog:
         self._journal: Journal | None = None
         self._started = False  # this generation's segment exists
         self._refs: dict[int, int] = {}  # checkpoint step -> live records referring to it
+        self._state: Record | None = None  # the newest state record, replayed or appended
         self.checkpointer = Checkpointer(name, location=store, durable=durable,
                                          allow_pickle=allow_pickle, lease=lease)
         self.since_compaction = 0
+        self.kept = 0
+        """Records the last compaction kept alive."""
 
     # ------------------------------------------------------------------ reading
 
     def open(self) -> Replay:
         replay = read_log(self.store, self.name)
         self.seq = replay.seq
-        for record in replay.records:
+        self._state = replay.state
+        for record in replay.live():
             for ref in record.refs():
                 self._refs[ref] = self._refs.get(ref, 0) + 1
         return replay
@@ -217,12 +230,21 @@ class RunLog:
             if inline_limit is None or len(json.dumps(node)) <= inline_limit:
                 return {"node": node}
         self.seq += 1
-        self.checkpointer.save(self.seq, value, overwrite=True)
-        return {"checkpoint": self.seq}
+        step = self.generation * _STEPS_PER_WRITER + self.seq  # never one an older writer uses
+        self.checkpointer.save(step, value, overwrite=True)
+        return {"checkpoint": step}
 
-    def append(self, record: Record, live: Iterable[Record] = ()) -> None:
+    @property
+    def started(self) -> bool:
+        """Whether this writer's segment exists (an append then needs no live records)."""
+        return self._started
+
+    def append(self, record: Record, live: Iterable[Record] | None = None, *,
+               sync: bool = True) -> None:
         """Commit ``record`` (numbered here); ``live``: the records still alive, written
-        first into this generation's segment when it does not exist yet."""
+        first into this generation's segment when it does not exist yet (required then).
+        ``sync=False``: durable at the next :meth:`sync` or synced append (local journals;
+        an object is durable when written)."""
         self.lease.check()
         self.seq += 1
         record.seq = self.seq
@@ -230,10 +252,13 @@ class RunLog:
             self._refs[ref] = self._refs.get(ref, 0) + 1
         try:
             if not self._started:
-                self._start([*live, record])
+                first = [*(live or ())]
+                if record.kind != "state" and self._state is not None and self._state not in first:
+                    first.append(self._state)  # a segment stands alone: it holds the state
+                self._start([*first, record])
             elif self.local:
                 assert self._journal is not None
-                self._journal.append(record.to_json())
+                self._journal.append(record.to_json(), sync=sync)
             else:
                 key = f"{self.name}/{segment_name(self.generation)}/{record.seq:012d}.rec"
                 if not self.store.create(key, _wrap(record.to_json()), durable=self.durable):
@@ -244,16 +269,23 @@ class RunLog:
             raise SaveFailed(
                 f"could not commit {self.name!r} to {self.where}: {describe_os_error(exc)}. "
                 "The previous checkpoint is untouched.", name=self.name, errno=exc.errno) from exc
+        if record.kind == "state":
+            self._state = record
         self.since_compaction += 1
 
     def _start(self, records: list[Record]) -> None:
-        """Write this generation's segment with ``records``, then drop the older ones."""
+        """Write this generation's segment with ``records``, then drop the older segments
+        and the checkpoint steps no live record refers to (left by a writer killed between
+        saving one and committing the record that refers to it)."""
         older = [e for g, e in segments(self.store, self.name) if g < self.generation]
         self._write_segment(records)
         self._started = True
         for entry in older:
             with contextlib.suppress(OSError):
                 self.store.delete(f"{self.name}/{entry}")
+        referenced = {ref for r in records for ref in r.refs()} | set(self._refs)
+        with contextlib.suppress(OSError, CorruptCheckpoint):  # housekeeping: gc does the rest
+            self.checkpointer._keep_only(referenced)
 
     def _write_segment(self, records: list[Record]) -> None:
         payloads = [r.to_json() for r in records]
@@ -275,19 +307,30 @@ class RunLog:
                 with contextlib.suppress(OSError):
                     self.store.delete(f"{prefix}/{entry}")
 
+    def sync(self) -> None:
+        """Make every record appended so far durable."""
+        if self._journal is not None:
+            try:
+                self._journal.sync()
+            except OSError as exc:
+                raise SaveFailed(f"could not commit {self.name!r} to {self.where}: "
+                                 f"{describe_os_error(exc)}", name=self.name,
+                                 errno=exc.errno) from exc
+
     @property
     def due(self) -> bool:
         """Whether the segment should be compacted."""
         if self._journal is not None:
             return self._journal.due
-        return self.since_compaction >= knobs.LOG_COMPACT_RECORDS
+        # as for journals: at least as many new records as the last compaction kept
+        return self.since_compaction >= max(knobs.LOG_COMPACT_RECORDS, self.kept)
 
     def compact(self, live: list[Record]) -> None:
         """Replace the segment by the live records (the newest state and the steps that
         may still be replayed), and drop the checkpoints nothing refers to any more."""
-        self.lease.check()
+        self.lease.check(fresh=True)  # it deletes
         self._write_segment(live)
-        self.since_compaction = 0
+        self.since_compaction, self.kept = 0, len(live)
         keep = {ref for r in live for ref in r.refs()}
         self.drop_unreferenced(keep)
 

@@ -68,7 +68,7 @@ class Outputs:
         except FileNotFoundError:
             binary = None
         size = os.fstat(binary.fileno()).st_size if binary is not None else -1
-        if size < length:
+        if binary is None or size < length:
             if binary is not None:
                 binary.close()
             what = "is missing" if size < 0 else f"has {size} bytes"

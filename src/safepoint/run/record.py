@@ -20,7 +20,7 @@ A tree is stored ``{"node": ...}`` (inline nodes of the state-tree format) or
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from safepoint.errors import CorruptCheckpoint
@@ -110,8 +110,18 @@ class Record:
                 if t is not None and "checkpoint" in t]
 
     def to_json(self) -> bytes:
-        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        """The record as it is written. A record does not change once committed, so its
+        encoding is kept (a compaction rewrites many records; each is encoded once)."""
+        cached = self.__dict__.get("_encoded")
+        if cached is not None and cached[0] == self.seq:
+            return cached[1]
+        body: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+        for item in fields(self):
+            body[item.name] = getattr(self, item.name)
+        body["frames"] = [vars(frame) for frame in self.frames]
+        encoded = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        self.__dict__["_encoded"] = (self.seq, encoded)
+        return encoded
 
     @classmethod
     def from_json(cls, payload: bytes, where: str) -> Record:

@@ -17,13 +17,12 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 from safepoint.checkpointer import CorruptCheckpointWarning, committed_steps, split_location
 from safepoint.committer import Committer
-from safepoint.errors import KindMismatch, SafepointError, StateMismatch
+from safepoint.errors import KindMismatch, SafepointError, StateMismatch, warn_caller
 from safepoint.format import prepare
 from safepoint.lease import Lease
 from safepoint.policy import PolicyLike, Tick, as_policy, default_policy
@@ -38,6 +37,7 @@ from safepoint.run.steps import DurableSteps
 from safepoint.signals import STOP_SIGNALS, SegmentWatchdog, SignalGuard, stop_now
 from safepoint.store import Location, Store, check_name, open_store
 
+_R = TypeVar("_R", bound="Run")
 log = logging.getLogger("safepoint")
 
 CommitMode = Literal["sync", "async"]
@@ -170,7 +170,7 @@ class Run(DurableSteps):
 
     # --------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> Run:
+    def __enter__(self: _R) -> _R:
         if self._entered:
             raise SafepointError("a run is entered once; call safepoint.resume() again")
         self._entered = True
@@ -191,10 +191,10 @@ class Run(DurableSteps):
                            allow_pickle=self.allow_pickle)
         replay = self._log.open()
         if replay.damage:
-            warnings.warn(CorruptCheckpointWarning(
+            warn_caller(
                 f"{self.kind} {self.name!r} in {store.url}: skipped damaged records "
                 f"({'; '.join(replay.damage)}); resuming from the newest intact one. "
-                f"`safepoint verify {self.name}` shows the damage"), stacklevel=4)
+                f"`safepoint verify {self.name}` shows the damage", CorruptCheckpointWarning)
         if not replay.records and committed_steps(store, self.name):
             raise KindMismatch(
                 f"{self.name!r} in {store.url} holds checkpoints that are not a {self.kind}'s "
@@ -216,6 +216,7 @@ class Run(DurableSteps):
         self.attempt = max(self.lease.generation, int(supervisor) if supervisor.isdigit() else 1)
         self.resumed = bool(replay.records)
         self._replay(replay)
+        state = self._committed  # what the layer above kept of it (a task may start afresh)
         self._outputs = Outputs(state.outputs if state is not None else {}, durable=self._durable)
         self._committer = Committer(background=self._commit_mode == "async", coalesce=True,
                                     name=self.name)
@@ -283,7 +284,7 @@ class Run(DurableSteps):
             self._closed = True
             self._release(discard=self._interrupts.stopped_at_once)
 
-    async def __aenter__(self) -> Run:
+    async def __aenter__(self: _R) -> _R:
         return self.__enter__()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -299,9 +300,9 @@ class Run(DurableSteps):
             self._commit(complete=True, wait=True)
         else:  # mark it complete first, so that a crash while deleting cannot resurrect it
             self._commit(complete=True, wait=True, with_state=False)
-            self.lease.check()
+            self.lease.check(fresh=True)
             self._log.remove()
-            self.lease.released = True
+            self.lease.forget()
         self.complete = True
 
     def _stopped(self, exc: BaseException) -> None:
@@ -617,8 +618,9 @@ class Run(DurableSteps):
             if node is not None:
                 record.tree = {"node": node}
         result = self._result_tree(complete)
-        live = self._live_steps(record.frames)
         log_ = self._log
+        # the live records, only when this commit starts the segment or compacts it
+        live = self._live_steps(record.frames) if not log_.started or log_.due else None
         durable = self._durable
 
         def job() -> None:
@@ -633,7 +635,7 @@ class Run(DurableSteps):
             previous, self._committed = self._committed, record
             if previous is not None:
                 log_.release(previous)
-            if log_.due:
+            if live is not None and log_.due:
                 log_.compact([*live, record])
 
         self._items_since = 0

@@ -21,10 +21,9 @@ import inspect
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from safepoint.errors import SafepointError, StepMismatch, SubstepCompleted
+from safepoint.errors import PACKAGE_DIR, SafepointError, StepMismatch, SubstepCompleted
 from safepoint.run.record import Record
 
 P = ParamSpec("P")
@@ -34,14 +33,13 @@ INLINE_RESULT = 16 << 10
 """A step result whose encoding is at most this many bytes (and holds no large array) is
 kept inside its record; a larger one is written once, as a checkpoint step."""
 _TRACEBACK_LIMIT = 20_000
-_PACKAGE = str(Path(__file__).resolve().parents[1])
 
 
 def user_traceback(exc: BaseException) -> str:
     """The traceback of an error raised by user code, without safepoint's own frames."""
     summary = traceback.TracebackException.from_exception(exc)
     summary.stack = traceback.StackSummary.from_list(
-        [frame for frame in summary.stack if not frame.filename.startswith(_PACKAGE)])
+        [frame for frame in summary.stack if not frame.filename.startswith(PACKAGE_DIR)])
     return "".join(summary.format())[-_TRACEBACK_LIMIT:]
 
 
@@ -56,6 +54,18 @@ class DurableSteps:
     _log: Any
     _committer: Any
     _loops: list[Any]
+    _policy: Any
+    _items_since: int
+    lease: Any
+
+    if TYPE_CHECKING:
+        def _require_open(self, what: str) -> None: ...
+        def _tick(self, loop: Any, *, substep: bool = False) -> Any: ...
+        def _commit(self, *, wait: bool = False, **how: Any) -> None: ...
+        def _scope(self) -> str: ...
+        def _frames(self, position: int | None) -> list[Any]: ...
+        def _live_steps(self, frames: list[Any]) -> list[Record]: ...
+        def _extra(self) -> dict[str, Any]: ...
 
     def _init_steps(self) -> None:
         self._steps: dict[str, Record] = {}
@@ -77,7 +87,7 @@ class DurableSteps:
         recorded result without calling ``fn`` (see the module's documentation)."""
         key, recorded = self._enter_step(name, fn)
         if recorded is not None:
-            return self._recorded_result(recorded)  # type: ignore[no-any-return]
+            return self._recorded_result(recorded)
         started = self._now()
         with self._running(name):
             try:
@@ -89,8 +99,8 @@ class DurableSteps:
             except Exception as exc:
                 self._record_step(key, name, started, error=exc)
                 raise
-            self._record_step(key, name, started, result=result)
-        self._after_substep()
+            self._record_step(key, name, started, result=result, sync=False)
+        self._after_substep()  # durable on return: with the state's commit, or alone
         return result
 
     async def astep(self, name: str, fn: Callable[P, Awaitable[T] | T], /, *args: P.args,
@@ -98,7 +108,7 @@ class DurableSteps:
         """:meth:`step` for async code: ``fn`` may be a coroutine function or a plain one."""
         key, recorded = self._enter_step(name, fn)
         if recorded is not None:
-            return self._recorded_result(recorded)  # type: ignore[no-any-return]
+            return self._recorded_result(recorded)
         started = self._now()
         with self._running(name):
             try:
@@ -108,16 +118,17 @@ class DurableSteps:
             except Exception as exc:
                 self._record_step(key, name, started, error=exc)
                 raise
-            self._record_step(key, name, started, result=result)
+            self._record_step(key, name, started, result=result, sync=False)
         self._after_substep()
-        return result  # type: ignore[return-value]
+        return result
 
     def _enter_step(self, name: str, fn: Callable[..., Any]) -> tuple[str, Record | None]:
-        self._require_open("a durable step")  # type: ignore[attr-defined]
+        self._require_open("a durable step")
+        self.lease.check()  # a fenced writer runs no further step (its effects would repeat)
         _check_step_name(name)
         if not callable(fn):
             raise TypeError(f"step({name!r}, fn, ...) needs a callable fn, not {fn!r}")
-        scope = self._scope()  # type: ignore[attr-defined]
+        scope = self._scope()
         ordinal = self._step_counts.get(scope, 0)
         self._step_counts[scope] = ordinal + 1
         key = f"{scope}#{ordinal}"
@@ -138,13 +149,15 @@ class DurableSteps:
 
     def _record_step(self, key: str, name: str, started: float, *, result: Any = None,
                      error: BaseException | None = None, extra: dict[str, Any] | None = None,
-                     output: Any = None) -> Record:
-        """Append the outcome of a step to the log, durably, before going on (``output``:
-        data kept beside the result, read only when asked for: a flow step's return)."""
+                     output: Any = None, sync: bool = True) -> Record:
+        """Append the outcome of a step to the log, durably before going on (``output``:
+        data kept beside the result, read only when asked for: a flow step's return).
+        ``sync=False``: the caller goes on to :meth:`_after_substep`, which makes it durable
+        (with the state commit that follows, when the policy asks for one: one fdatasync)."""
         record = Record("step", attempt=self.attempt, time=time.time(), key=key, name=name,
                         status="failed" if error is not None else "done", started=started,
                         duration=self._now() - started,
-                        extra={**self._extra(), **(extra or {})})  # type: ignore[attr-defined]
+                        extra={**self._extra(), **(extra or {})})
         self._committer.flush()  # the log is written in order
         if error is not None:
             record.error = f"{type(error).__name__}: {error}"
@@ -156,7 +169,8 @@ class DurableSteps:
                 record.tree = self._log.tree(output, allow_pickle=self.allow_pickle,
                                              inline_limit=INLINE_RESULT)
         previous = self._steps.get(key)
-        self._log.append(record, self._live_steps(self._frames(None)))  # type: ignore[attr-defined]
+        live = None if self._log.started else self._live_steps(self._frames(None))
+        self._log.append(record, live, sync=sync)
         self._step_commits += 1
         self._steps[key] = record
         if previous is not None:
@@ -219,30 +233,29 @@ class DurableSteps:
 
     def _after_substep(self) -> None:
         """A sub-step ended: a boundary where, at the top level, the policy may commit."""
-        self._items_since += 1  # type: ignore[attr-defined]
-        if self._loops:
-            return  # inside an item: the state is committed at the item's boundary
-        if self._policy(self._tick(None, substep=True)):  # type: ignore[attr-defined]
-            self._commit(wait=True)  # type: ignore[attr-defined]
+        self._items_since += 1
+        if not self._loops and self._policy(self._tick(None, substep=True)):
+            self._commit(wait=True)  # (inside an item, the state commits at its boundary)
+        self._log.sync()  # the step record, if the commit did not sync it
 
     def maybe_checkpoint(self) -> bool:
         """A boundary: checkpoint if the policy says so; returns whether it did. In a loop
         body, call it where the item is done: when it commits, the item counts as done."""
-        self._require_open("maybe_checkpoint()")  # type: ignore[attr-defined]
+        self._require_open("maybe_checkpoint()")
         if not self._loops:
-            self._items_since += 1  # type: ignore[attr-defined]
-            if not self._policy(self._tick(None)):  # type: ignore[attr-defined]
+            self._items_since += 1
+            if not self._policy(self._tick(None)):
                 return False
-            self._commit(wait=True)  # type: ignore[attr-defined]
+            self._commit(wait=True)
             return True
         loop = self._loops[-1]
         through = loop.through_current()
-        since = self._items_since  # type: ignore[attr-defined]
-        self._items_since = since + through - loop.counted  # type: ignore[attr-defined]
-        if not self._policy(self._tick(loop)):  # type: ignore[attr-defined]
-            self._items_since = since  # type: ignore[attr-defined]
+        since = self._items_since
+        self._items_since = since + through - loop.counted
+        if not self._policy(self._tick(loop)):
+            self._items_since = since
             return False
-        self._commit(wait=True, position=through)  # type: ignore[attr-defined]
+        self._commit(wait=True, position=through)
         loop.credit(through)
         return True
 

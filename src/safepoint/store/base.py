@@ -125,7 +125,8 @@ class Store(ABC):
     Optional capabilities are declared, not discovered by callers testing the class:
     :attr:`supports_mmap` (``map`` returns memory maps), :attr:`supports_append` (a journal
     can append in place, :meth:`open_append`), :attr:`conditional` (``publish(expect=...)``
-    is atomic with the write).
+    is atomic with the write), :attr:`cheap_metadata` (``exists`` costs microseconds, as on
+    a local file system: a writer looks at its lease before every commit).
     """
 
     url: str
@@ -134,6 +135,7 @@ class Store(ABC):
     supports_mmap: bool = False
     supports_append: bool = False
     conditional: bool = False
+    cheap_metadata: bool = False
 
     # ---------------------------------------------------------------- writing
 

@@ -179,7 +179,10 @@ class Journal:
         """The file's size: records plus the zeros ahead of them."""
         self.seq = 0
         """The sequence number of the newest record."""
+        self.compacted = 0
+        """Bytes of records the journal held after its last :meth:`replace`."""
         self._fd: int | None = None
+        self._unsynced = False
 
     def open(self) -> Scan:
         """Open for writing; the scan of the journal as found (empty for a new journal).
@@ -202,9 +205,10 @@ class Journal:
                 _sync(self._fd)
         return found
 
-    def append(self, payload: bytes) -> int:
-        """Write one record after the newest; durable on return when the journal is.
-        Returns its sequence number."""
+    def append(self, payload: bytes, *, sync: bool = True) -> int:
+        """Write one record after the newest; durable on return when the journal is (with
+        ``sync=False``, at the next :meth:`sync` or synced append: two records, one
+        ``fdatasync``). Returns its sequence number."""
         record = frame(self.seq + 1, payload)
         if self._fd is None:  # the first record: create the file with it, atomically
             self.replace([payload])
@@ -214,16 +218,25 @@ class Journal:
             _write_at(self._fd, bytes(grow), self.capacity)
             self.capacity += grow
         _write_at(self._fd, record, self.end)
-        if self.durable:
-            _sync(self._fd)
         self.end += len(record)
         self.seq += 1
+        self._unsynced = True
+        if sync:
+            self.sync()
         return self.seq
+
+    def sync(self) -> None:
+        """Make every record appended so far durable (one ``fdatasync``, if any is not)."""
+        if self._unsynced and self.durable and self._fd is not None:
+            _sync(self._fd)
+        self._unsynced = False
 
     @property
     def due(self) -> bool:
-        """Whether the records pass ``compact_bytes`` (time to :meth:`replace`)."""
-        return self.end > self.compact_bytes
+        """Whether the records pass ``compact_bytes`` and twice what the last compaction
+        kept (time to :meth:`replace`): a compaction then costs O(1) per record appended,
+        however many records stay alive."""
+        return self.end > max(self.compact_bytes, 2 * self.compacted)
 
     def replace(self, payloads: list[bytes]) -> None:
         """Atomically make the journal hold only ``payloads`` (numbered on from the newest
@@ -239,6 +252,7 @@ class Journal:
             os.close(self._fd)
         self._fd = self.store.open_for_append(self.key)
         self.end, self.capacity = len(body), len(content)
+        self.compacted = self.end
 
     def close(self) -> None:
         if self._fd is not None:

@@ -56,7 +56,8 @@ class TaskContext(Run):
     kind = "task"
 
     def __init__(self, task: Task[Any, Any], job_id: str, *, inputs: dict[str, Any],
-                 input_hash: str, location: Location, wait: float, takeover: bool = False) -> None:
+                 input_hash: str, location: Location, wait: float, takeover: bool = False,
+                 fresh: bool = False) -> None:
         super().__init__(job_id, location=location, policy=task.policy,
                          keep_completed=task.keep_completed, progress=False, commit="sync",
                          durable=task.durable, clock=task.clock, takeover=takeover, wait=wait)
@@ -70,6 +71,7 @@ class TaskContext(Run):
                         "input": _describe(inputs)}
         self._result: Any = _NO_RESULT
         self.recorded_result: Any = _NO_RESULT
+        self._fresh = fresh
 
     def default_policy(self) -> Policy:
         return default_policy()
@@ -86,16 +88,18 @@ class TaskContext(Run):
         self.results = results if isinstance(results, dict) else {}
 
     def _replay(self, replay: Replay) -> None:
+        state = replay.state
+        expire = self.task.expire
+        expired = (state is not None and state.complete and expire is not None
+                   and time.time() - state.time > expire)
+        if replay.records and (self._fresh or expired):
+            assert self._log is not None
+            self._log.reset()  # fresh=True, or the completion record expired: run again
+            replay = Replay()
+            self.resumed = False
         newest = replay.records[-1] if replay.records else None
         if newest is not None:
             self._check_job(newest.extra)
-        state = replay.state
-        expire = self.task.expire
-        if state is not None and state.complete and expire is not None and time.time() - state.time > expire:
-            assert self._log is not None
-            self._log.reset()  # the completion record expired: the job runs again
-            replay = Replay()
-            self.resumed = False
         super()._replay(replay)
         state = replay.state
         if state is not None and state.complete:
@@ -184,12 +188,13 @@ class Task(Generic[P, R]):
 
     def context(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, job_id: str | None = None,
                 location: Location = None, wait: float | None = None,
-                takeover: bool = False) -> TaskContext:
+                takeover: bool = False, fresh: bool = False) -> TaskContext:
         """The context of one run of the job (enter it to take the job's lease)."""
         inputs, input_hash = _inputs(self, args, kwargs)
         name = check_name(job_id, "job_id") if job_id is not None else default_job_id(self, input_hash)
         return TaskContext(self, name, inputs=inputs, input_hash=input_hash, location=location,
-                           wait=math.inf if wait is None else wait, takeover=takeover)
+                           wait=math.inf if wait is None else wait, takeover=takeover,
+                           fresh=fresh)
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, job_id: str | None = None,
             location: Location = None, fresh: bool = False, wait: float | None = None,
@@ -202,22 +207,19 @@ class Task(Generic[P, R]):
         ``takeover=True``: take the job from a running attempt, which is fenced.
         """
         if self.is_async:
-            return self._run_async(args, kwargs, job_id, location, fresh, wait)  # type: ignore[return-value]
+            return self._run_async(args, kwargs, job_id, location, fresh, wait, takeover)  # type: ignore[return-value]
         with self.context(args, kwargs, job_id=job_id, location=location, wait=wait,
-                          takeover=takeover) as ctx:
-            if fresh:
-                _forget(ctx)
+                          takeover=takeover, fresh=fresh) as ctx:
             if ctx.complete:
                 return cast(R, ctx.recorded_result)
             ctx._result = self.fn(ctx, *args, **kwargs)
         return cast(R, ctx._result)
 
     async def _run_async(self, args: tuple[Any, ...], kwargs: dict[str, Any], job_id: str | None,
-                         location: Location, fresh: bool, wait: float | None) -> Any:
-        ctx = self.context(args, kwargs, job_id=job_id, location=location, wait=wait)
+                         location: Location, fresh: bool, wait: float | None, takeover: bool) -> Any:
+        ctx = self.context(args, kwargs, job_id=job_id, location=location, wait=wait,
+                           takeover=takeover, fresh=fresh)
         async with ctx:
-            if fresh:
-                _forget(ctx)
             if ctx.complete:
                 return ctx.recorded_result
             ctx._result = await cast(Awaitable[Any], self.fn(ctx, *args, **kwargs))
@@ -234,14 +236,6 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<safepoint task {self.qualified_name}>"
-
-
-def _forget(ctx: TaskContext) -> None:
-    assert ctx._log is not None
-    ctx._log.reset()
-    ctx._replay(Replay())
-    ctx.complete = ctx.resumed = False
-    ctx.state, ctx.results = {}, {}
 
 
 def _rebuild(fn: Callable[..., Any], policy: Policy, keep_completed: bool, expire: float | None,
