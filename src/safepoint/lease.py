@@ -188,12 +188,13 @@ class Lease:
                     "token": token, "ttl": ttl, "heartbeat": time.time(),
                     "holder": {"host": HOST, "pid": os.getpid(), "kind": kind,
                                "started": time.time(), "program": os.path.basename(sys.argv[0] or "")}}
-            if not store.create(ticket_key(name, generation), json.dumps(body).encode(),
-                                durable=durable):
+            created, lock = store.create_locked(ticket_key(name, generation),
+                                                json.dumps(body).encode(), durable=durable)
+            if not created:
                 continue  # another newcomer won this generation: look again
             lease = cls(store, name, generation, token, ttl)
             lease.previous = current
-            lease._start()
+            lease._start(lock)
             if current is not None and current.state != "released":
                 # a dead holder is the usual resume after a crash; a live or hung one is news
                 level = logging.INFO if current.state == "dead" else logging.WARNING
@@ -203,8 +204,8 @@ class Lease:
         raise LeaseHeld(f"could not take the lease of {name!r} in {store.url}: lost "
                         f"{_MAX_RACES} races in a row to other writers", name=name)
 
-    def _start(self) -> None:
-        self._lock = self.store.hold_lock(self.key)
+    def _start(self, lock: Any) -> None:
+        self._lock = lock  # held since the ticket exists: a racing newcomer never sees it free
         for generation in tickets(self.store, self.name):  # older holders are fenced now
             if generation < self.generation:
                 with contextlib.suppress(OSError):
