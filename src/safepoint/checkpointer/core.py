@@ -268,6 +268,8 @@ class Checkpointer:
         self.wait()
         latest = None if overwrite else self.latest_step()
         if latest is not None and step <= latest:
+            if self.lease is not None:  # taken over: say so, rather than advise overwrite=True
+                self.lease.check()
             exists = step == latest or self.store.exists(manifest_key(self.name, step))
             what = "already exists" if exists else f"is older than the newest step {latest}"
             raise StepExists(
