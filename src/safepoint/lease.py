@@ -267,6 +267,24 @@ class Lease:
         return f"<Lease {self.name!r} attempt {self.generation}>"
 
 
+def release_when_dropped(lease: Lease) -> None:
+    """Release ``lease`` from a finalizer (an owner that was dropped without closing it).
+
+    The garbage collector runs finalizers in whatever thread it interrupts, a store
+    client's I/O thread or the very thread serving the store's requests among them, where
+    store I/O waits for itself forever; off the main thread, the release therefore gets a
+    thread of its own (the heartbeat stops at once)."""
+    if threading.current_thread() is threading.main_thread():
+        lease.release()
+        return
+    lease._stop.set()
+    try:
+        threading.Thread(target=lease.release, name=f"safepoint-release-{lease.name}",
+                         daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down: a newcomer waits out the TTL
+        pass
+
+
 def _beat(ref: weakref.ref[Lease], stop: threading.Event, ttl: float) -> None:
     while not stop.wait(ttl / 3):
         lease = ref()
@@ -289,4 +307,5 @@ def _ago(when: float | None) -> str:
     return f"{seconds:.0f} s ago" if seconds >= 1 else "just now"
 
 
-__all__ = ["FOLDER", "HOST", "Holder", "Lease", "holder", "ticket_key", "tickets"]
+__all__ = ["FOLDER", "HOST", "Holder", "Lease", "holder", "release_when_dropped", "ticket_key",
+           "tickets"]

@@ -54,7 +54,7 @@ from safepoint.format import (
     read_manifest,
     write_checkpoint,
 )
-from safepoint.lease import Lease
+from safepoint.lease import Lease, release_when_dropped
 from safepoint.policy import Policy, PolicyLike, Tick, as_policy, every
 from safepoint.retention import Retention, keep_all, keep_best, keep_every, keep_last
 from safepoint.signals import PREEMPT_SIGNALS, SignalGuard
@@ -303,7 +303,7 @@ class Checkpointer:
         if self.lease is None:
             self.lease = Lease.acquire(self.store, self.name, kind="checkpointer",
                                        takeover=self.takeover, durable=self.durable)
-            weakref.finalize(self, self.lease.release)
+            weakref.finalize(self, release_when_dropped, self.lease)
             previous = self.lease.previous
             if self.store.conditional and previous is not None and previous.state != "released":
                 # fence a writer that may still hold the newest-step record's version
