@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safepoint import knobs
-from safepoint.checkpointer import Checkpointer, remove_name, remove_steps
+from safepoint.checkpointer import Checkpointer, collect_garbage, remove_name, remove_steps
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SaveFailed
 from safepoint.format import (
     describe_os_error,
@@ -181,12 +181,15 @@ class RunLog:
         self.checkpointer = Checkpointer(name, location=store, durable=durable,
                                          allow_pickle=allow_pickle, lease=lease)
         self.since_compaction = 0
+        self.state: Record | None = None
+        """The newest state record written or replayed (a new segment must hold it)."""
 
     # ------------------------------------------------------------------ reading
 
     def open(self) -> Replay:
         replay = read_log(self.store, self.name)
         self.seq = replay.seq
+        self.state = replay.state
         for record in replay.records:
             for ref in record.refs():
                 self._refs[ref] = self._refs.get(ref, 0) + 1
@@ -230,7 +233,10 @@ class RunLog:
             self._refs[ref] = self._refs.get(ref, 0) + 1
         try:
             if not self._started:
-                self._start([*live, record])
+                records = [*live, record]
+                if record.kind != "state" and self.state is not None and self.state not in live:
+                    records.insert(len(live), self.state)  # a step first: keep the checkpoint
+                self._start(records)
             elif self.local:
                 assert self._journal is not None
                 self._journal.append(record.to_json())
@@ -245,15 +251,24 @@ class RunLog:
                 f"could not commit {self.name!r} to {self.where}: {describe_os_error(exc)}. "
                 "The previous checkpoint is untouched.", name=self.name, errno=exc.errno) from exc
         self.since_compaction += 1
+        if record.kind == "state":
+            self.state = record
 
     def _start(self, records: list[Record]) -> None:
-        """Write this generation's segment with ``records``, then drop the older ones."""
+        """Write this generation's segment with ``records``, then drop the older segments,
+        and what no record of the new one refers to: checkpoints of superseded records and
+        leftovers of saves (an older writer may have died before it released them; this
+        writer alone holds the name now)."""
         older = [e for g, e in segments(self.store, self.name) if g < self.generation]
         self._write_segment(records)
         self._started = True
         for entry in older:
             with contextlib.suppress(OSError):
                 self.store.delete(f"{self.name}/{entry}")
+        live = [ref for r in records for ref in r.refs()]
+        self._refs = {ref: live.count(ref) for ref in set(live)}
+        with contextlib.suppress(OSError, CorruptCheckpoint):  # housekeeping, never a failure
+            collect_garbage(self.store, self.name, deep=False, referenced=set(self._refs))
 
     def _write_segment(self, records: list[Record]) -> None:
         payloads = [r.to_json() for r in records]
@@ -318,6 +333,7 @@ class RunLog:
         self._refs.clear()
         self._started = False
         self.seq = 0
+        self.state = None
 
     def remove(self) -> None:
         """Delete everything of the name (a finished run), its lease included."""
