@@ -126,11 +126,8 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def _same_host(who: dict[str, Any]) -> bool:
-    """Whether the holder ran on this machine, in this boot (then its OS lock and pid tell
-    at once whether it died); never with ``SAFEPOINT_OS_LOCKS=0`` (hosts told apart by
-    heartbeats alone)."""
-    if os.environ.get("SAFEPOINT_OS_LOCKS", "1") == "0":
-        return False
+    """Whether the holder ran on this machine, in this boot: then its OS lock (unless
+    ``SAFEPOINT_OS_LOCKS=0``) and its pid tell at once whether it died."""
     return who.get("host") == HOST and who.get("boot") == BOOT
 
 
@@ -211,12 +208,13 @@ class Lease:
                     "token": token, "ttl": ttl, "heartbeat": time.time(),
                     "holder": {"host": HOST, "boot": BOOT, "pid": os.getpid(), "kind": kind,
                                "started": time.time(), "program": os.path.basename(sys.argv[0] or "")}}
-            if not store.create(ticket_key(name, generation), json.dumps(body).encode(),
-                                durable=durable):
+            created, lock = store.create_locked(ticket_key(name, generation),
+                                                json.dumps(body).encode(), durable=durable)
+            if not created:
                 continue  # another newcomer won this generation: look again
             lease = cls(store, name, generation, token, ttl)
             lease.previous = current
-            lease._start()
+            lease._start(lock)
             if current is not None and current.state != "released":
                 # a dead holder is the usual resume after a crash; a live or hung one is news
                 level = logging.INFO if current.state == "dead" else logging.WARNING
@@ -226,8 +224,8 @@ class Lease:
         raise LeaseHeld(f"could not take the lease of {name!r} in {store.url}: lost "
                         f"{_MAX_RACES} races in a row to other writers", name=name)
 
-    def _start(self) -> None:
-        self._lock = self.store.hold_lock(self.key)
+    def _start(self, lock: Any) -> None:
+        self._lock = lock  # held since the ticket exists: a racing newcomer never sees it free
         for generation in tickets(self.store, self.name):  # older holders are fenced now
             if generation < self.generation:
                 with contextlib.suppress(OSError):
@@ -309,6 +307,24 @@ class Lease:
         return f"<Lease {self.name!r} attempt {self.generation}>"
 
 
+def release_when_dropped(lease: Lease) -> None:
+    """Release ``lease`` from a finalizer (an owner that was dropped without closing it).
+
+    The garbage collector runs finalizers in whatever thread it interrupts, a store
+    client's I/O thread or the very thread serving the store's requests among them, where
+    store I/O waits for itself forever; off the main thread, the release therefore gets a
+    thread of its own (the heartbeat stops at once)."""
+    if threading.current_thread() is threading.main_thread():
+        lease.release()
+        return
+    lease._stop.set()
+    try:
+        threading.Thread(target=lease.release, name=f"safepoint-release-{lease.name}",
+                         daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down: a newcomer waits out the TTL
+        pass
+
+
 def _beat(ref: weakref.ref[Lease], stop: threading.Event, ttl: float) -> None:
     while not stop.wait(ttl / 3):
         lease = ref()
@@ -331,4 +347,5 @@ def _ago(when: float | None) -> str:
     return f"{seconds:.0f} s ago" if seconds >= 1 else "just now"
 
 
-__all__ = ["FOLDER", "HOST", "Holder", "Lease", "holder", "ticket_key", "tickets"]
+__all__ = ["FOLDER", "HOST", "Holder", "Lease", "holder", "release_when_dropped", "ticket_key",
+           "tickets"]

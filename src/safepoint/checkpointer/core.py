@@ -54,7 +54,7 @@ from safepoint.format import (
     read_manifest,
     write_checkpoint,
 )
-from safepoint.lease import Lease
+from safepoint.lease import Lease, release_when_dropped
 from safepoint.policy import Policy, PolicyLike, Tick, as_policy, every
 from safepoint.retention import Retention, keep_all, keep_best, keep_every, keep_last
 from safepoint.signals import PREEMPT_SIGNALS, SignalGuard
@@ -268,6 +268,8 @@ class Checkpointer:
         self.wait()
         latest = None if overwrite else self.latest_step()
         if latest is not None and step <= latest:
+            if self.lease is not None:  # taken over: say so, rather than advise overwrite=True
+                self.lease.check(fresh=True)
             exists = step == latest or self.store.exists(manifest_key(self.name, step))
             what = "already exists" if exists else f"is older than the newest step {latest}"
             raise StepExists(
@@ -301,7 +303,7 @@ class Checkpointer:
         if self.lease is None:
             self.lease = Lease.acquire(self.store, self.name, kind="checkpointer",
                                        takeover=self.takeover, durable=self.durable)
-            weakref.finalize(self, self.lease.release)
+            weakref.finalize(self, release_when_dropped, self.lease)
             self._expect = None  # others may have written since this object last held it
             previous = self.lease.previous
             if self.store.conditional and previous is not None and previous.state != "released":
@@ -344,7 +346,7 @@ class Checkpointer:
                     expect=expect)
             except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
                 self._expect = None
-                self._take_lease().check()
+                self._take_lease().check(fresh=True)
                 raise SaveFailed(f"{self.name!r} step {step}: another writer changed the "
                                  f"newest step of {self.store.url}/{self.name} meanwhile; this "
                                  "save did not happen", name=self.name, step=step) from exc

@@ -262,7 +262,7 @@ class RunLog:
             else:
                 key = f"{self.name}/{segment_name(self.generation)}/{record.seq:012d}.rec"
                 if not self.store.create(key, _wrap(record.to_json()), durable=self.durable):
-                    self.lease.check()
+                    self.lease.check(fresh=True)
                     raise CorruptCheckpoint(f"{self.where}: record {record.seq} exists already",
                                             path=key)
         except OSError as exc:
@@ -361,6 +361,7 @@ class RunLog:
         self._refs.clear()
         self._started = False
         self.seq = 0
+        self._state = None
 
     def remove(self) -> None:
         """Delete everything of the name (a finished run), its lease included."""

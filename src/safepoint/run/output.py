@@ -86,8 +86,17 @@ class Outputs:
             lengths[path] = output.committed_length()
         return lengths, [output.fd for output in self.open_files.values()]
 
-    def close(self) -> None:
+    def close(self, *, discard: bool = False) -> None:
+        """Close every output; ``discard``: drop what was written since the last checkpoint
+        and is still buffered (a writer that was taken over: the file is the newer one's)."""
         for output in self.open_files.values():
+            if discard and not output.file.closed:
+                with contextlib.suppress(OSError, ValueError):
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    try:
+                        os.dup2(null, output.file.fileno())  # the buffer is flushed into nothing
+                    finally:
+                        os.close(null)
             with contextlib.suppress(OSError, ValueError):
                 output.file.close()
             os.close(output.fd)

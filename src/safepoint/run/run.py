@@ -264,9 +264,10 @@ class Run(DurableSteps):
             self._watchdog.stop()
         if self._committer is not None:
             self._committer.close(discard=discard)
-        for resource in (self._outputs, self._log):
-            if resource is not None:
-                resource.close()
+        if self._outputs is not None:  # a fenced writer's unflushed output is dropped
+            self._outputs.close(discard=self.lease is not None and self.lease.fenced is not None)
+        if self._log is not None:
+            self._log.close()
         if self.lease is not None:
             self.lease.release()
 
@@ -597,6 +598,8 @@ class Run(DurableSteps):
                   with_state: bool = True) -> tuple[Record, Callable[[], None]]:
         """A state record and the job that writes it, taken now, at the boundary."""
         assert self._outputs is not None and self._log is not None and self._committer is not None
+        if self._outputs.open_files and self.lease is not None:
+            self.lease.check()  # a writer taken over must not flush into the newer one's outputs
         lengths, fds = self._outputs.snapshot()
         record = Record("state", attempt=self.attempt, time=time.time(),
                         frames=self._frames(position), outputs=lengths,

@@ -182,6 +182,13 @@ class Store(ABC):
         the returned handle is closed or the process dies); None where there is none."""
         return None
 
+    def create_locked(self, key: str, data: bytes, *, durable: bool) -> tuple[bool, Any]:
+        """:meth:`create`, holding the OS lock of ``key`` (see :meth:`hold_lock`) from the
+        moment it exists, so that nobody sees it unlocked; (False, None) if it existed."""
+        if not self.create(key, data, durable=durable):
+            return False, None
+        return True, self.hold_lock(key)
+
     def lock_free(self, key: str) -> bool | None:
         """Whether no process holds the OS lock of ``key``: True, False, or None (unknown:
         no OS locks on this backend, or they are switched off)."""

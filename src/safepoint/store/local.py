@@ -348,20 +348,37 @@ class LocalStore(Store):
         return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
     def create(self, key: str, data: bytes, *, durable: bool) -> bool:
+        return self._create(key, data, durable=durable, lock=False)[0]
+
+    def create_locked(self, key: str, data: bytes, *, durable: bool) -> tuple[bool, Any]:
+        return self._create(key, data, durable=durable,
+                            lock=os.environ.get("SAFEPOINT_OS_LOCKS", "1") != "0")
+
+    def _create(self, key: str, data: bytes, *, durable: bool, lock: bool) -> tuple[bool, Any]:
         with self._parent(key, create=True, durable=durable) as (parent, name):
             # Write a temp file, then link() it into place: link fails if the name exists,
-            # so the value appears complete or not at all, and only one creator wins.
+            # so the value appears complete or not at all, and only one creator wins. The
+            # lock is taken on the temp file: the linked name is locked from its first instant.
             tmp = self._temp(parent, name, key, [data], durable)
+            held = None
             try:
+                if lock:
+                    fd = self._open_regular(parent, tmp, key)
+                    held = _Lock(fd)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows tmp
                 os.link(tmp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
-            except FileExistsError:
-                return False
+            except BaseException as exc:
+                if held is not None:
+                    held.close()
+                if isinstance(exc, FileExistsError):
+                    return False, None
+                raise
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=parent)
             if durable:
                 os.fsync(parent)
-            return True
+            return True, held
 
     def commit_if(self, key: str, data: bytes, *, expect: str | None, durable: bool) -> str | None:
         with self._parent(key, create=True, durable=durable) as (parent, name):
