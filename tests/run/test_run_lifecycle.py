@@ -162,6 +162,22 @@ def test_nested_loops_resume_at_the_exact_inner_item(store: Path) -> None:
     assert seen == [(e, b) for e in range(3) for b in range(4)]
 
 
+@pytest.mark.parametrize("how", ["checkpoint", "maybe_checkpoint"])
+def test_a_checkpoint_after_an_inner_loop_counts_the_outer_item_done(store: Path, how: str) -> None:
+    """The checkpoint at the end of outer item 0 must not carry the finished inner loop of
+    item 0 into item 1 (it did: a resume skipped item 1's inner loop)."""
+    seen: list[tuple[int, int]] = []
+    for stop in [1, None]:
+        with pytest.raises(Boom) if stop else contextlib.nullcontext(), \
+                runs.resume("job", location=store, policy=every(items=1)) as run:
+            for epoch in run.range(3):
+                if epoch == stop:
+                    raise Boom
+                seen += [(epoch, batch) for batch in run.range(2)]
+                getattr(run, how)()
+    assert seen == [(e, b) for e in range(3) for b in range(2)]
+
+
 def test_a_loop_left_by_break_lets_the_next_one_start(store: Path) -> None:
     with runs.resume("job", location=store) as run:
         for i in run.range(10):

@@ -674,6 +674,8 @@ class Run(DurableSteps):
         if self.complete:
             return
         position = self._loops[-1].through_current() if self._loops else None
+        if position is not None:
+            self._tail = None  # an inner loop that ended in the item counted done is past
         self._commit(wait=True, position=position)
         if position is not None:
             self._loops[-1].credit(position)

@@ -56,6 +56,7 @@ class DurableSteps:
     _log: Any
     _committer: Any
     _loops: list[Any]
+    _tail: Any
 
     def _init_steps(self) -> None:
         self._steps: dict[str, Record] = {}
@@ -242,6 +243,7 @@ class DurableSteps:
         if not self._policy(self._tick(loop)):  # type: ignore[attr-defined]
             self._items_since = since  # type: ignore[attr-defined]
             return False
+        self._tail = None  # an inner loop that ended in the item counted done is past
         self._commit(wait=True, position=through)  # type: ignore[attr-defined]
         loop.credit(through)
         return True
