@@ -176,4 +176,25 @@ def live_scopes(frames: list[Frame]) -> set[str]:
     return scopes
 
 
-__all__ = ["FORMAT", "VERSION", "Frame", "Record", "live_scopes", "scope_of"]
+def reachable(scope: str, frames: list[Frame]) -> bool:
+    """Whether a resume from ``frames`` may still run code of ``scope`` (a step's scope
+    key): the top level, the items in progress on the way in, and every item not counted
+    done yet, those after the position included (a crashed attempt may have completed
+    steps there). Only the items before the position, and finished loops, are past."""
+    for depth, part in enumerate(scope.split("/") if scope else ()):
+        if depth >= len(frames):
+            return True
+        frame = frames[depth]
+        loop, _, item = part.partition(":")
+        if int(loop) != frame.loop:
+            return int(loop) > frame.loop  # an earlier loop of this scope is finished
+        if frame.finished:
+            return False
+        if depth == len(frames) - 1:  # the innermost loop: ``position`` items are done
+            return int(item) >= frame.position
+        if int(item) != frame.position:  # an enclosing loop: ``position`` is in progress
+            return int(item) > frame.position
+    return True
+
+
+__all__ = ["FORMAT", "VERSION", "Frame", "Record", "live_scopes", "reachable", "scope_of"]

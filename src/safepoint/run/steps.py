@@ -157,7 +157,7 @@ class DurableSteps:
                 record.tree = self._log.tree(output, allow_pickle=self.allow_pickle,
                                              inline_limit=INLINE_RESULT)
         previous = self._steps.get(key)
-        self._log.append(record, self._live_steps(self._frames(None)))  # type: ignore[attr-defined]
+        self._log.append(record, self._carried())  # type: ignore[attr-defined]
         self._step_commits += 1
         self._steps[key] = record
         if previous is not None:
