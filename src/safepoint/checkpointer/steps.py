@@ -210,7 +210,7 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
     damaged is never touched: it is evidence (``verify`` reports it, ``rm`` removes it).
     """
     now = time.time() if now is None else now
-    report = Cleanup()
+    report = Cleanup(dry_run=dry_run)
     try:
         latest = latest_manifest(store, name)
     except CorruptCheckpoint:
