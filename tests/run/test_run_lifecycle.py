@@ -178,7 +178,35 @@ def test_a_checkpoint_after_an_inner_loop_counts_the_outer_item_done(store: Path
     assert seen == [(e, b) for e in range(3) for b in range(2)]
 
 
-def test_a_loop_left_by_break_lets_the_next_one_start(store: Path) -> None:
+def test_a_resume_removes_the_checkpoint_a_writer_left_without_its_record(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer stopped between a large state's checkpoint and the record referring to it
+    (here its append fails; a kill there is swept in tests/flow/test_flow_crash_points.py)
+    leaves that checkpoint behind: the next writer removes it."""
+    from safepoint import check
+    from safepoint.run.log import RunLog
+
+    big = np.arange(10_000, dtype=np.float64)
+    with pytest.raises(Boom), runs.resume("job", location=store, policy=manual()) as run:
+        run.state["rows"] = big
+        run.checkpoint()
+        run.state["rows"] = big * 2
+
+        def fail(*args: object, **kwargs: object) -> None:
+            raise Boom
+
+        monkeypatch.setattr(RunLog, "append", fail)
+        run.checkpoint()
+    monkeypatch.undo()
+    left = check(store)
+    assert left.ok and {f.key for f in left.leftovers} >= {"job/000000000003", "job/000000000003.json"}
+    with runs.resume("job", location=store, policy=manual(), keep_completed=True) as run:
+        assert np.array_equal(run.state["rows"], big)
+        run.state["rows"] = 0  # a small state: the next record takes number 3, inline
+        run.checkpoint()
+    report = check(store)
+    assert report.ok and report.clean, report.findings
+
     with runs.resume("job", location=store) as run:
         for i in run.range(10):
             if i == 2:

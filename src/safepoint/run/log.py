@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safepoint import knobs
-from safepoint.checkpointer import Checkpointer, remove_name, remove_steps
+from safepoint.checkpointer import Checkpointer, collect_garbage, remove_name, remove_steps
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, SaveFailed
 from safepoint.format import (
     describe_os_error,
@@ -247,13 +247,20 @@ class RunLog:
         self.since_compaction += 1
 
     def _start(self, records: list[Record]) -> None:
-        """Write this generation's segment with ``records``, then drop the older ones."""
+        """Write this generation's segment with ``records``, then drop the older ones, and
+        the checkpoints no record of it refers to: those of the records left behind, and
+        those a writer killed between a checkpoint and its record left (this writer holds
+        the lease: nothing else writes there)."""
         older = [e for g, e in segments(self.store, self.name) if g < self.generation]
         self._write_segment(records)
         self._started = True
         for entry in older:
             with contextlib.suppress(OSError):
                 self.store.delete(f"{self.name}/{entry}")
+        keep = [ref for r in records for ref in r.refs()]
+        self._refs = {ref: keep.count(ref) for ref in keep}
+        with contextlib.suppress(OSError, CorruptCheckpoint):
+            collect_garbage(self.store, self.name, referenced=set(keep))
 
     def _write_segment(self, records: list[Record]) -> None:
         payloads = [r.to_json() for r in records]
