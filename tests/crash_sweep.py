@@ -17,10 +17,13 @@ at a time, so that a line written before a kill survives it. Each child runs wit
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
+import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +35,8 @@ from safepoint.checkpointer import Checkpointer
 from safepoint.format.tree import decode_inline
 from safepoint.policy import Policy, Tick
 from safepoint.run.log import read_log
-from safepoint.store import open_store
+from safepoint.store import LocalStore, open_store
+from safepoint.store.journal import Journal
 
 FORK = multiprocessing.get_context("fork")
 KILLED = -signal.SIGKILL
@@ -134,6 +138,43 @@ class Probe:
         append_line(self.folder / "result.json", json.dumps(result, sort_keys=True))
 
 
+STORE_CHANGES = (
+    (LocalStore, ("write_blob", "commit", "publish", "create", "commit_if", "delete")),
+    (Journal, ("append",)),
+)
+"""The methods by which safepoint changes a local store (a journal appends through its
+own file descriptor)."""
+
+
+def probe_store_changes(probe: Probe) -> None:
+    """In a child: pass a site before and after every change the main thread makes to a
+    local store (``"op 7 after commit sweep/000000000003.json"``), so that a sweep can also
+    crash inside safepoint's commit protocols: between a checkpoint's data and its
+    manifest, a checkpoint and the record that refers to it, a record and the deletions
+    that follow it. The lease's heartbeat thread is left alone (its timing is the OS's)."""
+    count = 0
+
+    def hooked(method: Callable[..., Any], what: str) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def change(self: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal count
+            if threading.current_thread() is not threading.main_thread():
+                return method(self, *args, **kwargs)
+            count += 1
+            key = args[0] if isinstance(self, LocalStore) else self.key
+            name = f"op {count} {{}} {what} {re.sub(r'[0-9a-f]{12}-', '*-', key)}"  # no random part
+            probe.site(name.format("before"))
+            result = method(self, *args, **kwargs)
+            probe.site(name.format("after"))
+            return result
+
+        return change
+
+    for cls, names in STORE_CHANGES:
+        for name in names:
+            setattr(cls, name, hooked(getattr(cls, name), name))
+
+
 Child = Callable[[Path, "str | None", int, bool], None]
 """``child(folder, plan, attempt, reference)``: one run of the computation (its store is
 ``folder / "store"``)."""
@@ -189,6 +230,7 @@ class Outcome:
     sites: list[tuple[str, Any]] = field(default_factory=list)
     """The reference child's sites, in order, each with what was durable there."""
     result: Any = None
+    """The result of the last run that finished."""
     calls: dict[int, list[str]] = field(default_factory=dict)
     """The calls of user code, by attempt."""
 
@@ -197,8 +239,7 @@ def outcome(folder: Path) -> Outcome:
     found = Outcome(folder)
     found.sites = [tuple(json.loads(line)) for line in read_lines(folder / "sites.jsonl")]  # type: ignore[misc]
     results = read_lines(folder / "result.json")
-    assert len(results) <= 1, f"the computation finished {len(results)} times"
-    found.result = json.loads(results[0]) if results else None
+    found.result = json.loads(results[-1]) if results else None
     for line in read_lines(folder / "calls.txt"):
         attempt, _, what = line.partition(" ")
         found.calls.setdefault(int(attempt), []).append(what)

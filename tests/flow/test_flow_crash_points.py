@@ -21,7 +21,17 @@ import numpy as np
 import pytest
 
 import safepoint
-from crash_sweep import Crash, Probe, crash_everywhere, durable, play, sweep
+from crash_sweep import (
+    Crash,
+    Probe,
+    crash_everywhere,
+    durable,
+    fork,
+    outcome,
+    play,
+    probe_store_changes,
+    sweep,
+)
 from safepoint.flow import Flow
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork and SIGKILL")
@@ -45,10 +55,14 @@ def state_after(steps: int) -> dict[str, Any]:
     return {"done": list(range(steps)), "total": total}
 
 
-def child(folder: Path, plan: str | None, attempt: int, reference: bool) -> None:
-    """Run (or resume) the flow to its end."""
+def child(folder: Path, plan: str | None, attempt: int, reference: bool, *,
+          store_changes: bool = False) -> None:
+    """Run (or resume) the flow to its end; with ``store_changes``, the sites include every
+    change to the store."""
     store = folder / "store"
     probe = Probe(folder, plan, attempt, (lambda: durable(store, NAME)) if reference else None)
+    if store_changes:
+        probe_store_changes(probe)
     flow = Flow(NAME, location=store)
 
     def load(state: dict[str, Any]) -> dict[str, Any]:
@@ -154,3 +168,47 @@ def test_a_second_crash_at_any_point_of_the_resume_runs_no_step_twice(tmp_path: 
         assert report.ok and report.clean, report.findings
 
     sweep(crash_everywhere(child, tmp_path, reference.sites, killed, before=(first,)), resumed_exactly)
+
+
+def store_child(folder: Path, plan: str | None, attempt: int, reference: bool) -> None:
+    child(folder, plan, attempt, reference, store_changes=True)
+
+
+def run_once(folder: Path) -> None:
+    """A first run to the end, before the run that is swept (attempt 0 in the call log)."""
+    assert fork(child, folder, None, 0) == 0
+
+
+@pytest.mark.parametrize("runs_before", [0, 1], ids=["first-run", "rerun-of-a-completed-flow"])
+def test_a_crash_at_any_change_to_the_store_resumes_exactly_and_leaves_it_clean(
+        tmp_path: Path, runs_before: int) -> None:
+    """Kills inside safepoint itself: before and after every write, commit and deletion the
+    flow makes (its lease, its journal, each step's record, the array step 1 returns and
+    its manifest; on a rerun of a completed flow, the reset of its steps and the deletion
+    of their data), as well as at the flow's own sites."""
+    setup = run_once if runs_before else None
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    if setup is not None:
+        setup(folder)
+    assert fork(store_child, folder, None, 1, True) == 0
+    reference = outcome(folder)
+    assert reference.result == state_after(STEPS)
+    assert sum(site.startswith("op ") for site, _ in reference.sites) >= 34
+    assert any(" write_blob sweep/" in site for site, _ in reference.sites)  # the array's data
+
+    def resumed_exactly(crash: Crash) -> None:
+        assert crash.killed == (crash.expected, True)
+        found = crash.outcome
+        assert found is not None and found.result == state_after(STEPS)
+        resumed = steps_done(crash.expected)  # the steps recorded when it died
+        if resumed == STEPS:
+            resumed = 0  # it had completed: the next run starts over (keep_completed=False)
+        assert found.calls.get(2, []) == CALLS[first_call_of(resumed):]
+        report = safepoint.check(crash.folder / "store")
+        assert report.ok and report.clean, report.findings
+
+    sweep(crash_everywhere(store_child, tmp_path, reference.sites, killed, setup=setup),
+          resumed_exactly)
+    report = safepoint.check(reference.folder / "store")
+    assert report.ok and report.clean, report.findings
