@@ -237,6 +237,21 @@ def test_gc_removes_leftovers_of_crashed_saves(tmp_path: Path) -> None:
     assert ckpt.restore().step == 1
 
 
+def test_a_dry_run_and_check_report_leftovers_without_removing_them(tmp_path: Path) -> None:
+    """collect_garbage(dry_run=True) removed what it reported, and so did safepoint.check()
+    without fix=True (a `safepoint verify` could delete a save in flight)."""
+    from safepoint import check
+
+    store = LocalStore(tmp_path)
+    leftovers = _make_leftovers(store, Checkpointer("job", location=store))
+    assert len(collect_garbage(store, "job", dry_run=True).removed) == 3
+    report = check(store)
+    assert report.ok and len(report.leftovers) == 3
+    assert all(path.exists() for path in leftovers)
+    assert len(check(store, fix=True).removed) == 3
+    assert not any(path.exists() for path in leftovers)
+
+
 def test_gc_spares_young_leftovers_that_may_be_a_save_in_flight(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     ckpt = Checkpointer("job", location=store)

@@ -16,7 +16,7 @@ import safepoint.run as runs
 from safepoint.errors import CorruptCheckpoint
 from safepoint.format import prepare
 from safepoint.policy import every
-from safepoint.run.record import Frame, Record
+from safepoint.run.record import Frame, Record, reachable
 from safepoint.run.run import _flat_node
 from safepoint.store import open_store
 from safepoint.store.journal import Journal
@@ -62,6 +62,31 @@ def test_a_record_round_trips_and_a_malformed_one_is_refused() -> None:
         with pytest.raises(CorruptCheckpoint, match=message):
             Record.from_json(json.dumps(changed).encode(), "here")
     assert body["format"] == "safepoint-record"
+
+
+OUTER_AT_2 = [Frame(0, 2), Frame(1, 3)]  # outer item 2 in progress, in its second inner loop
+
+
+@pytest.mark.parametrize(("scope", "frames", "expected"), [
+    ("", [], True),  # the top level is always replayed
+    ("0:5", [], True),  # before the first loop: every item is ahead
+    ("0:2", [Frame(0, 3)], False),  # items before the position are done
+    ("0:3", [Frame(0, 3)], True),  # the next item
+    ("0:7", [Frame(0, 3)], True),  # an item past it: an earlier attempt may have run it
+    ("0:1", [Frame(0, 3, finished=True)], False),  # a finished loop
+    ("1:0", [Frame(0, 3, finished=True)], True),  # the loop after it
+    ("0:2", OUTER_AT_2, True),  # the outer item in progress
+    ("0:1/0:9", OUTER_AT_2, False),  # inside an outer item that is done
+    ("0:2/0:0", OUTER_AT_2, False),  # the first inner loop of the item in progress ended
+    ("0:2/1:2", OUTER_AT_2, False),
+    ("0:2/1:3", OUTER_AT_2, True),
+    ("0:2/2:0", OUTER_AT_2, True),  # a later inner loop
+    ("0:3/0:0", OUTER_AT_2, True),  # the next outer item
+    ("0:2/1:3/0:4", OUTER_AT_2, True),  # deeper than the frames: in an item not done
+])
+def test_a_step_is_reachable_unless_a_resume_is_past_it(scope: str, frames: list[Frame],
+                                                         expected: bool) -> None:
+    assert reachable(scope, frames) is expected
 
 
 def test_a_damaged_newest_record_falls_back_to_the_one_before(store: Path) -> None:

@@ -188,6 +188,36 @@ def test_nested_ranges_resume_at_the_exact_inner_item(store: Path) -> None:
     assert seen == [(e, b) for e in range(3) for b in range(5)]
 
 
+def test_a_resume_that_fails_after_its_first_step_keeps_the_checkpoint_and_the_steps(store: Path) -> None:
+    """The second attempt's first record is a step record: the segment it starts must also
+    carry the checkpoint (it did not: a third attempt restarted from item 0 and ran the
+    steps of items 0-2 again) and the steps the first attempt completed past it (item 4's
+    was dropped and ran again)."""
+    calls: list[int] = []
+
+    def square(i: int) -> int:
+        calls.append(i)
+        return i * i
+
+    @task(policy=manual(), durable=False)
+    def job(ctx: TaskContext, n: int) -> int:
+        ctx.state.setdefault("total", 0)
+        for i in ctx.range(n):
+            crash_if(ctx.attempt == 1 and i == 5)
+            ctx.state["total"] += ctx.step("square", square, i)
+            crash_if(ctx.attempt == 2 and i == 5)
+            if i == 2:
+                ctx.checkpoint()
+        return ctx.state["total"]
+
+    for _ in range(2):
+        with pytest.raises(Crash):
+            run_task(job, 8, job_id="twice", location=store)
+    assert describe_run(LocalStore(store), "twice").position == 3
+    assert run_task(job, 8, job_id="twice", location=store) == sum(i * i for i in range(8))
+    assert calls == list(range(8))  # every step once, through three attempts
+
+
 def test_a_loop_whose_length_changed_is_refused(store: Path) -> None:
     sizes = [5, 6]
 

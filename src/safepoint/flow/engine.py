@@ -141,7 +141,7 @@ class FlowRun(Run):
         dropped = [r for k, r in self._steps.items() if (step_index(r) or 0) >= index and k.startswith("#")]
         for record in dropped:
             del self._steps[record.key]
-        self._log.append(reset, self._live_steps([]))
+        self._log.append(reset, self._carried())
         for record in dropped:
             self._log.release(record)
         self.view = FlowView({i: r for i, r in self.view.steps.items() if i < index},

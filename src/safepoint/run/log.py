@@ -37,7 +37,7 @@ from safepoint.format import (
 from safepoint.format.manifest import checksum
 from safepoint.format.tree import decode_inline
 from safepoint.lease import Lease
-from safepoint.run.record import Record, live_scopes
+from safepoint.run.record import Record
 from safepoint.store import LocalStore, Store
 from safepoint.store.journal import Journal, read_journal
 
@@ -345,6 +345,13 @@ class RunLog:
             with contextlib.suppress(OSError, CheckpointNotFound):
                 self.checkpointer.delete(ref)
 
+    def tidy(self, replay: Replay) -> None:
+        """Remove the checkpoints no live record of ``replay`` refers to, and crash
+        leftovers (an execution that opens without writing: a completed one)."""
+        referenced = {ref for record in replay.live() for ref in record.refs()}
+        with contextlib.suppress(OSError, CorruptCheckpoint):  # housekeeping: gc does the rest
+            self.checkpointer._keep_only(referenced)
+
     def drop_unreferenced(self, keep: set[int]) -> None:
         for ref in [r for r in self._refs if r not in keep]:
             self._refs.pop(ref, None)
@@ -374,15 +381,4 @@ class RunLog:
             self._journal = None
 
 
-def live_records(replay_state: Record | None, steps: dict[str, Record],
-                 frames_scope: set[str] | None = None) -> list[Record]:
-    """The records a compaction keeps: the step outcomes that may still be replayed (in the
-    scopes the newest state is in) and the newest state record, last."""
-    scopes = frames_scope if frames_scope is not None else (
-        live_scopes(replay_state.frames) if replay_state is not None else {""})
-    kept = [r for r in steps.values() if r.key.rpartition("#")[0] in scopes]
-    kept.sort(key=lambda r: r.seq)
-    return kept + ([replay_state] if replay_state is not None else [])
-
-
-__all__ = ["Replay", "RunLog", "live_records", "read_log", "segments"]
+__all__ = ["Replay", "RunLog", "read_log", "segments"]

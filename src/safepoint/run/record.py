@@ -169,21 +169,25 @@ def _problem(record: Record) -> str | None:
     return None
 
 
-def scope_of(frames: list[Frame]) -> str:
-    """The scope key of the code running inside ``frames`` ("" at the top level)."""
-    return "/".join(f.scope() for f in frames if not f.finished)
-
-
-def live_scopes(frames: list[Frame]) -> set[str]:
-    """The scopes whose durable steps may still be replayed from ``frames``: the top level
-    and every item in progress on the way in."""
-    scopes, parts = {""}, []
-    for frame in frames:
+def reachable(scope: str, frames: list[Frame]) -> bool:
+    """Whether a resume from ``frames`` may still run code of ``scope`` (a step's scope
+    key): the top level, the items in progress on the way in, and every item not counted
+    done yet, those after the position included (a crashed attempt may have completed
+    steps there). Only the items before the position, and finished loops, are past."""
+    for depth, part in enumerate(scope.split("/") if scope else ()):
+        if depth >= len(frames):
+            return True
+        frame = frames[depth]
+        loop, _, item = part.partition(":")
+        if int(loop) != frame.loop:
+            return int(loop) > frame.loop  # an earlier loop of this scope is finished
         if frame.finished:
-            break
-        parts.append(frame.scope())
-        scopes.add("/".join(parts))
-    return scopes
+            return False
+        if depth == len(frames) - 1:  # the innermost loop: ``position`` items are done
+            return int(item) >= frame.position
+        if int(item) != frame.position:  # an enclosing loop: ``position`` is in progress
+            return int(item) > frame.position
+    return True
 
 
-__all__ = ["FORMAT", "VERSION", "Frame", "Record", "live_scopes", "scope_of"]
+__all__ = ["FORMAT", "VERSION", "Frame", "Record", "reachable"]

@@ -28,11 +28,11 @@ from safepoint.lease import Lease
 from safepoint.policy import PolicyLike, Tick, as_policy, default_policy
 from safepoint.run import aio, loops
 from safepoint.run.lines import LineSource, OnChange
-from safepoint.run.log import Replay, RunLog, live_records
+from safepoint.run.log import Replay, RunLog
 from safepoint.run.loops import Loop
 from safepoint.run.output import OutputMode, Outputs
 from safepoint.run.progress import REFRESH, ProgressBar
-from safepoint.run.record import Frame, Record, live_scopes, scope_of
+from safepoint.run.record import Frame, Record, reachable
 from safepoint.run.steps import DurableSteps
 from safepoint.signals import STOP_SIGNALS, SegmentWatchdog, SignalGuard, stop_now
 from safepoint.store import Location, Store, check_name, open_store
@@ -216,6 +216,8 @@ class Run(DurableSteps):
         self.attempt = max(self.lease.generation, int(supervisor) if supervisor.isdigit() else 1)
         self.resumed = bool(replay.records)
         self._replay(replay)
+        if self.complete:  # a writer killed while releasing superseded checkpoints left them
+            self._log.tidy(replay)
         state = self._committed  # what the layer above kept of it (a task may start afresh)
         self._outputs = Outputs(state.outputs if state is not None else {}, durable=self._durable)
         self._committer = Committer(background=self._commit_mode == "async", coalesce=True,
@@ -651,9 +653,17 @@ class Run(DurableSteps):
         return None
 
     def _live_steps(self, frames: list[Frame]) -> list[Record]:
-        """The step records still alive at ``frames`` (oldest first)."""
-        scopes = live_scopes(frames) | {scope_of(frames)}
-        return live_records(None, self._steps, scopes)
+        """The step records a resume from ``frames`` may still replay (oldest first)."""
+        kept = [r for r in self._steps.values() if reachable(r.key.rpartition("#")[0], frames)]
+        return sorted(kept, key=lambda r: r.seq)
+
+    def _carried(self) -> list[Record]:
+        """What a new segment holds before a record that is not a state record: the newest
+        state record, and the step records a resume from it may replay."""
+        committed = self._committed
+        if committed is None:
+            return self._live_steps([])
+        return [*self._live_steps(committed.frames), committed]
 
     def _commit(self, *, wait: bool = False, **how: Any) -> None:
         assert self._committer is not None
@@ -679,6 +689,8 @@ class Run(DurableSteps):
         if self.complete:
             return
         position = self._loops[-1].through_current() if self._loops else None
+        if position is not None:
+            self._tail = None  # an inner loop that ended in the item counted done is past
         self._commit(wait=True, position=position)
         if position is not None:
             self._loops[-1].credit(position)

@@ -57,6 +57,7 @@ class DurableSteps:
     _policy: Any
     _items_since: int
     lease: Any
+    _tail: Any
 
     if TYPE_CHECKING:
         def _require_open(self, what: str) -> None: ...
@@ -65,6 +66,7 @@ class DurableSteps:
         def _scope(self) -> str: ...
         def _frames(self, position: int | None) -> list[Any]: ...
         def _live_steps(self, frames: list[Any]) -> list[Record]: ...
+        def _carried(self) -> list[Record]: ...
         def _extra(self) -> dict[str, Any]: ...
 
     def _init_steps(self) -> None:
@@ -169,7 +171,7 @@ class DurableSteps:
                 record.tree = self._log.tree(output, allow_pickle=self.allow_pickle,
                                              inline_limit=INLINE_RESULT)
         previous = self._steps.get(key)
-        live = None if self._log.started else self._live_steps(self._frames(None))
+        live = None if self._log.started else self._carried()
         self._log.append(record, live, sync=sync)
         self._step_commits += 1
         self._steps[key] = record
@@ -255,6 +257,7 @@ class DurableSteps:
         if not self._policy(self._tick(loop)):
             self._items_since = since
             return False
+        self._tail = None  # an inner loop that ended in the item counted done is past
         self._commit(wait=True, position=through)
         loop.credit(through)
         return True
