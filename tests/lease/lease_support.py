@@ -236,6 +236,23 @@ def squares(ctx: TaskContext, n: int) -> dict[str, Any]:
     return {"total": sum(values), "values": values}
 
 
+@task
+def chaos_job(ctx: TaskContext, job: str, n: int) -> int:
+    """``n`` sub-steps, each logging ``exec <job> <k>`` when its function runs and
+    ``commit <job> <k>`` once ``ctx.step`` returned (its record is durable)."""
+    total = 0
+    for k in range(n):
+        total += ctx.step(f"s{k}", chaos_step, job, k)
+        emit("commit", f"{job} {k}")
+    return total
+
+
+def chaos_step(job: str, k: int) -> int:
+    emit("exec", f"{job} {k}")
+    time.sleep(_delay())
+    return k * k
+
+
 def _task(spec: Spec) -> Any:
     return squares.run((spec.n,), {}, job_id=spec.name, location=spec.location,
                        wait=spec.wait, takeover=spec.takeover)
