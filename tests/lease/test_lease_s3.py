@@ -82,8 +82,10 @@ def counted(url: str, s3_options: dict[str, Any]) -> Iterator[tuple[FsspecStore,
 
 def test_s3_requests_per_small_task_checkpoint(counted: tuple[FsspecStore, Counter[str]],
                                                record_property: Callable[[str, Any], None]) -> None:
-    """Reported, not asserted: S3 requests per commit while a task runs 20 small sub-steps
-    (a step record and a state checkpoint each), and for the whole job."""
+    """S3 requests per commit while a task runs 20 small sub-steps (a step record and a
+    state checkpoint each): at most 4 beyond the data itself (issue 10's target; counts, not
+    times, so exact); and the whole job, its completion and cleanup included, stays within
+    two requests per commit (superseded records are deleted in batches)."""
     store, calls = counted
     n = 20
     with squares.context((n,), {}, job_id="job", location=store) as ctx:
@@ -100,4 +102,6 @@ def test_s3_requests_per_small_task_checkpoint(counted: tuple[FsspecStore, Count
     print(f"\nS3 requests: {per_commit:.2f} per commit while running ({dict(+during)}); "
           f"{opened} to open the job, {total} for the whole job of {commits} commits and its "
           f"completion ({dict(calls)})")
+    assert per_commit <= 4, dict(+during)
+    assert total <= 2 * commits, dict(calls)
     assert_consistent(store)

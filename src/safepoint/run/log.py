@@ -300,12 +300,14 @@ class RunLog:
         body = b"[" + b",".join(payloads) + b"]"
         self.store.commit(f"{prefix}/{records[-1].seq:012d}.snap", _wrap(body, b"records"),
                           durable=self.durable)
-        for entry in self.store.list(prefix):  # what the snapshot holds now
+        superseded = []  # what the snapshot holds now
+        for entry in self.store.list(prefix):
             match = _OBJECT.fullmatch(entry)
             if match and (int(match.group(1)) < records[-1].seq or (match.group(2) == "rec"
                           and int(match.group(1)) == records[-1].seq)):
-                with contextlib.suppress(OSError):
-                    self.store.delete(f"{prefix}/{entry}")
+                superseded.append(f"{prefix}/{entry}")
+        with contextlib.suppress(OSError):
+            self.store.delete_objects(superseded)
 
     def sync(self) -> None:
         """Make every record appended so far durable."""

@@ -234,6 +234,12 @@ class Store(ABC):
         """Remove ``key`` and everything under it; no error if absent. Links are removed,
         never followed."""
 
+    def delete_objects(self, keys: list[str]) -> None:
+        """Remove the plain values at ``keys`` (no folders), absent ones included: on object
+        stores one batched request rather than a listing, a stat and a delete per key."""
+        for key in keys:
+            self.delete(key)
+
     def read_into(self, key: str, out: memoryview) -> int:
         """Read the value at ``key`` into ``out``; returns the value's full size."""
         size = self.stat(check_key(key)).size

@@ -235,6 +235,11 @@ class FsspecStore(Store):
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
 
+    def delete_objects(self, keys: list[str]) -> None:
+        if keys:  # non-recursive: no listing; s3fs sends one DeleteObjects per 1,000 keys
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm([self._path(key) for key in keys])
+
 
 def _mtime(info: dict[str, Any]) -> float | None:
     for field in ("mtime", "LastModified", "last_modified", "created", "updated"):
