@@ -313,20 +313,10 @@ class LocalStore(Store):
                 if exc.errno not in _LINK_UNSUPPORTED:
                     raise
                 second = self._temp(parent, alias_name, alias, [data], durable)
-            try:
-                with self._locked(parent) if expect is not None else contextlib.nullcontext():
-                    if expect is not None:
-                        current = self._version_at(parent, alias_name)
-                        if current != (None if expect == ABSENT else expect):
-                            raise conflict(self, alias)
-                    os.replace(second, alias_name, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(second, dir_fd=parent)
-                raise
-            if durable:
-                os.fsync(parent)
-            return self._version_at(parent, alias_name)
+            if expect is None:
+                return self._replace(parent, second, alias_name, alias, durable=durable)
+            return self._replace(parent, second, alias_name, alias, durable=durable,
+                                 expect=None if expect == ABSENT else expect)
 
     @contextlib.contextmanager
     def _locked(self, parent: int) -> Iterator[None]:
@@ -383,18 +373,27 @@ class LocalStore(Store):
     def commit_if(self, key: str, data: bytes, *, expect: str | None, durable: bool) -> str | None:
         with self._parent(key, create=True, durable=durable) as (parent, name):
             tmp = self._temp(parent, name, key, [data], durable)
-            try:
-                with self._locked(parent):
-                    if self._version_at(parent, name) != expect:
-                        raise conflict(self, key)
-                    os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=parent)
-                raise
-            if durable:
-                os.fsync(parent)
-            return self._version_at(parent, name)
+            return self._replace(parent, tmp, name, key, durable=durable, expect=expect)
+
+    _ANY = object()
+
+    def _replace(self, parent: int, tmp: str, name: str, key: str, *, durable: bool,
+                 expect: Any = _ANY) -> str | None:
+        """Rename ``tmp`` over ``name``; unless ``expect`` is left out, only if the current
+        version is ``expect`` (None: absent), checked under the folder's lock. Returns the
+        new version."""
+        try:
+            with self._locked(parent) if expect is not self._ANY else contextlib.nullcontext():
+                if expect is not self._ANY and self._version_at(parent, name) != expect:
+                    raise conflict(self, key)
+                os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=parent)
+            raise
+        if durable:
+            os.fsync(parent)
+        return self._version_at(parent, name)
 
     def hold_lock(self, key: str) -> Any:
         if os.environ.get("SAFEPOINT_OS_LOCKS", "1") == "0":
