@@ -10,7 +10,7 @@ import pytest
 from cli_support import Invoke, interrupted_run, parse_json, weights
 
 from safepoint import Checkpointer
-from safepoint.cli import inspect
+from safepoint.cli import maintenance
 from safepoint.format import checksum
 
 
@@ -105,11 +105,11 @@ def test_verify_checks_a_run_journal(invoke: Invoke, tmp_path: Path) -> None:
 def test_verify_shows_progress_over_bytes_for_a_large_store(
     invoke: Invoke, store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(inspect, "PROGRESS_MIN_BYTES", 100_000)  # the store holds ~260 KB
+    monkeypatch.setattr(maintenance, "PROGRESS_MIN_BYTES", 100_000)  # the store holds ~260 KB
     result = invoke("verify", "-l", store_dir, env={"TTY_COMPATIBLE": "1"})  # a live display
     assert result.exit_code == 0
     assert "verifying" in result.stderr and "KiB" in result.stderr
-    monkeypatch.setattr(inspect, "PROGRESS_MIN_BYTES", 10 << 20)
+    monkeypatch.setattr(maintenance, "PROGRESS_MIN_BYTES", 10 << 20)
     result = invoke("verify", "-l", store_dir, env={"TTY_COMPATIBLE": "1"})
     assert "verifying" not in result.stderr  # small store, stdout not a terminal: no bar
 

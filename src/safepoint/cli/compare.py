@@ -15,7 +15,13 @@ import typer
 from rich.markup import escape
 
 from safepoint.cli import app
-from safepoint.cli.inspect import JsonOption, LocationOption, _open, _table
+from safepoint.cli.common import (
+    JsonOption,
+    LocationOption,
+    describe_failure,
+    legacy_table,
+    open_location,
+)
 from safepoint.cli.output import err, human_bytes, out, print_error, print_json
 from safepoint.errors import SafepointError
 from safepoint.exchange import LeafDiff, LeafInfo, diff_steps, export_step
@@ -36,11 +42,7 @@ def diff(
 ) -> None:
     """Which leaves were added, removed or changed from step A to step B (exit status 0
     whether or not they differ, 1 on errors)."""
-    try:
-        result = diff_steps(name, a, b, location=_open(location), values=not no_values)
-    except (SafepointError, OSError) as exc:
-        print_error(str(exc))
-        raise typer.Exit(1) from None
+    result = diff_steps(name, a, b, location=open_location(location), values=not no_values)
     if as_json:
         print_json(result.to_json())
         return
@@ -51,7 +53,7 @@ def diff(
         leaves = "1 leaf" if result.unchanged == 1 else f"{result.unchanged} leaves"
         console.print(f"no differences ({leaves}, all the same)")
         return
-    table = _table("")
+    table = legacy_table("")
     table.add_column("path", overflow="fold", ratio=3)
     table.add_column("change", overflow="fold")
     table.add_column("dtype", overflow="fold")
@@ -126,21 +128,22 @@ def export(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = export_step(name, step=step, to=to, format=fmt, location=_open(location),
+            result = export_step(name, step=step, to=to, format=fmt, location=open_location(location),
                                  overwrite=force, skip_unsupported=skip_unsupported)
         except (SafepointError, OSError) as exc:
             error = exc
     for warning in caught:  # e.g. a damaged newest step skipped: one line each
         err().print(f"[yellow]warning: {escape(str(warning.message))}[/]", soft_wrap=True)
     if error is not None:
-        print_error(str(error))
-        raise typer.Exit(1)
+        message, status = describe_failure(error)
+        print_error(message)
+        raise typer.Exit(status)
     if as_json:
         print_json(result.to_json())
         return
     console = out()
     flat = result.format != "torch"
-    table = _table(escape(result.path))
+    table = legacy_table(escape(result.path))
     table.add_column("key" if flat else "path", overflow="fold", ratio=1)
     table.add_column("dtype", overflow="fold")
     table.add_column("shape", overflow="fold")
