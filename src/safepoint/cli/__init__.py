@@ -40,7 +40,7 @@ def _options(
     resume."""
 
 
-for _module in ("inspect", "maintenance", "compare", "jobs", "demo"):
+for _module in ("inspect", "maintenance", "watch", "compare", "jobs", "demo"):
     importlib.import_module(f"safepoint.cli.{_module}")
 
 
