@@ -18,9 +18,10 @@ from rich import box
 from rich.table import Table
 from typer.core import TyperGroup
 
+from safepoint.checkpointer import list_names
 from safepoint.cli.output import print_error
 from safepoint.errors import SafepointError
-from safepoint.store import Store, default_location, open_store
+from safepoint.store import LocalStore, Store, default_location, open_store
 
 USAGE = 2
 """The exit status of a location or argument that cannot be used (as click's own)."""
@@ -36,6 +37,16 @@ LocationArgument = Annotated[
     typer.Argument(help=LOCATION_HELP, show_default=False, metavar="[LOCATION]"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of a NAME: the names in the store given so far (or the default)."""
+    try:
+        params = ctx.params
+        store = open_store(params.get("location") or params.get("location_argument") or None)
+        return [name for name in list_names(store) if name.startswith(incomplete)]
+    except Exception:  # completing must never fail loudly
+        return []
 
 _opened: ContextVar[str | None] = ContextVar("safepoint_cli_location", default=None)
 
@@ -70,7 +81,7 @@ def open_location(location: str | None) -> Store:
                "pass another with -l)")
         raise Failed(f"no store at {store.url}: it does not exist{how}; check the location",
                      USAGE)
-    if store.stat("").kind == "file":
+    if (store.root.is_file() if isinstance(store, LocalStore) else store.stat("").kind == "file"):
         raise Failed(f"{store.url} is a file, not a store; pass the folder checkpoints are "
                      "saved in", USAGE)
     return store
@@ -167,5 +178,16 @@ class SafeGroup(TyperGroup):
             raise typer.Exit(status) from None
 
 
-__all__ = ["USAGE", "Failed", "JsonOption", "LocationArgument", "LocationOption", "SafeGroup",
-           "describe_failure", "legacy_table", "open_location", "pick_location"]
+__all__ = [
+    "USAGE",
+    "Failed",
+    "JsonOption",
+    "LocationArgument",
+    "LocationOption",
+    "SafeGroup",
+    "complete_names",
+    "describe_failure",
+    "legacy_table",
+    "open_location",
+    "pick_location",
+]

@@ -18,6 +18,7 @@ from safepoint.cli import app
 from safepoint.cli.common import (
     JsonOption,
     LocationOption,
+    complete_names,
     describe_failure,
     legacy_table,
     open_location,
@@ -31,7 +32,8 @@ from safepoint.exchange import LeafDiff, LeafInfo, diff_steps, export_step
 
 @app.command()
 def diff(
-    name: Annotated[str, typer.Argument(help="The checkpoint name.")],
+    name: Annotated[str, typer.Argument(
+        autocompletion=complete_names, help="The checkpoint name.")],
     a: Annotated[int, typer.Argument(min=0, help="The step to compare from.")],
     b: Annotated[int, typer.Argument(min=0, help="The step to compare to.")],
     location: LocationOption = None,
@@ -107,7 +109,8 @@ def _number(value: int | float | None) -> str:
 
 @app.command()
 def export(
-    name: Annotated[str, typer.Argument(help="The checkpoint name.")],
+    name: Annotated[str, typer.Argument(
+        autocompletion=complete_names, help="The checkpoint name.")],
     to: Annotated[str, typer.Option(
         "--to", "-o", help="The file to write: .npz, .safetensors or .pt.",
         show_default=False)],

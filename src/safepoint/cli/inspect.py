@@ -19,6 +19,7 @@ from safepoint.cli.common import (
     JsonOption,
     LocationArgument,
     LocationOption,
+    complete_names,
     open_location,
     pick_location,
 )
@@ -102,7 +103,8 @@ STEP_COLUMNS = (
 
 @app.command()
 def show(
-    name: Annotated[str, typer.Argument(help="The checkpoint, run, task or flow name.")],
+    name: Annotated[str, typer.Argument(
+        autocompletion=complete_names, help="The checkpoint, run, task or flow name.")],
     step: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--step", "-s", min=0, help="Which step [default: the newest].")] = None,
     full: Annotated[bool, typer.Option(

@@ -32,7 +32,7 @@ from safepoint.checkpointer import (
 )
 from safepoint.cli import app
 from safepoint.cli.catalog import not_found, verify_journal
-from safepoint.cli.common import JsonOption, LocationOption, open_location
+from safepoint.cli.common import JsonOption, LocationOption, complete_names, open_location
 from safepoint.cli.output import err, human_bytes, out, print_json
 from safepoint.cli.tables import Column, print_table
 from safepoint.consistency import check
@@ -56,6 +56,7 @@ VERIFY_COLUMNS = (
 @app.command()
 def verify(
     name: Annotated[Optional[str], typer.Argument(  # noqa: UP045
+        autocompletion=complete_names,
         help="The checkpoint name [default: every name in the store].", show_default=False)] = None,
     location: LocationOption = None,
     as_json: JsonOption = False,
@@ -151,7 +152,8 @@ def _print_verify(store: Store, results: list[dict[str, Any]]) -> None:
 
 @app.command()
 def rm(
-    name: Annotated[str, typer.Argument(help="The checkpoint, run, task or flow to remove.")],
+    name: Annotated[str, typer.Argument(
+        autocompletion=complete_names, help="The checkpoint, run, task or flow to remove.")],
     step: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--step", "-s", min=0, help="Remove only this step.")] = None,
     location: LocationOption = None,
