@@ -168,3 +168,40 @@ def test_fit_leaves_columns_out_by_priority_and_never_cuts_one() -> None:
     assert [c.header for c in table.columns] == ["name", "a", "c"]
     table, left_out = fit(None, columns, rows, 30)
     assert left_out == ["a", "b"]
+
+
+DOCS = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+SCHEMAS = {
+    "ls": {"name", "kind", "status", "steps", "latest_step", "progress", "complete", "position",
+           "total", "attempt", "owner", "updated", "nbytes", "error", "message", "damaged",
+           "problem"},
+    "show step": {"name", "location", "kind", "step", "steps", "created", "nbytes",
+                  "format_version", "metadata", "extra", "pickled", "run_damage", "tree"},
+    "show execution": {"name", "location", "kind", "steps", "run", "table", "tree", "damage"},
+    "run": {"name", "position", "total", "progress", "attempt", "complete", "updated", "nbytes",
+            "loop", "kind", "liveness", "owner", "message", "error", "steps"},
+    "watch": {"location", "time", "names"},
+    "watch name": {"age", "rate", "rate_unit", "eta"},
+    "verify": {"ok", "location", "results"},
+    "gc": {"location", "count", "nbytes", "removed", "kept"},
+    "rm": {"location", "name", "step", "steps", "kept"},
+}
+
+
+def test_json_schemas_are_stable_and_documented(invoke: Invoke, wide: Path) -> None:
+    found = {
+        "ls": set(parse_json(invoke("ls", wide, "--json"))[0]),
+        "show step": set(parse_json(invoke("show", "train", "-l", wide, "--json"))),
+        "show execution": set(execution := parse_json(invoke("show", "sums", "-l", wide,
+                                                                "--json"))),
+        "run": set(execution["run"]),
+        "watch": set(watched := parse_json(invoke("watch", wide, "--once", "--json"))),
+        "watch name": set(watched["names"][0]) - SCHEMAS["ls"],
+        "verify": set(parse_json(invoke("verify", "-l", wide, "--json"))),
+        "gc": set(parse_json(invoke("gc", "-l", wide, "--json"))),
+        "rm": set(parse_json(invoke("rm", "sums", "-l", wide, "--json"))),
+    }
+    assert found == SCHEMAS
+    for keys in SCHEMAS.values():
+        for key in keys:
+            assert f"`{key}`" in DOCS, f"{key} is not documented in docs/cli.md"
