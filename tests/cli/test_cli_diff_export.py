@@ -230,16 +230,16 @@ def test_the_examples_in_docs_export_md_hold(invoke: Invoke, tmp_path: Path,
     exec(blocks[0], {})  # the store of the examples, in $SAFEPOINT_DIR
     console = re.findall(r"```console\n(.*?)```", text, re.S)
 
-    def table(text: str) -> list[str]:  # the rows and the count line, spaces at the end cut
-        return [line.rstrip() for line in text.splitlines()
-                if (line.startswith(" ") and line.strip()) or " added, " in line]
+    def table(text: str) -> list[str]:  # header, rule and rows, spaces at the end cut
+        lines = [line.rstrip() for line in text.splitlines()]
+        start = next(i for i, line in enumerate(lines) if line.startswith(("path ", "key ")))
+        end = lines.index("", start)
+        return lines[start:end] + [line for line in lines if " added, " in line]
 
     result = invoke("diff", "train", 100, 200, env=NARROW)
     assert table(result.stdout) == table(console[0])
-    export = [line.rstrip() for line in console[1].splitlines() if line.startswith(" ")]
     result = invoke("export", "train", "--to", tmp_path / "weights.safetensors", env=NARROW)
-    assert [line.rstrip() for line in result.stdout.splitlines()
-            if line.startswith(" ") and line.strip()] == export
+    assert table(result.stdout) == table(console[1])
     scope: dict[str, object] = {}
     exec(blocks[1].replace("d.changed[0].changes, d.changed[0].max_abs_diff",
                            "got = d.changed[0].changes, d.changed[0].max_abs_diff")

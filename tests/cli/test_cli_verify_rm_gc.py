@@ -192,6 +192,10 @@ def test_gc_respects_min_age(invoke: Invoke, store_dir: Path) -> None:
     result = invoke("gc", "-l", store_dir)
     assert result.exit_code == 0 and "0 leftovers removed" in result.stdout
     assert folder.exists() and orphan.exists()
+    said = " ".join(result.stdout.split())  # what it kept, how big, and why
+    assert (f"kept train/000000000030/{orphan.name} (500 B): younger than 300 s: a save may be "
+            "in progress") in said
+    assert "2 kept (1.5 KiB): younger than 300 s, so a save may still be writing them" in said
     report = parse_json(invoke("gc", "--min-age", "60", "-l", store_dir, "--json"))
     assert report["count"] == 2
     assert not folder.exists() and not orphan.exists()

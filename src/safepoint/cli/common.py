@@ -14,8 +14,6 @@ from contextvars import ContextVar
 from typing import Annotated, Any, Optional
 
 import typer
-from rich import box
-from rich.table import Table
 from typer.core import TyperGroup
 
 from safepoint.checkpointer import list_names
@@ -85,12 +83,6 @@ def open_location(location: str | None) -> Store:
         raise Failed(f"{store.url} is a file, not a store; pass the folder checkpoints are "
                      "saved in", USAGE)
     return store
-
-
-def legacy_table(title: str) -> Table:
-    """A compact table (a rule under the header) whose columns the caller sizes itself."""
-    return Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, title=title,
-                 title_justify="left")
 
 
 # ----------------------------------------------------------------- failures
@@ -187,7 +179,6 @@ __all__ = [
     "SafeGroup",
     "complete_names",
     "describe_failure",
-    "legacy_table",
     "open_location",
     "pick_location",
 ]

@@ -86,9 +86,14 @@ def fit(title: str | None, columns: Sequence[Column], rows: Sequence[Sequence[st
 
 def print_table(console: Console, title: str | None, columns: Sequence[Column],
                 rows: Sequence[Sequence[str]]) -> None:
-    """:func:`fit` to the console's width, printed, with a note of the columns left out."""
-    table, left_out = fit(title, columns, rows, console.width)
+    """:func:`fit` to the console's width, printed under its title and a blank line, then
+    a blank line, and a note of the columns left out."""
+    table, left_out = fit(None, columns, rows, console.width)
+    if title:
+        console.print(title)
+        console.print()
     console.print(table)
+    console.print()
     if left_out:
         console.print(f"[dim]({', '.join(left_out)} left out to fit {console.width} columns; "
                       "--json has everything)[/]")
