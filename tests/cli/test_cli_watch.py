@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -131,10 +132,15 @@ class Terminal:
     def __init__(self, tmp_path: Path, command: list[str]) -> None:
         conf = tmp_path / "tmux.conf"
         conf.write_text("set -g remain-on-exit on\n")  # a crash stays on screen to read
-        self.tmux = ["tmux", "-L", f"safepoint-test-{os.getpid()}-{id(self)}", "-f", str(conf)]
+        self.folder = tempfile.mkdtemp(prefix="sp-tmux-")  # short: a socket path is limited
+        self.tmux = ["tmux", "-S", os.path.join(self.folder, "socket"), "-f", str(conf)]
         line = shlex.join(["env", f"PYTHONPATH={_environment()['PYTHONPATH']}", *command])
-        subprocess.run([*self.tmux, "new-session", "-d", "-s", "watch", "-x", "80", "-y", "24",
-                        line], check=True, timeout=30)
+        try:
+            subprocess.run([*self.tmux, "new-session", "-d", "-s", "watch", "-x", "80", "-y",
+                            "24", line], check=True, timeout=30)
+        except BaseException:
+            self.close()
+            raise
 
     def screen(self) -> str:
         return subprocess.run([*self.tmux, "capture-pane", "-p", "-t", "watch"], check=True,
@@ -142,6 +148,7 @@ class Terminal:
 
     def close(self) -> None:
         subprocess.run([*self.tmux, "kill-server"], capture_output=True, timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _progress(screen: str, name: str) -> int | None:
