@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ def job(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     script = tmp_path / "job.py"
     script.write_text(JOB)
     process = subprocess.Popen([sys.executable, str(script), str(store), "2000", "0.05"],
-                               env=_environment())
+                               env={**_environment(), "SAFEPOINT_LEASE_TTL": "2"})
     try:
         yield process, store
     finally:
@@ -146,6 +147,15 @@ class Terminal:
         return subprocess.run([*self.tmux, "capture-pane", "-p", "-t", "watch"], check=True,
                               capture_output=True, text=True, timeout=30).stdout
 
+    def keys(self, *keys: str) -> None:
+        subprocess.run([*self.tmux, "send-keys", "-t", "watch", *keys], check=True, timeout=30)
+
+    def dead(self) -> bool:
+        """Whether the command in the pane has exited."""
+        shown = subprocess.run([*self.tmux, "display-message", "-p", "-t", "watch",
+                                "#{pane_dead}"], capture_output=True, text=True, timeout=30)
+        return shown.stdout.strip() == "1"
+
     def close(self) -> None:
         subprocess.run([*self.tmux, "kill-server"], capture_output=True, timeout=30)
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -191,5 +201,18 @@ def test_watch_in_a_real_terminal_follows_a_running_job(
         row = next(line for line in later.splitlines() if line.startswith("crunch"))
         assert re.search(r"\d+(\.\d)?/s", row), row  # two refreshes apart: a rate
         assert all(len(line) <= 80 for line in later.splitlines())
+
+        process.send_signal(signal.SIGSTOP)  # hung: its lease (TTL 2 s) stops being renewed
+        _poll(terminal, lambda s: any(line.split()[:1] == ["crunch"] and "stale" in line
+                                      for line in s.splitlines()), "the job turning stale")
+        terminal.keys("C-c")  # Ctrl+C: watch ends, its last frame stays on the screen
+        deadline = time.monotonic() + 30
+        while not terminal.dead():
+            assert time.monotonic() < deadline, terminal.screen()
+            time.sleep(0.1)
+        last = terminal.screen()
+        assert "Traceback" not in last and "KeyboardInterrupt" not in last, last
+        assert any(line.startswith("crunch") and "stale" in line for line in last.splitlines())
     finally:
+        process.send_signal(signal.SIGCONT)
         terminal.close()
