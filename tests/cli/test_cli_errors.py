@@ -113,3 +113,19 @@ def test_a_bug_is_one_line_unless_debugging(invoke: Invoke, store_dir: Path,
 def test_json_commands_fail_with_one_line_too(invoke: Invoke, store_dir: Path) -> None:
     one_line_error(invoke("show", "nope", "-l", store_dir, "--json"), "no checkpoint named")
     assert parse_json(invoke("ls", store_dir, "--json"))
+
+
+def test_a_warning_is_one_line(invoke: Invoke, store_dir: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    real = inspect.summarize_store
+
+    def warned(store: Any) -> Any:
+        warnings.warn("a record was\ndamaged; skipped", UserWarning, stacklevel=1)
+        return real(store)
+
+    monkeypatch.setattr(inspect, "summarize_store", warned)
+    result = invoke("ls", store_dir)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "warning: a record was damaged; skipped\n"

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from contextvars import ContextVar
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from safepoint.checkpointer import list_names
-from safepoint.cli.output import print_error
+from safepoint.cli.output import err, print_error
 from safepoint.errors import SafepointError
 from safepoint.store import LocalStore, Store, default_location, open_store
 
@@ -154,13 +156,21 @@ def describe_failure(exc: BaseException) -> tuple[str, int]:
             "report it)"), 1
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A warning (a damaged record skipped, say) as one yellow line on stderr."""
+    err().print(f"[yellow]warning: {escape(_one_line(str(message)))}[/]", soft_wrap=True)
+
+
 class SafeGroup(TyperGroup):
     """The ``safepoint`` group: no command ever ends in a traceback (SAFEPOINT_DEBUG=1 shows
     it for a bug report)."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except Exception as exc:
             # Exit, Abort and usage errors are click's (vendored by newer typer): its own.
             if _names(exc) & _CLICK or os.environ.get("SAFEPOINT_DEBUG"):
