@@ -61,10 +61,13 @@ def test_ls_fits_80_columns(invoke: Invoke, wide: Path) -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("name "))
     folded = "".join(line.split()[0] for line in lines[header + 2:] if line.strip())
     assert LONG in folded  # the long name folds onto several lines, whole
-    if "size" in lines[header]:
-        sizes_whole(out, 4)
-    else:
-        assert "(size left out to fit 80 columns; --json has everything)" in out
+    assert lines[header].split() == ["name", "kind", "status", "steps", "latest", "progress",
+                                     "age", "size"]  # all of them, 10-digit steps and all
+    sizes_whole(out, 4)
+    narrow = invoke("ls", "-l", wide, env={"COLUMNS": "60"}).stdout
+    assert fits(narrow, 60) and "1000000003" in narrow
+    assert ("(age, size left out to fit 60 columns; --json has everything)"
+            in " ".join(narrow.split()))
 
 
 def test_ls_at_120_columns_shows_every_column(invoke: Invoke, wide: Path) -> None:

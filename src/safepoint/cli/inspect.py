@@ -30,7 +30,7 @@ from safepoint.cli.tree import row_text
 # ------------------------------------------------------------------------- ls
 
 LS_COLUMNS = (
-    Column("name", wrap=True, min_width=12),
+    Column("name", wrap=True, min_width=10),
     Column("kind", drop=6),
     Column("status", drop=7),
     Column("steps", justify="right", drop=5),
@@ -61,7 +61,7 @@ def ls_rows(summaries: list[NameSummary], now: float) -> list[list[str]]:
         rows.append([
             escape(s.name), s.kind, s.status, steps,
             "-" if s.latest_step is None else str(s.latest_step), progress,
-            human_age(None if s.updated is None else now - s.updated), human_bytes(s.nbytes)])
+            short_age(s.updated, now), human_bytes(s.nbytes)])
     return rows
 
 
@@ -172,6 +172,11 @@ def _show_execution(console: Console, info: dict[str, Any]) -> None:
         _print_tree(console, info["tree"])
 
 
+def short_age(updated: float | None, now: float) -> str:
+    """How long ago, for an ``age`` column: ``just now``, ``42 s``, ``3 min``, ``2 days``."""
+    return human_age(None if updated is None else now - updated).removesuffix(" ago")
+
+
 def owner_text(owner: dict[str, Any] | None) -> str:
     """``pid 4242 on node-3``, or ``nobody``."""
     if not owner:
@@ -205,4 +210,4 @@ def step_list(steps: list[int], limit: int = 12) -> str:
 
 
 __all__ = ["LS_COLUMNS", "by_priority", "ls_rows", "owner_text", "position_line",
-           "status_line", "step_list"]
+           "short_age", "status_line", "step_list"]

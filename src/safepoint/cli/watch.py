@@ -30,8 +30,8 @@ from safepoint.cli.common import (
     open_location,
     pick_location,
 )
-from safepoint.cli.inspect import owner_text
-from safepoint.cli.output import human_age, out, print_json
+from safepoint.cli.inspect import owner_text, short_age
+from safepoint.cli.output import out, print_json
 from safepoint.cli.tables import Column, fit
 from safepoint.store import Store
 
@@ -140,10 +140,6 @@ def progress_cell(s: NameSummary) -> str:
             f"{fraction * 100:3.0f}%")
 
 
-def _age(s: NameSummary, now: float) -> str:
-    return human_age(None if s.updated is None else now - s.updated).removesuffix(" ago")
-
-
 def _status(s: NameSummary) -> str:
     style = _STATUS_STYLE.get(s.status)
     return f"[{style}]{escape(s.status)}[/]" if style else escape(s.status)
@@ -170,7 +166,7 @@ def frame(store: Store, summaries: list[NameSummary], speeds: dict[str, Speed], 
         parts.append(Text("no checkpoints yet", style="dim"))
         return Group(*parts)
     rows = [[escape(s.name), s.kind, _status(s), progress_cell(s), rate_text(speeds[s.name]),
-             eta_text(speeds[s.name].eta), _age(s, now)] for s in summaries]
+             eta_text(speeds[s.name].eta), short_age(s.updated, now)] for s in summaries]
     table, _ = fit(None, COLUMNS, rows, width)
     parts += [Text(), table]
     details = [[escape(s.name), "-" if s.attempt is None else str(s.attempt),
