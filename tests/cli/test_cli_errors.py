@@ -18,7 +18,8 @@ from safepoint.store import LocalStore
 
 SRC = str(Path(safepoint.__file__).resolve().parents[1])
 NO_AWS = ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-          "AWS_ENDPOINT_URL", "AWS_DEFAULT_PROFILE")
+          "AWS_ENDPOINT_URL", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+          "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN")
 
 
 @pytest.mark.parametrize("command", [["ls", "{}"], ["ls", "-l", "{}"], ["show", "x", "-l", "{}"],
@@ -49,6 +50,7 @@ def test_two_different_locations_are_refused(invoke: Invoke, store_dir: Path, tm
 
 
 def test_s3_without_credentials_is_one_line_in_a_real_process(tmp_path: Path) -> None:
+    pytest.importorskip("s3fs")
     env = {k: v for k, v in os.environ.items() if k not in NO_AWS}
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
                AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true",
