@@ -216,3 +216,20 @@ def test_watch_in_a_real_terminal_follows_a_running_job(
     finally:
         process.send_signal(signal.SIGCONT)
         terminal.close()
+
+
+def test_a_failed_refresh_keeps_the_last_frame_and_says_so(store_dir: Path) -> None:
+    from rich.console import Console
+
+    from safepoint.cli.catalog import summarize_store
+    from safepoint.cli.watch import Speed, frame
+    from safepoint.store import LocalStore
+
+    store = LocalStore(store_dir)
+    summaries = summarize_store(store)
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(frame(store, summaries, {s.name: Speed() for s in summaries}, time.time(),
+                        80, 2.0, problem="cannot reach s3://b/x: EndpointConnectionError"))
+    text = console.export_text()
+    assert "cannot refresh: cannot reach s3://b/x: EndpointConnectionError" in text
+    assert "train" in text and fits(text)
