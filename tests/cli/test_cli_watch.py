@@ -3,6 +3,7 @@ live view in a real terminal (tmux) while a real job writes to the store."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shlex
@@ -227,7 +228,7 @@ def test_a_failed_refresh_keeps_the_last_frame_and_says_so(store_dir: Path) -> N
 
     store = LocalStore(store_dir)
     summaries = summarize_store(store)
-    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console = Console(width=80, record=True, file=io.StringIO())
     console.print(frame(store, summaries, {s.name: Speed() for s in summaries}, time.time(),
                         80, 2.0, problem="cannot reach s3://b/x: EndpointConnectionError"))
     text = console.export_text()
