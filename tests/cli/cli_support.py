@@ -18,6 +18,26 @@ Invoke = Callable[..., Result]
 """``invoke("ls", path, "--json")`` runs ``safepoint ls PATH --json`` in-process."""
 
 
+NARROW = {"COLUMNS": "80"}
+"""The environment of an 80-column terminal, for ``invoke(..., env=NARROW)``."""
+
+
+def fits(text: str, width: int = 80) -> bool:
+    """Whether every line of ``text`` fits ``width`` columns."""
+    return all(len(line) <= width for line in text.splitlines())
+
+
+def one_line_error(result: Result, *fragments: str, status: int = 1) -> None:
+    """``result`` failed with ``status`` and one ``error:`` line on stderr holding each of
+    ``fragments``, without a traceback."""
+    assert result.exit_code == status, result.output
+    stderr = result.stderr
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
 def parse_json(result: Result) -> Any:
     """The JSON a ``--json`` command printed (and nothing else on stdout)."""
     return json.loads(result.stdout)

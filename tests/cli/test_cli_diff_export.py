@@ -8,24 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_support import Invoke, parse_json, weights
+from cli_support import NARROW, Invoke, fits, one_line_error, parse_json, weights
 
 from safepoint import Checkpointer
-
-NARROW = {"COLUMNS": "80"}
-
-
-def fits(text: str, width: int = 80) -> bool:
-    return all(len(line) <= width for line in text.splitlines())
-
-
-def one_line_error(result: object, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
-    stderr = result.stderr  # type: ignore[attr-defined]
-    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
-    assert "Traceback" not in result.output  # type: ignore[attr-defined]
-    for fragment in fragments:
-        assert fragment in stderr, stderr
 
 
 @pytest.fixture
@@ -106,7 +91,8 @@ def test_diff_errors_are_one_line(invoke: Invoke, changed: Path, tmp_path: Path)
     one_line_error(invoke("diff", "nope", 1, 2, "-l", changed), "no checkpoint named 'nope'")
     one_line_error(invoke("diff", "m", 1, 7, "-l", changed), "has no step 7", "its steps are 1, 2")
     one_line_error(invoke("diff", "../x", 1, 2, "-l", changed))
-    one_line_error(invoke("diff", "m", 1, 2, "-l", "nosuchproto://b/x"), "cannot open the store")
+    one_line_error(invoke("diff", "m", 1, 2, "-l", "nosuchproto://b/x"), "cannot open the store",
+                   status=2)
     assert not (tmp_path / "default").exists()  # nothing created by a failed look-up
 
 
@@ -244,16 +230,16 @@ def test_the_examples_in_docs_export_md_hold(invoke: Invoke, tmp_path: Path,
     exec(blocks[0], {})  # the store of the examples, in $SAFEPOINT_DIR
     console = re.findall(r"```console\n(.*?)```", text, re.S)
 
-    def table(text: str) -> list[str]:  # the rows and the count line, spaces at the end cut
-        return [line.rstrip() for line in text.splitlines()
-                if (line.startswith(" ") and line.strip()) or " added, " in line]
+    def table(text: str) -> list[str]:  # header, rule and rows, spaces at the end cut
+        lines = [line.rstrip() for line in text.splitlines()]
+        start = next(i for i, line in enumerate(lines) if line.startswith(("path ", "key ")))
+        end = lines.index("", start)
+        return lines[start:end] + [line for line in lines if " added, " in line]
 
     result = invoke("diff", "train", 100, 200, env=NARROW)
     assert table(result.stdout) == table(console[0])
-    export = [line.rstrip() for line in console[1].splitlines() if line.startswith(" ")]
     result = invoke("export", "train", "--to", tmp_path / "weights.safetensors", env=NARROW)
-    assert [line.rstrip() for line in result.stdout.splitlines()
-            if line.startswith(" ") and line.strip()] == export
+    assert table(result.stdout) == table(console[1])
     scope: dict[str, object] = {}
     exec(blocks[1].replace("d.changed[0].changes, d.changed[0].max_abs_diff",
                            "got = d.changed[0].changes, d.changed[0].max_abs_diff")

@@ -10,7 +10,7 @@ import pytest
 from cli_support import Invoke, interrupted_run, parse_json, weights
 
 from safepoint import Checkpointer
-from safepoint.cli import inspect
+from safepoint.cli import maintenance
 from safepoint.format import checksum
 
 
@@ -105,11 +105,11 @@ def test_verify_checks_a_run_journal(invoke: Invoke, tmp_path: Path) -> None:
 def test_verify_shows_progress_over_bytes_for_a_large_store(
     invoke: Invoke, store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(inspect, "PROGRESS_MIN_BYTES", 100_000)  # the store holds ~260 KB
+    monkeypatch.setattr(maintenance, "PROGRESS_MIN_BYTES", 100_000)  # the store holds ~260 KB
     result = invoke("verify", "-l", store_dir, env={"TTY_COMPATIBLE": "1"})  # a live display
     assert result.exit_code == 0
     assert "verifying" in result.stderr and "KiB" in result.stderr
-    monkeypatch.setattr(inspect, "PROGRESS_MIN_BYTES", 10 << 20)
+    monkeypatch.setattr(maintenance, "PROGRESS_MIN_BYTES", 10 << 20)
     result = invoke("verify", "-l", store_dir, env={"TTY_COMPATIBLE": "1"})
     assert "verifying" not in result.stderr  # small store, stdout not a terminal: no bar
 
@@ -192,6 +192,10 @@ def test_gc_respects_min_age(invoke: Invoke, store_dir: Path) -> None:
     result = invoke("gc", "-l", store_dir)
     assert result.exit_code == 0 and "0 leftovers removed" in result.stdout
     assert folder.exists() and orphan.exists()
+    said = " ".join(result.stdout.split())  # what it kept, how big, and why
+    assert (f"kept train/000000000030/{orphan.name} (500 B): younger than 300 s: a save may be "
+            "in progress") in said
+    assert "2 kept (1.5 KiB): younger than 300 s, so a save may still be writing them" in said
     report = parse_json(invoke("gc", "--min-age", "60", "-l", store_dir, "--json"))
     assert report["count"] == 2
     assert not folder.exists() and not orphan.exists()

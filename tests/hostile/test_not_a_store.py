@@ -30,8 +30,8 @@ def test_gc_and_rm_refuse_a_folder_that_is_not_a_store(tmp_path: Path, invoke: I
         assert result.exit_code == 1, result.output
         assert "not a safepoint store" in result.stderr and result.stderr.count("\n") == 1
     assert snapshot(project) == before
-    result = invoke("gc", "-l", tmp_path / "missing")
-    assert result.exit_code == 1 and "does not exist" in result.stderr
+    result = invoke("gc", "-l", tmp_path / "missing")  # a typo: a usage error, status 2
+    assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
 def test_inside_a_store_only_what_safepoint_wrote_is_touched(tmp_path: Path, invoke: Invoke) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from rich.console import Console
 from run_helpers import write_numbers
 
 import safepoint
-from safepoint.run.demo import run_demo
+from safepoint.run.demo import RUN_NAME, run_demo, user_code, worker
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_export = pytest.mark.skipif(
@@ -75,6 +77,28 @@ def test_the_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "killed with SIGKILL" in text and "exact" in text and "WRONG" not in text
     assert "lines not reprocessed" in text and "checkpoint overhead" in text
     assert (tmp_path / "demo" / "numbers.txt").exists()
+    code = user_code()  # the user code it runs, printed as it is in the worker's source
+    assert 'with runs.resume("demo-sum", location=store) as run:' in code
+    assert "(demo)" not in code and "resumed_at" not in code
+    assert all(line.strip() in inspect.getsource(worker) for line in code.splitlines()[2:])
+    assert all(line.strip() in text for line in code.splitlines() if line.strip())
+    assert RUN_NAME == "demo-sum"
+    assert re.search(r"checkpoint overhead\s+│?\s*[+-]\d+\.\d% \(median of 5 rounds, from "
+                     r"[+-]\d+\.\d% to [+-]\d+\.\d%\)", text), text
+    assert "next: examples/ holds runnable scripts" in " ".join(text.split())
+    for path in ("examples/counter.py", "examples/train.py", "docs/runs.md", "docs/cli.md"):
+        assert (ROOT / path).exists(), path  # what it points to is there
+
+
+def test_make_demo_installs_only_what_the_demo_needs() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    demo = re.search(r"^demo: (.*)$", makefile, re.MULTILINE)
+    assert demo is not None and demo.group(1).split() == ["$(STAMP)"]
+    plain = re.search(r"^\$\(STAMP\):.*\n\t(.*)$", makefile, re.MULTILINE)
+    assert plain is not None and plain.group(1).strip() == "$(BIN)/pip install -q -e ."
+    test = re.search(r"^test: (.*)$", makefile, re.MULTILINE)
+    assert test is not None and test.group(1).split() == ["$(TEST_STAMP)"]
+    assert "-e '.[test]'" in makefile
 
 
 def test_the_demo_command_is_registered(tmp_path: Path, monkeypatch: Any) -> None:

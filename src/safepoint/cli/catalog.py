@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from safepoint.checkpointer import committed_steps, latest_manifest, list_names
+from safepoint.cli.tree import tree_rows
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
-from safepoint.format import Manifest, check_tree, iter_tree_summary, read_manifest
+from safepoint.format import Manifest, check_tree, read_manifest
 from safepoint.lease import holder
 from safepoint.run import describe_run
 from safepoint.run.log import read_log, segments
@@ -43,6 +44,14 @@ class NameSummary:
     ``complete``, ``idle`` (an execution nobody writes now), ``-`` (checkpoints, no writer)."""
     owner: dict[str, Any] | None = None
     """The current or last writer: host, pid, kind, started."""
+    position: int | None = None
+    """An execution's items done in the loop it is in."""
+    total: int | None = None
+    """The items of that loop, when known."""
+    error: str | None = None
+    """An execution's newest failed step's error."""
+    message: str | None = None
+    """An execution's newest progress message."""
 
 
 def _describe_run(store: Store, name: str) -> tuple[Any, CorruptCheckpoint | None]:
@@ -67,6 +76,8 @@ def summarize_name(store: Store, name: str) -> NameSummary | None:
             summary.progress, summary.attempt = run.progress, run.attempt
             summary.complete, summary.updated, summary.nbytes = run.complete, run.updated, run.nbytes
             summary.status, summary.owner = run.liveness, run.owner or None
+            summary.position, summary.total = run.position, run.total
+            summary.error, summary.message = run.error, run.message
         else:
             summary.problem = str(damage)
         return summary
@@ -160,36 +171,36 @@ def verify_journal(store: Store, name: str) -> dict[str, Any] | None:
             "problems": problems}
 
 
-def _tree_rows(manifest: Manifest) -> list[dict[str, Any]]:
-    rows = iter_tree_summary(manifest.body["tree"], blobs=manifest.blobs)
-    return [{"path": p, "type": t, "dtype": d, "shape": s, "nbytes": n} for p, t, d, s, n in rows]
+def _tree_rows(manifest: Manifest, full: bool) -> list[dict[str, Any]]:
+    return tree_rows(manifest.body["tree"], blobs=manifest.blobs, full=full)
 
 
-def describe_execution(store: Store, name: str, run: Any) -> dict[str, Any]:
+def describe_execution(store: Store, name: str, run: Any, *, full: bool = False
+                       ) -> dict[str, Any]:
     """Everything ``show`` prints about a run, task or flow: who writes it, where it is,
     its durable steps and the structure of its newest state (reads no array data)."""
     replay = read_log(store, name)
     tree: list[dict[str, Any]] = []
     saved = replay.state.tree if replay.state is not None else None
     if saved is not None and "node" in saved:
-        rows = iter_tree_summary(saved["node"])
-        tree = [{"path": p, "type": t, "dtype": d, "shape": sh, "nbytes": n}
-                for p, t, d, sh, n in rows]
+        tree = tree_rows(saved["node"], full=full)
     elif saved is not None and "checkpoint" in saved:
         with contextlib.suppress(CheckpointNotFound, CorruptCheckpoint):
             manifest = read_manifest(store, name, int(saved["checkpoint"]))
-            tree = _tree_rows(manifest)
+            tree = _tree_rows(manifest, full)
     return {"name": name, "location": store.url, "kind": run.kind, "run": asdict(run),
             "steps": committed_steps(store, name), "table": run.steps, "tree": tree,
             "damage": list(replay.damage)}
 
 
-def describe_step(store: Store, name: str, step: int | None) -> dict[str, Any]:
+def describe_step(store: Store, name: str, step: int | None, *, full: bool = False
+                  ) -> dict[str, Any]:
     """Everything ``show`` prints about one step (the newest if ``step`` is None); for a
-    run, task or flow without ``step``: :func:`describe_execution`."""
+    run, task or flow without ``step``: :func:`describe_execution`. ``full``: a row for
+    every leaf, long containers too."""
     steps, run, run_damage = find_name(store, name)
     if run is not None and step is None:
-        return describe_execution(store, name, run)
+        return describe_execution(store, name, run, full=full)
     if not steps and step is None:
         raise CorruptCheckpoint(f"{name!r} in {store.url}: {run_damage}", path=f"{store.url}/{name}")
     if step is None:
@@ -213,6 +224,6 @@ def describe_step(store: Store, name: str, step: int | None) -> dict[str, Any]:
         "metadata": manifest.metadata,
         "extra": {k: v for k, v in body.items() if k not in _KNOWN_KEYS},
         "pickled": list(body.get("pickled") or []),
-        "tree": _tree_rows(manifest),
+        "tree": _tree_rows(manifest, full),
         "run_damage": run_damage,
     }

@@ -15,17 +15,38 @@ import typer
 from rich.markup import escape
 
 from safepoint.cli import app
-from safepoint.cli.inspect import JsonOption, LocationOption, _open, _table
+from safepoint.cli.common import (
+    JsonOption,
+    LocationOption,
+    complete_names,
+    describe_failure,
+    open_location,
+)
 from safepoint.cli.output import err, human_bytes, out, print_error, print_json
+from safepoint.cli.tables import Column, print_table
 from safepoint.errors import SafepointError
 from safepoint.exchange import LeafDiff, LeafInfo, diff_steps, export_step
+
+DIFF_COLUMNS = (
+    Column("path", wrap=True, min_width=16),
+    Column("change", wrap=True, min_width=8),
+    Column("dtype", wrap=True, min_width=8),
+    Column("shape/value", wrap=True, min_width=12),
+    Column("max |b-a|", justify="right"),
+)
+EXPORT_COLUMNS = (
+    Column("dtype", wrap=True, min_width=8),
+    Column("shape", wrap=True, min_width=10),
+    Column("size", justify="right"),
+)
 
 # ----------------------------------------------------------------------- diff
 
 
 @app.command()
 def diff(
-    name: Annotated[str, typer.Argument(help="The checkpoint name.")],
+    name: Annotated[str, typer.Argument(
+        autocompletion=complete_names, help="The checkpoint name.")],
     a: Annotated[int, typer.Argument(min=0, help="The step to compare from.")],
     b: Annotated[int, typer.Argument(min=0, help="The step to compare to.")],
     location: LocationOption = None,
@@ -36,11 +57,7 @@ def diff(
 ) -> None:
     """Which leaves were added, removed or changed from step A to step B (exit status 0
     whether or not they differ, 1 on errors)."""
-    try:
-        result = diff_steps(name, a, b, location=_open(location), values=not no_values)
-    except (SafepointError, OSError) as exc:
-        print_error(str(exc))
-        raise typer.Exit(1) from None
+    result = diff_steps(name, a, b, location=open_location(location), values=not no_values)
     if as_json:
         print_json(result.to_json())
         return
@@ -51,17 +68,11 @@ def diff(
         leaves = "1 leaf" if result.unchanged == 1 else f"{result.unchanged} leaves"
         console.print(f"no differences ({leaves}, all the same)")
         return
-    table = _table("")
-    table.add_column("path", overflow="fold", ratio=3)
-    table.add_column("change", overflow="fold")
-    table.add_column("dtype", overflow="fold")
-    table.add_column("shape/value", overflow="fold", ratio=2)
-    table.add_column("max |b-a|", justify="right", no_wrap=True)
-    for leaf in result.leaves:
-        table.add_row(escape(leaf.path), _change_cell(leaf),
-                      escape(_pair(leaf, lambda i: i.dtype)),
-                      escape(_pair(leaf, _shape_text)), _number(leaf.max_abs_diff))
-    console.print(table)
+    rows = [[escape(leaf.path), _change_cell(leaf), escape(_pair(leaf, lambda i: i.dtype)),
+             escape(_pair(leaf, _shape_text)), _number(leaf.max_abs_diff)]
+            for leaf in result.leaves]
+    console.print()
+    print_table(console, None, DIFF_COLUMNS, rows)
     counts = [f"{len(result.added)} added", f"{len(result.removed)} removed",
               f"{len(result.changed)} changed", f"{result.unchanged} unchanged"]
     tail = "" if result.values else " (values not compared: --no-values)"
@@ -105,7 +116,8 @@ def _number(value: int | float | None) -> str:
 
 @app.command()
 def export(
-    name: Annotated[str, typer.Argument(help="The checkpoint name.")],
+    name: Annotated[str, typer.Argument(
+        autocompletion=complete_names, help="The checkpoint name.")],
     to: Annotated[str, typer.Option(
         "--to", "-o", help="The file to write: .npz, .safetensors or .pt.",
         show_default=False)],
@@ -126,33 +138,31 @@ def export(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = export_step(name, step=step, to=to, format=fmt, location=_open(location),
+            result = export_step(name, step=step, to=to, format=fmt, location=open_location(location),
                                  overwrite=force, skip_unsupported=skip_unsupported)
         except (SafepointError, OSError) as exc:
             error = exc
     for warning in caught:  # e.g. a damaged newest step skipped: one line each
         err().print(f"[yellow]warning: {escape(str(warning.message))}[/]", soft_wrap=True)
     if error is not None:
-        print_error(str(error))
-        raise typer.Exit(1)
+        message, status = describe_failure(error)
+        print_error(message)
+        raise typer.Exit(status)
     if as_json:
         print_json(result.to_json())
         return
     console = out()
     flat = result.format != "torch"
-    table = _table(escape(result.path))
-    table.add_column("key" if flat else "path", overflow="fold", ratio=1)
-    table.add_column("dtype", overflow="fold")
-    table.add_column("shape", overflow="fold")
-    table.add_column("size", justify="right", no_wrap=True)
+    rows = []
     for entry in result.entries:
         label = entry.key if flat and entry.key is not None else entry.path
         dtype = entry.dtype or (f"{entry.type} (json)" if entry.kind == "metadata"
                                 else entry.type)
         shape = "" if entry.shape is None else str(entry.shape)
-        table.add_row(escape(label), escape(dtype), shape,
-                      human_bytes(entry.nbytes) if entry.kind == "array" else "")
-    console.print(table)
+        rows.append([escape(label), escape(dtype), escape(shape),
+                     human_bytes(entry.nbytes) if entry.kind == "array" else ""])
+    columns = (Column("key" if flat else "path", wrap=True, min_width=16), *EXPORT_COLUMNS)
+    print_table(console, escape(result.path), columns, rows)
     for path, why in result.skipped:
         console.print(f"[yellow]skipped {escape(path)}: {escape(why)}[/]")
     arrays = sum(1 for e in result.entries if e.kind == "array")

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import typer
 from rich.console import Console
 from rich.markup import escape
-
-from safepoint.errors import SafepointError
 
 
 def out() -> Console:
@@ -28,17 +23,6 @@ def err() -> Console:
 def print_error(message: str) -> None:
     """One red line on stderr, never wrapped."""
     err().print(f"[bold red]error:[/] [red]{escape(message)}[/]", soft_wrap=True)
-
-
-@contextmanager
-def reporting_errors() -> Iterator[None]:
-    """Turn a :class:`SafepointError` (or an ``OSError`` from the store: permission denied,
-    a network failure) into one red line on stderr and exit status 1."""
-    try:
-        yield
-    except (SafepointError, OSError) as exc:
-        print_error(str(exc))
-        raise typer.Exit(1) from None
 
 
 def print_json(value: Any) -> None:
