@@ -4,10 +4,14 @@ Every error derives from :class:`SafepointError`; where a builtin means the same
 a base too (``CheckpointNotFound`` is a ``FileNotFoundError``), so ``except OSError`` code
 keeps working. Errors carry typed fields, declared on each class, and survive pickling, so
 they cross process and Dask boundaries intact.
+
+Also here, the conventions every module follows to report to the user: the ``safepoint``
+loggers (:func:`logger`) and warnings attributed to the user's line (:func:`warn_caller`).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -18,13 +22,29 @@ PACKAGE_DIR = str(Path(__file__).resolve().parent)
 """Where safepoint's own code lives (frames from here are not the user's)."""
 
 
-def warn_caller(message: str, category: type[Warning]) -> None:
-    """``warnings.warn`` attributed to the first frame outside the safepoint package."""
+def logger(area: str) -> logging.Logger:
+    """The logger of one area of safepoint: ``safepoint.run``, ``safepoint.lease``, ...
+
+    All are children of the ``safepoint`` logger, which has no handler of its own: an
+    application that configured logging gets the records where it sends them; one that did
+    not sees WARNING and above on stderr (Python's last-resort handler) and nothing else.
+    """
+    return logging.getLogger(f"safepoint.{area}")
+
+
+def warn_caller(message: str, category: type[Warning], *, log: logging.Logger | None = None) -> None:
+    """``warnings.warn`` attributed to the first frame outside the safepoint package.
+
+    With ``log``, the message is also logged there at WARNING where the application
+    configured logging (else Python prints the warning, and would print it twice).
+    """
     level = 2
     frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+    if log is not None and log.hasHandlers():
+        log.warning("safepoint: %s", message)
 
 
 class SafepointError(Exception):

@@ -29,6 +29,7 @@ from safepoint.errors import (
     CorruptCheckpoint,
     SafepointError,
     UnsupportedType,
+    logger,
     warn_caller,
 )
 from safepoint.flow.drivers import Call, adrive, drive
@@ -53,6 +54,7 @@ from safepoint.stateful import capture
 from safepoint.store import Location, check_name, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logger("flow")
 State = dict[str, Any]
 Reload = Literal["first", "always"]
 
@@ -320,7 +322,7 @@ class Flow:
                 warn_caller(
                     f"flow {self.name!r} is complete and keep_completed=True, so initial_state "
                     "is ignored and the recorded final state returned; pass start_at=0 to run "
-                    "with it", UserWarning)
+                    "with it", UserWarning, log=log)
             return copy.deepcopy(final)
         if start == 0 and initial_state is not None:
             self._check_storable(initial_state)
@@ -332,6 +334,9 @@ class Flow:
         run.current = copy.deepcopy(first_state)
         run.progress(start / len(steps))
         run._commit(wait=True)  # where this run starts, and with what
+        if start > 0:
+            log.info("safepoint: flow %r resumes at step %r (%d of %d completed before)",
+                     self.name, steps[start].name, start, len(steps))
         for step in steps[start:]:
             self._memory.pop(step.name, None)
         stored = {s.name: partial(self._stored_output, run, view.steps[i], s.name)
@@ -405,7 +410,7 @@ class Flow:
             run._record_step(key, step.name, started, error=exc, extra={"code": step.code})
         except Exception as commit_error:
             warn_caller(f"flow {self.name!r}: could not record the failure of step "
-                        f"{step.name!r}: {commit_error}", RuntimeWarning)
+                        f"{step.name!r}: {commit_error}", RuntimeWarning, log=log)
         note = (f"safepoint: flow {self.name!r} stopped at step {step.name!r}; fix it and run "
                 "the flow again to resume at this step")
         if hasattr(exc, "add_note"):
@@ -436,7 +441,7 @@ class Flow:
                 f"flow {self.name!r}: the code of step {names[index]!r} changed since it completed "
                 f"({format_when(view.steps[index].started)}); its recorded result is reused. "
                 f"Rerun from it with run(start_at={names[index]!r}), or create the flow with "
-                "rerun_changed=True", StepChangedWarning)
+                "rerun_changed=True", StepChangedWarning, log=log)
         return start if start < count else None
 
     def _state_after(self, run: FlowRun, view: FlowView, index: int) -> State:
@@ -456,7 +461,7 @@ class Flow:
             warn_caller(
                 f"flow {self.name!r}: initial_state differs from the one this flow started "
                 f"with, and is ignored while resuming at step {start}; pass start_at=0 to "
-                "start over with it", UserWarning)
+                "start over with it", UserWarning, log=log)
         return self._state_after(run, view, start - 1)
 
     def _check_storable(self, initial: Mapping[str, Any]) -> None:

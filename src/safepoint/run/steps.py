@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from safepoint.errors import PACKAGE_DIR, SafepointError, StepMismatch, SubstepCompleted
+from safepoint.errors import PACKAGE_DIR, SafepointError, StepMismatch, SubstepCompleted, logger
 from safepoint.run.record import Record
 
 P = ParamSpec("P")
@@ -175,6 +175,8 @@ class DurableSteps:
         self._log.append(record, live, sync=sync)
         self._step_commits += 1
         self._steps[key] = record
+        logger(self.kind).debug("safepoint: %s %r recorded sub-step %r (%s)", self.kind, self.name,
+                                name, record.status)
         if previous is not None:
             self._log.release(previous)
         return record

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
-from safepoint.errors import InputChanged, UnsupportedType
+from safepoint.errors import InputChanged, UnsupportedType, logger
 from safepoint.format import prepare
 from safepoint.policy import Clock, Policy, PolicyLike, after_substep, as_policy, every
 from safepoint.run import Run
@@ -34,6 +34,7 @@ from safepoint.store import Location, check_name
 P = ParamSpec("P")
 R = TypeVar("R")
 _NO_RESULT = object()
+log = logger("task")
 
 
 def default_policy() -> Policy:
@@ -105,6 +106,8 @@ class TaskContext(Run):
         if state is not None and state.complete:
             assert self._log is not None
             self.recorded_result = self._log.load(state.result, allow_pickle=self.allow_pickle)
+            log.info("safepoint: job %r completed before (attempt %d); its recorded result is "
+                     "returned and nothing runs", self.name, state.attempt)
 
     def _check_job(self, header: dict[str, Any]) -> None:
         where = self._store.url if self._store is not None else ""
