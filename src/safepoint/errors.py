@@ -6,20 +6,28 @@ keeps working. Errors carry typed fields, declared on each class, and survive pi
 they cross process and Dask boundaries intact.
 
 Also here, the conventions every module follows to report to the user: the ``safepoint``
-loggers (:func:`logger`) and warnings attributed to the user's line (:func:`warn_caller`).
+loggers (:func:`logger`), warnings attributed to the user's line (:func:`warn_caller`), and
+tracebacks that show the user's frames rather than the engine's (:func:`user_frames`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import warnings
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+from safepoint import knobs
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 """Where safepoint's own code lives (frames from here are not the user's)."""
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def logger(area: str) -> logging.Logger:
@@ -45,6 +53,59 @@ def warn_caller(message: str, category: type[Warning], *, log: logging.Logger | 
     warnings.warn(message, category, stacklevel=level)
     if log is not None and log.hasHandlers():
         log.warning("safepoint: %s", message)
+
+
+def _is_ours(tb: TracebackType) -> bool:
+    return tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR)
+
+
+def trim_traceback(exc: BaseException) -> BaseException:
+    """Drop from ``exc``'s traceback safepoint's frames that lie between user frames (an
+    engine calling a user's step); frames after the last user frame stay: they say where
+    safepoint itself raised. Returns ``exc``, its type, notes and chain untouched."""
+    if not knobs.TRIM_TRACEBACKS:
+        return exc
+    entries: list[TracebackType] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    last_user = max((i for i, e in enumerate(entries) if not _is_ours(e)), default=-1)
+    kept = [e for i, e in enumerate(entries) if i >= last_user or not _is_ours(e)]
+    if len(kept) == len(entries):
+        return exc
+    rebuilt: TracebackType | None = None
+    for entry in reversed(kept):
+        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return exc.with_traceback(rebuilt)
+
+
+def user_frames(fn: Callable[P, T]) -> Callable[P, T]:
+    """Decorate an entry point that calls user code (a flow's run, a task's call): an
+    error leaves it with the engine's frames trimmed (:func:`trim_traceback`), so that the
+    traceback goes from the user's call, through this one frame, to the user's code."""
+    @functools.wraps(fn)
+    def entry(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            trim_traceback(exc)
+            raise exc  # safepoint's frames hidden: SAFEPOINT_FULL_TRACEBACKS=1 shows them
+
+    return entry
+
+
+def async_user_frames(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """:func:`user_frames` for a coroutine function."""
+    @functools.wraps(fn)
+    async def entry(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except BaseException as exc:
+            trim_traceback(exc)
+            raise exc  # safepoint's frames hidden: SAFEPOINT_FULL_TRACEBACKS=1 shows them
+
+    return entry
 
 
 class SafepointError(Exception):
@@ -152,6 +213,17 @@ class UnsupportedType(SafepointError, TypeError):
 
     def __init__(self, message: str, *, tree_path: str = "", type_name: str = "") -> None:
         super().__init__(message, tree_path=tree_path, type_name=type_name)
+
+    def within(self, root: str, context: str = "", *, replaces: str = "state") -> UnsupportedType:
+        """The same error restated for a tree the user knows by another name: ``root``
+        replaces the leading ``replaces`` of the path (``state`` by ``result`` or
+        ``data['fit']``), and ``context`` (what was being stored, and why) comes first."""
+        path = self.tree_path
+        where = root + path[len(replaces):] if path.startswith(replaces) else path
+        message = where + self.message[len(path):] if path and self.message.startswith(path) \
+            else self.message
+        return UnsupportedType(f"{context}: {message}" if context else message,
+                               tree_path=where, type_name=self.type_name)
 
 
 class StepExists(SafepointError, FileExistsError):

@@ -29,7 +29,9 @@ from safepoint.errors import (
     CorruptCheckpoint,
     SafepointError,
     UnsupportedType,
+    async_user_frames,
     logger,
+    user_frames,
     warn_caller,
 )
 from safepoint.flow.drivers import Call, adrive, drive
@@ -263,6 +265,7 @@ class Flow:
 
     # ----------------------------------------------------------------- running
 
+    @user_frames
     def run(
         self, initial_state: Mapping[str, Any] | None = None, *, start_at: str | int | None = None,
         reload: Reload = "first",
@@ -284,6 +287,7 @@ class Flow:
                     "run the flow with `await flow.arun(...)`")
         return drive(self._execute(initial_state, start_at, reload))
 
+    @async_user_frames
     async def arun(
         self, initial_state: Mapping[str, Any] | None = None, *, start_at: str | int | None = None,
         reload: Reload = "first",
@@ -469,9 +473,7 @@ class Flow:
         try:
             prepare(capture(dict(initial)), allow_pickle=self.allow_pickle)
         except UnsupportedType as exc:
-            where = exc.tree_path.replace("state", "initial_state", 1)
-            raise UnsupportedType(exc.message.replace(exc.tree_path, where, 1), tree_path=where,
-                                  type_name=exc.type_name) from exc
+            raise exc.within("initial_state") from exc
 
     def _index(self, step: str | int) -> int:
         names = self.steps
@@ -616,13 +618,11 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 
 def _unstorable(step: str, exc: UnsupportedType, *, output: bool = False) -> UnsupportedType:
-    """Restate a storage error in the step's terms: its state, or the data it returned."""
-    def local(text: str) -> str:
-        return text.replace("state", f"the data returned by {step!r}", 1) if output else text
-
-    return UnsupportedType(
-        f"step {step!r} completed but its result cannot be stored, so it is recorded as failed: "
-        f"{local(exc.message)}", tree_path=local(exc.tree_path), type_name=exc.type_name)
+    """Restate a storage error in the step's terms: its state, or the data it returned
+    (``data['fit']`` to the steps after it)."""
+    return exc.within(f"data[{step!r}]" if output else "state",
+                      f"step {step!r} completed but its result cannot be stored, so it is "
+                      "recorded as failed")
 
 
 def _same_tree(a: Any, b: Any) -> bool:

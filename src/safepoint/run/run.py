@@ -218,7 +218,8 @@ class Run(DurableSteps):
         if self.complete:  # a writer killed while releasing superseded checkpoints left them
             self._log.tidy(replay)
         state = self._committed  # what the layer above kept of it (a task may start afresh)
-        self._outputs = Outputs(state.outputs if state is not None else {}, durable=self._durable)
+        self._outputs = Outputs(state.outputs if state is not None else {}, durable=self._durable,
+                                name=self.name)
         self._committer = Committer(background=self._commit_mode == "async", coalesce=True,
                                     name=self.name)
         self._last_at = self._clock()
@@ -393,14 +394,15 @@ class Run(DurableSteps):
         """Lines of a text file (ending with their newline); a rerun seeks to the saved byte
         offset. Raises InputChanged if the file changed since the checkpoint."""
         self._require_open("run.lines()")
-        return self._sync_loop(LineSource(path, encoding=encoding, on_change=on_change), "run.lines()")
+        source = LineSource(path, encoding=encoding, on_change=on_change, name=self.name)
+        return self._sync_loop(source, "run.lines()")
 
     def alines(
         self, path: str | os.PathLike[str], *, encoding: str = "utf-8", on_change: OnChange = "error"
     ) -> AsyncIterator[str]:
         """``async for`` form of :meth:`lines` (blocks are read on a worker thread)."""
         self._require_open("run.alines()")
-        source = LineSource(path, encoding=encoding, on_change=on_change)
+        source = LineSource(path, encoding=encoding, on_change=on_change, name=self.name)
         loop = self._start_loop(source, "run.alines()")
         if loop is None:
             return aio.empty()
