@@ -214,3 +214,38 @@ def test_warn_caller_logs_only_where_logging_is_configured(caplog: pytest.LogCap
     assert caught[0].filename == __file__  # the user's line, not safepoint's
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
         ("safepoint.test", logging.WARNING, "safepoint: something to see")]
+
+
+def test_a_flow_and_a_task_log_where_they_resume(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="safepoint")
+    flow, fail = safepoint.Flow("prep", location=tmp_path), [True]
+
+    @flow.step
+    def load(state, data):
+        state["rows"] = 3
+
+    @flow.step
+    def fit(state, data):
+        if fail[0]:
+            raise RuntimeError("diverged")
+
+    with pytest.raises(RuntimeError):
+        flow.run()
+    assert "safepoint: flow 'prep' recorded sub-step 'fit' (failed)" in records(caplog, "safepoint.flow")
+    caplog.clear()
+    fail[0] = False
+    flow.run()
+    assert records(caplog, "safepoint.flow", logging.INFO) == [
+        "safepoint: flow 'prep' resumed (attempt 2)",
+        "safepoint: flow 'prep' resumes at step 'fit' (1 of 2 completed before)"]
+
+    @safepoint.task(keep_completed=True)
+    def job(ctx: safepoint.TaskContext) -> int:
+        return ctx.step("one", lambda: 1)
+
+    assert safepoint.run_task(job, job_id="j", location=tmp_path) == 1
+    caplog.clear()
+    assert safepoint.run_task(job, job_id="j", location=tmp_path) == 1
+    assert "safepoint: job 'j' completed before (attempt 1); its recorded result is returned and " \
+           "nothing runs" in records(caplog, "safepoint.task", logging.INFO)
