@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+import traceback
 from typing import Any
 
 import pytest
@@ -96,3 +97,34 @@ def test_save_failed_is_an_oserror_with_its_errno() -> None:
 def test_every_public_error_is_covered() -> None:
     covered = {type(e) for e, _, _ in EXAMPLES}
     assert {getattr(errors, n) for n in errors.__all__} == covered
+
+
+def test_within_restates_a_path_for_the_tree_the_user_knows() -> None:
+    error = UnsupportedType("state['a'][0]: cannot store an object (builtins.object); convert it",
+                            tree_path="state['a'][0]", type_name="builtins.object")
+    moved = error.within("data['fit']", "step 'fit' completed")
+    assert str(moved) == ("step 'fit' completed: data['fit']['a'][0]: cannot store an object "
+                          "(builtins.object); convert it")
+    assert (moved.tree_path, moved.type_name) == ("data['fit']['a'][0]", "builtins.object")
+    assert error.within("args", replaces="state['args']").tree_path == "state['a'][0]"
+
+
+def test_trimming_keeps_the_exception_and_its_chain() -> None:
+    def user_code() -> None:
+        try:
+            {}["key"]
+        except KeyError as exc:
+            raise ValueError("bad") from exc
+
+    def engine() -> None:  # stands for safepoint's frames: its code object claims their file
+        user_code()
+
+    engine.__code__ = engine.__code__.replace(co_filename=errors.PACKAGE_DIR + "/engine.py")
+    entry = errors.user_frames(engine)
+    with pytest.raises(ValueError) as info:
+        entry()
+    error = info.value
+    assert isinstance(error.__cause__, KeyError) and error.__cause__.__traceback__ is not None
+    names = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+    assert names == ["test_trimming_keeps_the_exception_and_its_chain", "entry",
+                     "user_code"]

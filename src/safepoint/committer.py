@@ -17,13 +17,14 @@ written until the error has been raised.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger("safepoint")
+from safepoint.errors import logger
+
+log = logger("commit")
 
 
 class Pending:

@@ -4,27 +4,108 @@ Every error derives from :class:`SafepointError`; where a builtin means the same
 a base too (``CheckpointNotFound`` is a ``FileNotFoundError``), so ``except OSError`` code
 keeps working. Errors carry typed fields, declared on each class, and survive pickling, so
 they cross process and Dask boundaries intact.
+
+Also here, the conventions every module follows to report to the user: the ``safepoint``
+loggers (:func:`logger`), warnings attributed to the user's line (:func:`warn_caller`), and
+tracebacks that show the user's frames rather than the engine's (:func:`user_frames`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
 import warnings
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+from safepoint import knobs
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 """Where safepoint's own code lives (frames from here are not the user's)."""
 
+P = ParamSpec("P")
+T = TypeVar("T")
 
-def warn_caller(message: str, category: type[Warning]) -> None:
-    """``warnings.warn`` attributed to the first frame outside the safepoint package."""
+
+def logger(area: str) -> logging.Logger:
+    """The logger of one area of safepoint: ``safepoint.run``, ``safepoint.lease``, ...
+
+    All are children of the ``safepoint`` logger, which has no handler of its own: an
+    application that configured logging gets the records where it sends them; one that did
+    not sees WARNING and above on stderr (Python's last-resort handler) and nothing else.
+    """
+    return logging.getLogger(f"safepoint.{area}")
+
+
+def warn_caller(message: str, category: type[Warning], *, log: logging.Logger | None = None) -> None:
+    """``warnings.warn`` attributed to the first frame outside the safepoint package.
+
+    With ``log``, the message is also logged there at WARNING where the application
+    configured logging (else Python prints the warning, and would print it twice).
+    """
     level = 2
     frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+    if log is not None and log.hasHandlers():
+        log.warning("safepoint: %s", message)
+
+
+def _is_ours(tb: TracebackType) -> bool:
+    return tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR)
+
+
+def trim_traceback(exc: BaseException) -> BaseException:
+    """Drop from ``exc``'s traceback safepoint's frames that lie between user frames (an
+    engine calling a user's step); frames after the last user frame stay: they say where
+    safepoint itself raised. Returns ``exc``, its type, notes and chain untouched."""
+    if not knobs.TRIM_TRACEBACKS:
+        return exc
+    entries: list[TracebackType] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    last_user = max((i for i, e in enumerate(entries) if not _is_ours(e)), default=-1)
+    kept = [e for i, e in enumerate(entries) if i >= last_user or not _is_ours(e)]
+    if len(kept) == len(entries):
+        return exc
+    rebuilt: TracebackType | None = None
+    for entry in reversed(kept):
+        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return exc.with_traceback(rebuilt)
+
+
+def user_frames(fn: Callable[P, T]) -> Callable[P, T]:
+    """Decorate an entry point that calls user code (a flow's run, a task's call): an
+    error leaves it with the engine's frames trimmed (:func:`trim_traceback`), so that the
+    traceback goes from the user's call, through this one frame, to the user's code."""
+    @functools.wraps(fn)
+    def entry(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            trim_traceback(exc)
+            raise exc  # safepoint's frames hidden: SAFEPOINT_FULL_TRACEBACKS=1 shows them
+
+    return entry
+
+
+def async_user_frames(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """:func:`user_frames` for a coroutine function."""
+    @functools.wraps(fn)
+    async def entry(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except BaseException as exc:
+            trim_traceback(exc)
+            raise exc  # safepoint's frames hidden: SAFEPOINT_FULL_TRACEBACKS=1 shows them
+
+    return entry
 
 
 class SafepointError(Exception):
@@ -132,6 +213,17 @@ class UnsupportedType(SafepointError, TypeError):
 
     def __init__(self, message: str, *, tree_path: str = "", type_name: str = "") -> None:
         super().__init__(message, tree_path=tree_path, type_name=type_name)
+
+    def within(self, root: str, context: str = "", *, replaces: str = "state") -> UnsupportedType:
+        """The same error restated for a tree the user knows by another name: ``root``
+        replaces the leading ``replaces`` of the path (``state`` by ``result`` or
+        ``data['fit']``), and ``context`` (what was being stored, and why) comes first."""
+        path = self.tree_path
+        where = root + path[len(replaces):] if path.startswith(replaces) else path
+        message = where + self.message[len(path):] if path and self.message.startswith(path) \
+            else self.message
+        return UnsupportedType(f"{context}: {message}" if context else message,
+                               tree_path=where, type_name=self.type_name)
 
 
 class StepExists(SafepointError, FileExistsError):

@@ -59,3 +59,9 @@ LEASE_POLL = 0.2
 """Seconds between looks at a busy name, when waiting for its writer to let go."""
 LOG_COMPACT_RECORDS = 256
 """On object stores a run's log (one object per record) is compacted after this many."""
+
+# ---------------------------------------------------------------- errors
+
+TRIM_TRACEBACKS = os.environ.get("SAFEPOINT_FULL_TRACEBACKS", "") in ("", "0")
+"""A failing flow step or task shows the user's frames, not the engine's that called them
+(``$SAFEPOINT_FULL_TRACEBACKS=1`` keeps every frame, to debug safepoint itself)."""

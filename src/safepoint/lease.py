@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from safepoint import knobs
-from safepoint.errors import CorruptCheckpoint, LeaseHeld, StaleAttempt
+from safepoint.errors import CorruptCheckpoint, LeaseHeld, StaleAttempt, logger
 from safepoint.store import Store
 
-log = logging.getLogger("safepoint")
+log = logger("lease")
 
 FOLDER = "lease"
 _TICKET = re.compile(r"(\d{8})(\.released)?")

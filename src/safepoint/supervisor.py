@@ -8,11 +8,15 @@ supervisor are passed on to the command, and then nothing is restarted: the user
 scheduler) asked the job to stop. On Linux, a supervisor that dies (even by SIGKILL) takes
 its command with it: the command gets SIGTERM (a parent-death signal), so that no orphan
 goes on writing while a new supervisor starts a second writer.
+
+Each crash and restart is logged on the ``safepoint.supervisor`` logger (WARNING; a stop
+asked for by a signal at INFO); ``notify`` is how a front end (the CLI) shows them too.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shlex
 import signal
@@ -22,6 +26,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+
+from safepoint.errors import logger
+
+log = logger("supervisor")
 
 ATTEMPT_ENV = "SAFEPOINT_ATTEMPT"
 """The environment variable that tells a command which attempt it is (1 for the first)."""
@@ -86,8 +94,10 @@ class Supervisor:
     """Runs ``command`` until it succeeds, is stopped by a signal we forwarded, or has been
     restarted ``max_restarts`` times. :meth:`run` returns its shell-style exit status.
 
-    ``sleep`` and ``notify`` are injectable (tests pass a recording fake instead of waiting);
-    the default sleep ends early when SIGINT or SIGTERM arrives.
+    ``sleep`` is injectable (tests pass a recording fake instead of waiting); the default
+    sleep ends early when SIGINT or SIGTERM arrives. Crashes and restarts are logged;
+    ``notify``, when given, gets each of those lines too (the CLI prints them), and they
+    are then logged only where the application configured logging, so never shown twice.
     """
 
     command: Sequence[str]
@@ -95,7 +105,7 @@ class Supervisor:
     backoff: float = 1.0
     max_backoff: float = 60.0
     env: Mapping[str, str] | None = None
-    notify: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
+    notify: Callable[[str], None] | None = None
     sleep: Callable[[float], None] | None = None
     stop_signal: int | None = field(default=None, init=False)
     _child: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -134,20 +144,26 @@ class Supervisor:
             if returncode == 0 or self.stop_signal is not None:
                 return status
             if attempt > self.max_restarts:
-                self.notify(f"safepoint run: `{label}` {describe_exit(returncode)}; gave up after "
-                            f"{self.max_restarts} restart{'' if self.max_restarts == 1 else 's'} "
-                            f"(exit status {status})")
+                self._report(f"safepoint run: `{label}` {describe_exit(returncode)}; gave up after "
+                             f"{self.max_restarts} restart{'' if self.max_restarts == 1 else 's'} "
+                             f"(exit status {status})", logging.ERROR)
                 return status
             wait = self.delay(attempt)
-            self.notify(f"safepoint run: `{label}` {describe_exit(returncode)} (attempt {attempt}); "
-                        f"restarting in {wait:g} s (attempt {attempt + 1} of "
-                        f"{self.max_restarts + 1})")
+            self._report(f"safepoint run: `{label}` {describe_exit(returncode)} (attempt {attempt}); "
+                         f"restarting in {wait:g} s (attempt {attempt + 1} of "
+                         f"{self.max_restarts + 1})")
             (self.sleep or self._sleep_unless_stopped)(wait)
             if self.stop_signal is not None:  # stopped while waiting: do not start again
-                self.notify(f"safepoint run: stopped by {signal.Signals(self.stop_signal).name}; "
-                            "not restarting")
+                self._report(f"safepoint run: stopped by {signal.Signals(self.stop_signal).name}; "
+                             "not restarting", logging.INFO)
                 return status
             attempt += 1
+
+    def _report(self, line: str, level: int = logging.WARNING) -> None:
+        if self.notify is not None:
+            self.notify(line)
+        if self.notify is None or log.hasHandlers():
+            log.log(level, "%s", line)
 
     def _run_once(self, attempt: int) -> int:
         env = dict(os.environ if self.env is None else self.env)

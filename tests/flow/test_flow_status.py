@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import traceback
 from datetime import datetime
 from fractions import Fraction
 
@@ -9,8 +11,9 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import Checkpointer, CorruptCheckpointWarning
+from safepoint import Checkpointer, CorruptCheckpointWarning, knobs
 from safepoint.errors import (
+    PACKAGE_DIR,
     CheckpointNotFound,
     CorruptCheckpoint,
     KindMismatch,
@@ -266,7 +269,7 @@ def test_unstorable_results_are_recorded_as_failures(tmp_path):
         flow.run()
     assert [r.status for r in flow.status()] == ["done", "failed", "pending"]
     bad[0] = False
-    with pytest.raises(UnsupportedType, match="the data returned by 'returns_object'"):
+    with pytest.raises(UnsupportedType, match=r"step 'returns_object' .* data\['returns_object'\]: cannot store an object"):
         flow.run()
     assert flow.state_before("returns_object") == {"ok": 1, "thing": "fine"}
 
@@ -371,3 +374,73 @@ def test_step_registration_errors(tmp_path):
         flow.step(load=3, name="y")
     with pytest.raises(SafepointError, match="no steps"):
         Flow("empty", location=tmp_path).run()
+
+
+def _frames(error: BaseException) -> list[tuple[bool, str]]:
+    """(is safepoint's, function name) for each frame of the traceback, outermost first."""
+    return [(frame.filename.startswith(PACKAGE_DIR), frame.name)
+            for frame in traceback.extract_tb(error.__traceback__)]
+
+
+def _failing_flow(tmp_path, name: str) -> Flow:
+    flow = Flow(name, location=tmp_path)
+
+    @flow.step
+    def prep(state, data):
+        state["n"] = 1
+
+    @flow.step
+    def fit(state, data):
+        return divide(state["n"], 0)
+
+    return flow
+
+
+def divide(a: int, b: int) -> float:
+    return a / b
+
+
+def test_a_failing_steps_traceback_shows_the_users_frames(tmp_path):
+    flow = _failing_flow(tmp_path, "tb")
+    with pytest.raises(ZeroDivisionError) as info:
+        flow.run()
+    frames = _frames(info.value)
+    assert frames[0] == (False, "test_a_failing_steps_traceback_shows_the_users_frames")
+    assert frames[-2:] == [(False, "fit"), (False, "divide")]
+    assert sum(ours for ours, _ in frames) <= 1  # at most the one entry frame
+    text = "".join(traceback.format_exception(info.value))
+    assert "engine.py" not in text and "drivers.py" not in text
+    assert "SAFEPOINT_FULL_TRACEBACKS=1" in text  # the one frame says how to see them all
+    assert "flow 'tb' stopped at step 'fit'" in text  # the note is kept
+    assert type(info.value) is ZeroDivisionError
+    assert "in divide" in flow.status()[1].traceback  # the recorded one too
+
+
+def test_an_async_failing_steps_traceback_shows_the_users_frames(tmp_path):
+    flow = Flow("atb", location=tmp_path)
+
+    @flow.step
+    async def fetch(state, data):
+        await asyncio.sleep(0)
+        raise LookupError("no such page")
+
+    with pytest.raises(LookupError) as info:
+        asyncio.run(flow.arun())
+    frames = _frames(info.value)
+    user = [i for i, (ours, name) in enumerate(frames) if name == "fetch"]
+    assert user and frames[user[0] - 1][0] and not frames[user[0] - 2][0]  # one frame between
+
+
+def test_full_tracebacks_can_be_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(knobs, "TRIM_TRACEBACKS", False)
+    with pytest.raises(ZeroDivisionError) as info:
+        _failing_flow(tmp_path, "full").run()
+    names = [name for ours, name in _frames(info.value) if ours]
+    assert "_run_step" in names and "drive" in names
+
+
+def test_an_error_safepoint_raises_keeps_its_frames(tmp_path):
+    flow = Flow("empty", location=tmp_path)
+    with pytest.raises(SafepointError, match="has no steps") as info:
+        flow.run()
+    assert "_execute" in [name for ours, name in _frames(info.value) if ours]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import pickle
+import threading
 import tracemalloc
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from safepoint.checkpointer import Checkpointer
-from safepoint.errors import StateMismatch, UnsupportedType
+from safepoint.errors import SafepointError, StateMismatch, UnsupportedType
 from safepoint.format import iter_tree_summary, prepare
 from safepoint.knobs import INLINE_LIMIT
 from safepoint.store import LocalStore
@@ -169,6 +171,54 @@ def test_unsupported_values_are_named_by_their_path() -> None:
     assert "allow_pickle=True" in message
     assert info.value.tree_path == "state['model']['layers'][3]"
     assert info.value.type_name.endswith(".Foo")
+
+
+@pytest.mark.parametrize(("value", "described"), [
+    (object(), "an object (builtins.object)"),
+    (Foo(), "a Foo (test_format_tree.Foo)"),
+    (type("Apple", (), {})(), "an Apple (test_format_tree.Apple)"),
+    (lambda: 1, "a function (builtins.function)"),
+])
+def test_the_type_is_named_with_its_article(value: Any, described: str) -> None:
+    with pytest.raises(UnsupportedType, match=r"^state\['x'\]: cannot store (.*?);") as info:
+        prepare({"x": value})
+    assert str(info.value).split("cannot store ", 1)[1].startswith(described + ";")
+
+
+class Model:
+    def __init__(self) -> None:
+        self.weights = [1.0, 2.0]
+        self.layers = [{"name": "a"}, {"name": "b", "lock": threading.Lock()}]
+
+
+def _pickle_failure(state: Any) -> UnsupportedType:
+    with pytest.raises(UnsupportedType) as info:
+        prepare(state, allow_pickle=True)
+    assert isinstance(info.value, SafepointError) and isinstance(info.value, TypeError)
+    assert not isinstance(info.value, pickle.PicklingError)
+    assert "allow_pickle=True" in str(info.value)
+    assert "leave it out of the state and create it again after a resume" in str(info.value)
+    return info.value
+
+
+def test_a_value_pickle_refuses_is_named_by_its_path() -> None:
+    error = _pickle_failure({"model": {"hook": lambda x: x, "ok": 1}})
+    assert str(error).startswith("state['model']['hook']: cannot pickle a function "
+                                 "(builtins.function) even with allow_pickle=True (")
+    assert error.tree_path == "state['model']['hook']"
+    assert isinstance(error.__cause__, pickle.PicklingError | AttributeError)
+
+    error = _pickle_failure({"model": {"lock": threading.Lock()}})
+    assert str(error).startswith("state['model']['lock']: cannot pickle a lock (_thread.lock)")
+
+
+def test_the_part_of_an_object_that_pickle_refuses_is_named() -> None:
+    error = _pickle_failure({"model": Model()})
+    assert str(error).startswith(
+        "state['model'].layers[1]['lock']: cannot pickle a lock (_thread.lock), inside a Model "
+        "(test_format_tree.Model) at state['model'], even with allow_pickle=True")
+    assert error.tree_path == "state['model'].layers[1]['lock']"
+    assert error.type_name == "_thread.lock"
 
 
 @pytest.mark.parametrize("value", [np.array([object()], dtype=object), {1, 2}, object(),

@@ -134,8 +134,10 @@ def test_a_changed_file_is_detected(numbers: Any, store: Path) -> None:
 
     with path.open("a") as f:  # it grew
         f.write("12345\n")
-    with pytest.raises(InputChanged, match="size changed"), runs.resume("job", location=store) as run:
+    with pytest.raises(InputChanged, match="size changed") as info, \
+            runs.resume("job", location=store) as run:
         run.lines(path)
+    assert "Start over with `safepoint rm job`" in str(info.value)  # the run's real name
 
     data = bytearray(path.read_bytes()[:-6])
     offset = saved(store, "job").record.source["offset"]
@@ -214,8 +216,10 @@ def test_an_output_shorter_than_its_checkpoint_is_refused(store: Path, tmp_path:
         run.checkpoint()
         raise Boom
     out.write_text("some")
-    with pytest.raises(InputChanged, match="has 4 bytes"), runs.resume("job", location=store) as run:
+    with pytest.raises(InputChanged, match="has 4 bytes") as info, \
+            runs.resume("job", location=store) as run:
         run.open_output(out)
+    assert "Start over with `safepoint rm job`" in str(info.value)  # the run's real name
 
 
 def test_a_resumed_run_knows_how_far_through_the_file_it_is(numbers: Any, store: Path) -> None:

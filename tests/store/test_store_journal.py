@@ -142,8 +142,9 @@ def test_a_damaged_first_record_is_damage_not_an_empty_log(tmp_path: Path) -> No
     path.write_bytes(bytes(data))
     found = scan(bytes(data))
     assert found.records == [] and "first record" in found.damage[0]
-    with pytest.raises(CorruptCheckpoint, match="no intact record"):
+    with pytest.raises(CorruptCheckpoint, match="no intact record") as info:
         Journal(store, KEY).open()  # a run must not silently start over
+    assert f"`safepoint rm {KEY.rpartition('/')[0]}` to start over" in str(info.value)
 
 
 def test_compaction_keeps_what_it_is_given_and_bounds_the_size(tmp_path: Path) -> None:

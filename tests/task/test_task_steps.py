@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,13 @@ import pytest
 import task_support
 
 from safepoint.checkpointer import Checkpointer, committed_steps
-from safepoint.errors import InputChanged, SafepointError, StateMismatch, UnsupportedType
+from safepoint.errors import (
+    PACKAGE_DIR,
+    InputChanged,
+    SafepointError,
+    StateMismatch,
+    UnsupportedType,
+)
 from safepoint.policy import after_substep, every, manual
 from safepoint.run import describe_run
 from safepoint.store import LocalStore
@@ -433,3 +441,107 @@ def test_small_results_live_in_the_record_and_large_ones_in_their_own_folder(sto
     small, long, array = run_task(job, job_id="sizes", location=store)
     assert (small, long, array.tolist()) == (7, list(range(5000)), [1.0] * 1000)
     assert folders[:3] == [0, 1, 2]
+
+
+def _frames(error: BaseException) -> list[tuple[bool, str]]:
+    """(is safepoint's, function name) for each frame of the traceback, outermost first."""
+    return [(frame.filename.startswith(PACKAGE_DIR), frame.name)
+            for frame in traceback.extract_tb(error.__traceback__)]
+
+
+def _between(frames: list[tuple[bool, str]], outer: str, inner: str) -> list[tuple[bool, str]]:
+    names = [name for _, name in frames]
+    return frames[names.index(outer) + 1:names.index(inner)]
+
+
+def parse(text: str) -> int:
+    return int(text)
+
+
+@task
+def failing_substep(ctx: TaskContext, text: str) -> int:
+    with ctx.substep("parse"):
+        return parse(text)
+
+
+@task
+def failing_step(ctx: TaskContext, text: str) -> int:
+    return ctx.step("parse", parse, text)
+
+
+@pytest.mark.parametrize("call", ["call", "run_task", "run"])
+def test_a_failing_sub_steps_traceback_shows_the_users_frames(store: Path, call: str) -> None:
+    with pytest.raises(ValueError, match="invalid literal") as info:
+        if call == "call":
+            failing_substep("x")
+        elif call == "run_task":
+            run_task(failing_substep, "x", location=store)
+        else:
+            failing_substep.run(("x",), {}, location=store)
+    frames = _frames(info.value)
+    assert frames[0][1] == "test_a_failing_sub_steps_traceback_shows_the_users_frames"
+    assert frames[-2:] == [(False, "failing_substep"), (False, "parse")]
+    assert len([f for f in _between(frames, frames[0][1], "failing_substep") if f[0]]) <= 1
+    assert type(info.value) is ValueError
+    assert any("stopped" in note for note in info.value.__notes__)  # the run's note is kept
+
+
+def test_a_failing_durable_steps_traceback_shows_the_users_frames(store: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        run_task(failing_step, "x", location=store)
+    frames = _frames(info.value)
+    assert [ours for ours, _ in _between(frames, frames[0][1], "failing_step")].count(True) <= 1
+    assert [ours for ours, _ in _between(frames, "failing_step", "parse")].count(True) <= 1
+    assert frames[-1] == (False, "parse")
+    text = "".join(traceback.format_exception(info.value))
+    assert "task.py" not in text
+
+
+def test_an_async_tasks_traceback_shows_the_users_frames(store: Path) -> None:
+    @task
+    async def fetch(ctx: TaskContext) -> None:
+        await asyncio.sleep(0)
+        raise LookupError("gone")
+
+    with pytest.raises(LookupError) as info:
+        asyncio.run(run_task(fetch, location=store))
+    frames = _frames(info.value)
+    assert frames[-2:] == [(True, "entry"), (False, "fetch")]  # asyncio's frames, then these
+    assert [ours for ours, _ in frames].count(True) == 1
+
+
+def test_a_sub_step_result_that_cannot_be_stored_names_the_step_and_its_path(store: Path) -> None:
+    @task(allow_pickle=True)
+    def job(ctx: TaskContext) -> Any:
+        return ctx.step("connect", lambda: {"conn": threading.Lock()})
+
+    with pytest.raises(UnsupportedType) as info:
+        run_task(job, job_id="conn", location=store)
+    assert str(info.value).startswith(
+        "task 'conn': sub-step 'connect' ran, but its result cannot be recorded (a resume runs "
+        "it again): result['conn']: cannot pickle a lock (_thread.lock) even with allow_pickle=True")
+    assert info.value.tree_path == "result['conn']"
+
+
+def test_a_return_value_that_cannot_be_stored_names_the_job_and_its_path(store: Path) -> None:
+    @task
+    def job(ctx: TaskContext) -> Any:
+        return {"model": {"hook": print}}
+
+    with pytest.raises(UnsupportedType) as info:
+        run_task(job, job_id="ret", location=store)
+    assert str(info.value).startswith("job 'ret' returned, but its return value cannot be "
+                                      "recorded: result['model']['hook']: cannot store a ")
+
+
+def test_arguments_that_cannot_be_stored_are_named_as_the_caller_wrote_them(store: Path) -> None:
+    @task
+    def job(ctx: TaskContext, path: str, *, options: Any = None) -> None:
+        pass
+
+    with pytest.raises(UnsupportedType, match=r": args\[0\]: cannot store an object \(") as info:
+        run_task(job, object(), location=store)
+    assert info.value.tree_path == "args[0]"
+    with pytest.raises(UnsupportedType, match=r": kwargs\['options'\]\['lock'\]: cannot store a "
+                       r"lock \(_thread.lock\)"):
+        run_task(job, "p", options={"lock": threading.Lock()}, location=store)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +42,8 @@ from safepoint.errors import (
     SaveFailed,
     StepExists,
     WriteConflict,
+    logger,
+    warn_caller,
 )
 from safepoint.format import (
     Manifest,
@@ -60,6 +61,8 @@ from safepoint.retention import Retention, keep_all, keep_best, keep_every, keep
 from safepoint.signals import PREEMPT_SIGNALS, SignalGuard
 from safepoint.stateful import capture, restore_into
 from safepoint.store import ABSENT, Location, Store, check_name, open_store
+
+log = logger("checkpointer")
 
 _RETRIES = 1000
 """Times a reader starts over when the step it read was removed by retention meanwhile."""
@@ -283,8 +286,9 @@ class Checkpointer:
         metadata, extra = json_copy(metadata, "metadata"), json_copy(extra, "extra")
         request = _SaveRequest(step, prepared, metadata, overwrite, extra)
         self._last_save_time, self._last_step = self._clock(), step
-        if blocking:
-            self._write(request)
+        if blocking:  # a holder looked at the newest step just now: no second look
+            held = self.lease is not None and not overwrite
+            self._write(request, seen=(latest,) if held else None)
             done = Pending(step)
             done._finish()
             return done
@@ -319,7 +323,9 @@ class Checkpointer:
         if self.fence is not None:
             self.fence()
 
-    def _write(self, request: _SaveRequest) -> None:
+    def _write(self, request: _SaveRequest, *, seen: tuple[int | None] | None = None) -> None:
+        """Write and commit ``request``; ``seen``: the newest step, looked at just now
+        under the lease held already (else it is looked at here)."""
         with self._lock:
             self._take_lease()
             if not self._cleaned:  # housekeeping: never a reason to fail the save
@@ -328,7 +334,7 @@ class Checkpointer:
                                     deep=False)
                 self._cleaned = True
             step = request.step
-            newest, _ = self._newest()
+            newest = seen[0] if seen is not None else self._newest()[0]
             becomes_newest = newest is None or step >= newest
             previous = None
             if request.overwrite and self.store.exists(manifest_key(self.name, step)):
@@ -353,6 +359,7 @@ class Checkpointer:
             except BaseException:
                 self._expect = None  # a failed commit may have rolled the record back: look again
                 raise
+            log.debug("safepoint: %r committed step %d in %s", self.name, step, self.store.url)
             if becomes_newest:
                 self._latest = (version, step)
                 self._expect = version if self.store.conditional else None
@@ -484,7 +491,17 @@ class Checkpointer:
         self.wait()
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
         if step is not None:
-            return self._restore_step(_check_step(step), into, mmap, pickle_ok)
+            restored = self._restore_step(_check_step(step), into, mmap, pickle_ok)
+            log.debug("safepoint: %r restored step %d from %s", self.name, restored.step,
+                      self.store.url)
+            return restored
+        restored, fell_back = self._restore_newest(into, mmap, pickle_ok)
+        log.info("safepoint: %r restored step %d from %s%s", self.name, restored.step,
+                 self.store.url, " (a fallback: the newer steps are damaged)" if fell_back else "")
+        return restored
+
+    def _restore_newest(self, into: Any, mmap: bool, pickle_ok: bool) -> tuple[Restored, bool]:
+        """The newest intact step, and whether a damaged newer one was skipped for it."""
         for _ in range(_RETRIES):
             try:
                 newest = read_manifest(self.store, self.name)
@@ -495,13 +512,14 @@ class Checkpointer:
             if newest is None:
                 return self._restore_fallback(None, into, mmap, pickle_ok)
             try:
-                return self._restore_step(newest.step, into, mmap, pickle_ok, newest)
+                return self._restore_step(newest.step, into, mmap, pickle_ok, newest), False
             except CorruptCheckpoint as exc:
                 if self._removed_meanwhile(newest.step):
                     continue
-                warnings.warn(f"skipping damaged checkpoint {self.name!r} step {newest.step}: {exc}",
-                              CorruptCheckpointWarning, stacklevel=2)
-                return self._restore_fallback(newest.step, into, mmap, pickle_ok)
+                warn_caller(f"skipping damaged checkpoint {self.name!r} step {newest.step}: {exc}",
+                            CorruptCheckpointWarning, log=log)
+                restored, _ = self._restore_fallback(newest.step, into, mmap, pickle_ok)
+                return restored, True
         raise SafepointError(
             f"{self.name!r} in {self.store.url}: every step read was removed by retention "
             f"before it could be read, {_RETRIES} times; the writer saves faster than this "
@@ -511,24 +529,26 @@ class Checkpointer:
         """Whether ``step`` was removed (by retention) since it was read, rather than damaged."""
         return not self.store.exists(manifest_key(self.name, step))
 
-    def _restore_fallback(self, below: int | None, into: Any, mmap: bool, allow_pickle: bool) -> Restored:
+    def _restore_fallback(self, below: int | None, into: Any, mmap: bool,
+                          allow_pickle: bool) -> tuple[Restored, bool]:
         steps = committed_steps(self.store, self.name, None)
         if below is not None:
             steps = [s for s in steps if s < below]
         elif not steps:
             raise CheckpointNotFound(
                 f"no checkpoint named {self.name!r} in {self.store.url}", name=self.name)
+        skipped = False
         for candidate in reversed(steps):
             try:
-                return self._restore_step(candidate, into, mmap, allow_pickle)
+                return self._restore_step(candidate, into, mmap, allow_pickle), skipped
             except CheckpointNotFound:
                 continue  # removed meanwhile
             except CorruptCheckpoint as exc:
                 if self._removed_meanwhile(candidate):
                     continue
-                warnings.warn(
-                    f"skipping damaged checkpoint {self.name!r} step {candidate}: {exc}",
-                    CorruptCheckpointWarning, stacklevel=3)
+                skipped = True
+                warn_caller(f"skipping damaged checkpoint {self.name!r} step {candidate}: {exc}",
+                            CorruptCheckpointWarning, log=log)
         raise CorruptCheckpoint(
             f"every checkpoint of {self.name!r} in {self.store.url} is damaged; "
             "`safepoint verify` lists the problems")

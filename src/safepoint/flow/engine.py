@@ -29,6 +29,9 @@ from safepoint.errors import (
     CorruptCheckpoint,
     SafepointError,
     UnsupportedType,
+    async_user_frames,
+    logger,
+    user_frames,
     warn_caller,
 )
 from safepoint.flow.drivers import Call, adrive, drive
@@ -53,6 +56,7 @@ from safepoint.stateful import capture
 from safepoint.store import Location, check_name, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logger("flow")
 State = dict[str, Any]
 Reload = Literal["first", "always"]
 
@@ -261,6 +265,7 @@ class Flow:
 
     # ----------------------------------------------------------------- running
 
+    @user_frames
     def run(
         self, initial_state: Mapping[str, Any] | None = None, *, start_at: str | int | None = None,
         reload: Reload = "first",
@@ -282,6 +287,7 @@ class Flow:
                     "run the flow with `await flow.arun(...)`")
         return drive(self._execute(initial_state, start_at, reload))
 
+    @async_user_frames
     async def arun(
         self, initial_state: Mapping[str, Any] | None = None, *, start_at: str | int | None = None,
         reload: Reload = "first",
@@ -320,7 +326,7 @@ class Flow:
                 warn_caller(
                     f"flow {self.name!r} is complete and keep_completed=True, so initial_state "
                     "is ignored and the recorded final state returned; pass start_at=0 to run "
-                    "with it", UserWarning)
+                    "with it", UserWarning, log=log)
             return copy.deepcopy(final)
         if start == 0 and initial_state is not None:
             self._check_storable(initial_state)
@@ -332,6 +338,9 @@ class Flow:
         run.current = copy.deepcopy(first_state)
         run.progress(start / len(steps))
         run._commit(wait=True)  # where this run starts, and with what
+        if start > 0:
+            log.info("safepoint: flow %r resumes at step %r (%d of %d completed before)",
+                     self.name, steps[start].name, start, len(steps))
         for step in steps[start:]:
             self._memory.pop(step.name, None)
         stored = {s.name: partial(self._stored_output, run, view.steps[i], s.name)
@@ -405,7 +414,7 @@ class Flow:
             run._record_step(key, step.name, started, error=exc, extra={"code": step.code})
         except Exception as commit_error:
             warn_caller(f"flow {self.name!r}: could not record the failure of step "
-                        f"{step.name!r}: {commit_error}", RuntimeWarning)
+                        f"{step.name!r}: {commit_error}", RuntimeWarning, log=log)
         note = (f"safepoint: flow {self.name!r} stopped at step {step.name!r}; fix it and run "
                 "the flow again to resume at this step")
         if hasattr(exc, "add_note"):
@@ -436,7 +445,7 @@ class Flow:
                 f"flow {self.name!r}: the code of step {names[index]!r} changed since it completed "
                 f"({format_when(view.steps[index].started)}); its recorded result is reused. "
                 f"Rerun from it with run(start_at={names[index]!r}), or create the flow with "
-                "rerun_changed=True", StepChangedWarning)
+                "rerun_changed=True", StepChangedWarning, log=log)
         return start if start < count else None
 
     def _state_after(self, run: FlowRun, view: FlowView, index: int) -> State:
@@ -456,7 +465,7 @@ class Flow:
             warn_caller(
                 f"flow {self.name!r}: initial_state differs from the one this flow started "
                 f"with, and is ignored while resuming at step {start}; pass start_at=0 to "
-                "start over with it", UserWarning)
+                "start over with it", UserWarning, log=log)
         return self._state_after(run, view, start - 1)
 
     def _check_storable(self, initial: Mapping[str, Any]) -> None:
@@ -464,9 +473,7 @@ class Flow:
         try:
             prepare(capture(dict(initial)), allow_pickle=self.allow_pickle)
         except UnsupportedType as exc:
-            where = exc.tree_path.replace("state", "initial_state", 1)
-            raise UnsupportedType(exc.message.replace(exc.tree_path, where, 1), tree_path=where,
-                                  type_name=exc.type_name) from exc
+            raise exc.within("initial_state") from exc
 
     def _index(self, step: str | int) -> int:
         names = self.steps
@@ -611,13 +618,11 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 
 def _unstorable(step: str, exc: UnsupportedType, *, output: bool = False) -> UnsupportedType:
-    """Restate a storage error in the step's terms: its state, or the data it returned."""
-    def local(text: str) -> str:
-        return text.replace("state", f"the data returned by {step!r}", 1) if output else text
-
-    return UnsupportedType(
-        f"step {step!r} completed but its result cannot be stored, so it is recorded as failed: "
-        f"{local(exc.message)}", tree_path=local(exc.tree_path), type_name=exc.type_name)
+    """Restate a storage error in the step's terms: its state, or the data it returned
+    (``data['fit']`` to the steps after it)."""
+    return exc.within(f"data[{step!r}]" if output else "state",
+                      f"step {step!r} completed but its result cannot be stored, so it is "
+                      "recorded as failed")
 
 
 def _same_tree(a: Any, b: Any) -> bool:

@@ -250,11 +250,37 @@ class Encoder:
         try:
             data = pickle.dumps(obj, protocol=5)
         except Exception as exc:  # PicklingError, TypeError, AttributeError of a local class...
+            part, culprit = _unpicklable_part(obj)
+            inside = f", inside {_describe_type(obj)} at {path}," if part else ""
             raise UnsupportedType(
-                f"{path}: cannot pickle {_describe_type(obj)} even with allow_pickle=True "
-                f"({type(exc).__name__}: {exc}); convert it to plain values, or give it "
-                "state_dict()/load_state_dict()", tree_path=str(path), type_name=name) from exc
+                f"{path}{part}: cannot pickle {_describe_type(culprit)}{inside} even with "
+                f"allow_pickle=True ({type(exc).__name__}: {exc}); leave it out of the state "
+                "and create it again after a resume, convert it to plain values, or give its "
+                "owner state_dict()/load_state_dict()", tree_path=f"{path}{part}",
+                type_name=f"{type(culprit).__module__}.{type(culprit).__qualname__}") from exc
         return {"$": "pickle", "type": name, **self._data(memoryview(data), path)}
+
+
+def _unpicklable_part(obj: Any, depth: int = 4) -> tuple[str, Any]:
+    """Where inside an object that pickle refused the trouble lies: ``(".hook", <lambda>)``
+    for an attribute, ``("['k'][2]", ...)`` for items; ``("", obj)`` when no smaller part
+    fails on its own. Only called after a failure, so its cost does not matter."""
+    parts: list[tuple[str, Any]] = []
+    if isinstance(obj, dict):
+        parts = [(f"[{key_text(k)}]", v) for k, v in list(obj.items())[:1000]]
+    elif isinstance(obj, list | tuple | set | frozenset):
+        parts = [(f"[{i}]", v) for i, v in enumerate(list(obj)[:1000])]
+    elif isinstance(getattr(obj, "__dict__", None), dict):
+        parts = [(f".{k}", v) for k, v in list(vars(obj).items())[:1000]]
+    for label, value in parts:
+        try:
+            pickle.dumps(value, protocol=5)
+        except Exception:
+            if depth <= 1:
+                return label, value
+            inner, culprit = _unpicklable_part(value, depth - 1)
+            return label + inner, culprit
+    return "", obj
 
 
 def bytes_view(array: np.ndarray) -> memoryview:

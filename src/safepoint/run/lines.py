@@ -73,11 +73,13 @@ class LineSource:
     kind = "lines"
     total = None  # the number of lines is not known in advance
 
-    def __init__(self, path: str | os.PathLike[str], *, encoding: str, on_change: OnChange) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, encoding: str, on_change: OnChange,
+                 name: str) -> None:
         if on_change not in ("error", "ignore"):
             raise ValueError(f"on_change must be 'error' or 'ignore', not {on_change!r}")
         check_encoding(encoding)
         self.path = os.path.abspath(os.fspath(path))
+        self.name = name  # of the run, for messages
         self.encoding = encoding
         self.on_change = on_change
         self.file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
@@ -118,7 +120,7 @@ class LineSource:
             raise InputChanged(
                 f"{self.path} changed since the checkpoint at line {position} (byte {offset}): "
                 f"{problem}. The lines already counted may no longer be the file's. Start over "
-                "with `safepoint rm NAME`, or pass on_change=\"ignore\" to go on from byte "
+                f"with `safepoint rm {self.name}`, or pass on_change=\"ignore\" to go on from byte "
                 f"{offset} anyway", path=self.path)
 
     def _read_block(self) -> bytes:

@@ -143,7 +143,7 @@ def read_log(store: Store, name: str) -> Replay:
             replay.damage.append(str(exc))
     if not replay.records and replay.damage:
         raise CorruptCheckpoint(f"{where}: no intact record ({replay.damage[0]}); the run cannot "
-                                "resume from it. `safepoint rm` the name to start over", path=where)
+                                f"resume from it. `safepoint rm {name}` to start over", path=where)
     return replay
 
 

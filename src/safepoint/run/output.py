@@ -38,8 +38,9 @@ class Output:
 class Outputs:
     """The outputs of one run."""
 
-    def __init__(self, committed: dict[str, int], *, durable: bool) -> None:
+    def __init__(self, committed: dict[str, int], *, durable: bool, name: str) -> None:
         self.committed = committed
+        self.name = name  # of the run, for messages
         self.durable = durable
         self.open_files: dict[str, Output] = {}
 
@@ -55,14 +56,14 @@ class Outputs:
             if self.durable:
                 fsync_dir(os.path.dirname(full))  # the new file's name survives a power loss
         else:
-            binary = self._reopen(full, length)
+            binary = self._reopen(full, length, self.name)
         fd = os.dup(binary.fileno())
         file = binary if mode == "wb" else io.TextIOWrapper(binary, encoding=encoding)
         self.open_files[full] = Output(full, file, fd)
         return file
 
     @staticmethod
-    def _reopen(path: str, length: int) -> Any:
+    def _reopen(path: str, length: int, name: str) -> Any:
         try:
             binary = open(path, "r+b")  # noqa: SIM115 (the run closes it)
         except FileNotFoundError:
@@ -74,7 +75,7 @@ class Outputs:
             what = "is missing" if size < 0 else f"has {size} bytes"
             raise InputChanged(
                 f"output {path} {what}, but the checkpoint committed {length} bytes of it: it "
-                "was changed outside the run. Start over with `safepoint rm NAME`", path=path)
+                f"was changed outside the run. Start over with `safepoint rm {name}`", path=path)
         binary.truncate(length)  # drop what a crashed attempt wrote after its checkpoint
         binary.seek(length)
         return binary

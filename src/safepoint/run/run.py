@@ -15,14 +15,13 @@ import copy
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import IO, Any, Literal, TypeVar
 
 from safepoint.checkpointer import CorruptCheckpointWarning, committed_steps, split_location
 from safepoint.committer import Committer
-from safepoint.errors import KindMismatch, SafepointError, StateMismatch, warn_caller
+from safepoint.errors import KindMismatch, SafepointError, StateMismatch, logger, warn_caller
 from safepoint.format import prepare
 from safepoint.lease import Lease
 from safepoint.policy import PolicyLike, Tick, as_policy, default_policy
@@ -38,7 +37,6 @@ from safepoint.signals import STOP_SIGNALS, SegmentWatchdog, SignalGuard, stop_n
 from safepoint.store import Location, Store, check_name, open_store
 
 _R = TypeVar("_R", bound="Run")
-log = logging.getLogger("safepoint")
 
 CommitMode = Literal["sync", "async"]
 WATCHDOG_SECONDS = 0.1
@@ -194,7 +192,8 @@ class Run(DurableSteps):
             warn_caller(
                 f"{self.kind} {self.name!r} in {store.url}: skipped damaged records "
                 f"({'; '.join(replay.damage)}); resuming from the newest intact one. "
-                f"`safepoint verify {self.name}` shows the damage", CorruptCheckpointWarning)
+                f"`safepoint verify {self.name}` shows the damage", CorruptCheckpointWarning,
+                log=logger(self.kind))
         if not replay.records and committed_steps(store, self.name):
             raise KindMismatch(
                 f"{self.name!r} in {store.url} holds checkpoints that are not a {self.kind}'s "
@@ -219,7 +218,8 @@ class Run(DurableSteps):
         if self.complete:  # a writer killed while releasing superseded checkpoints left them
             self._log.tidy(replay)
         state = self._committed  # what the layer above kept of it (a task may start afresh)
-        self._outputs = Outputs(state.outputs if state is not None else {}, durable=self._durable)
+        self._outputs = Outputs(state.outputs if state is not None else {}, durable=self._durable,
+                                name=self.name)
         self._committer = Committer(background=self._commit_mode == "async", coalesce=True,
                                     name=self.name)
         self._last_at = self._clock()
@@ -229,7 +229,7 @@ class Run(DurableSteps):
             self._watchdog.start()
         if self.resumed:
             where = f"at item {state.position:,}" if state is not None and state.frames else ""
-            log.info("safepoint: %s %r resumed %s(attempt %d)", self.kind, self.name,
+            logger(self.kind).info("safepoint: %s %r resumed %s(attempt %d)", self.kind, self.name,
                      f"{where} " if where else "", self.attempt)
 
     def _replay(self, replay: Replay) -> None:
@@ -334,7 +334,7 @@ class Run(DurableSteps):
             note = note.replace("stopped;", "was interrupted and checkpointed;")
         _add_note(exc, note)
         if isinstance(exc, SystemExit) and self._interrupts.pending is not None:
-            print(note, file=sys.stderr)  # SIGTERM: SystemExit prints no traceback, no note
+            logger(self.kind).warning("%s", note)  # SIGTERM: SystemExit prints no traceback, no note
 
     def _require_open(self, what: str) -> None:
         if not self._entered or self._closed:
@@ -394,14 +394,15 @@ class Run(DurableSteps):
         """Lines of a text file (ending with their newline); a rerun seeks to the saved byte
         offset. Raises InputChanged if the file changed since the checkpoint."""
         self._require_open("run.lines()")
-        return self._sync_loop(LineSource(path, encoding=encoding, on_change=on_change), "run.lines()")
+        source = LineSource(path, encoding=encoding, on_change=on_change, name=self.name)
+        return self._sync_loop(source, "run.lines()")
 
     def alines(
         self, path: str | os.PathLike[str], *, encoding: str = "utf-8", on_change: OnChange = "error"
     ) -> AsyncIterator[str]:
         """``async for`` form of :meth:`lines` (blocks are read on a worker thread)."""
         self._require_open("run.alines()")
-        source = LineSource(path, encoding=encoding, on_change=on_change)
+        source = LineSource(path, encoding=encoding, on_change=on_change, name=self.name)
         loop = self._start_loop(source, "run.alines()")
         if loop is None:
             return aio.empty()
@@ -627,6 +628,7 @@ class Run(DurableSteps):
         # the live records, only when this commit starts the segment or compacts it
         live = self._live_steps(record.frames) if not log_.started or log_.due else None
         durable = self._durable
+        log = logger(self.kind)
 
         def job() -> None:
             if value is not None:
@@ -637,6 +639,10 @@ class Run(DurableSteps):
                 for fd in fds:
                     _sync(fd)
             log_.append(record, live)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("safepoint: %s %r committed%s (attempt %d)", self.kind, self.name,
+                          " its completion" if record.complete else
+                          f" at item {record.position:,}" if record.frames else "", self.attempt)
             previous, self._committed = self._committed, record
             if previous is not None:
                 log_.release(previous)

@@ -23,7 +23,14 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from safepoint.errors import PACKAGE_DIR, SafepointError, StepMismatch, SubstepCompleted
+from safepoint.errors import (
+    PACKAGE_DIR,
+    SafepointError,
+    StepMismatch,
+    SubstepCompleted,
+    UnsupportedType,
+    logger,
+)
 from safepoint.run.record import Record
 
 P = ParamSpec("P")
@@ -165,8 +172,13 @@ class DurableSteps:
             record.error = f"{type(error).__name__}: {error}"
             record.traceback = user_traceback(error)
         else:
-            record.result = self._log.tree(result, allow_pickle=self.allow_pickle,
-                                           inline_limit=INLINE_RESULT)
+            try:
+                record.result = self._log.tree(result, allow_pickle=self.allow_pickle,
+                                               inline_limit=INLINE_RESULT)
+            except UnsupportedType as exc:
+                raise exc.within("result", f"{self.kind} {self.name!r}: sub-step {name!r} ran, "
+                                 "but its result cannot be recorded (a resume runs it again)"
+                                 ) from exc
             if output is not None:
                 record.tree = self._log.tree(output, allow_pickle=self.allow_pickle,
                                              inline_limit=INLINE_RESULT)
@@ -175,6 +187,8 @@ class DurableSteps:
         self._log.append(record, live, sync=sync)
         self._step_commits += 1
         self._steps[key] = record
+        logger(self.kind).debug("safepoint: %s %r recorded sub-step %r (%s)", self.kind, self.name,
+                                name, record.status)
         if previous is not None:
             self._log.release(previous)
         return record

@@ -196,7 +196,8 @@ class Journal:
         if not found.records and found.damage:
             raise CorruptCheckpoint(
                 f"{self.where}: no intact record ({found.damage[0]}); the run cannot resume "
-                "from it. `safepoint rm` the name to start over", path=self.where)
+                f"from it. `safepoint rm {self.key.rpartition('/')[0]}` to start over",
+                path=self.where)
         self._fd = self.store.open_for_append(self.key)
         self.end, self.capacity, self.seq = found.end, size, found.seq
         if found.torn:  # bytes after the last intact record: clear them (never a record)

@@ -24,7 +24,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
-from safepoint.errors import InputChanged, UnsupportedType
+from safepoint.errors import (
+    InputChanged,
+    UnsupportedType,
+    async_user_frames,
+    logger,
+    user_frames,
+)
 from safepoint.format import prepare
 from safepoint.policy import Clock, Policy, PolicyLike, after_substep, as_policy, every
 from safepoint.run import Run
@@ -34,6 +40,7 @@ from safepoint.store import Location, check_name
 P = ParamSpec("P")
 R = TypeVar("R")
 _NO_RESULT = object()
+log = logger("task")
 
 
 def default_policy() -> Policy:
@@ -105,6 +112,8 @@ class TaskContext(Run):
         if state is not None and state.complete:
             assert self._log is not None
             self.recorded_result = self._log.load(state.result, allow_pickle=self.allow_pickle)
+            log.info("safepoint: job %r completed before (attempt %d); its recorded result is "
+                     "returned and nothing runs", self.name, state.attempt)
 
     def _check_job(self, header: dict[str, Any]) -> None:
         where = self._store.url if self._store is not None else ""
@@ -123,8 +132,16 @@ class TaskContext(Run):
         if not complete or self._result is _NO_RESULT:
             return None
         assert self._log is not None
-        log_, value = self._log, self._result
-        return lambda: log_.tree(value, allow_pickle=self.allow_pickle)
+        log_, value, name, allow_pickle = self._log, self._result, self.name, self.allow_pickle
+
+        def tree() -> Any:
+            try:
+                return log_.tree(value, allow_pickle=allow_pickle)
+            except UnsupportedType as exc:
+                raise exc.within("result", f"job {name!r} returned, but its return value "
+                                 "cannot be recorded") from exc
+
+        return tree
 
     def _finish(self) -> None:
         """Record completion: the result stays (the job is idempotent); the state, results
@@ -177,6 +194,7 @@ class Task(Generic[P, R]):
         """``module.qualname`` of the function: recorded with the job and checked on resume."""
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
 
+    @user_frames
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run as a job with the default job id in the default store (see :func:`run_task`)."""
         return self.run(args, kwargs)
@@ -196,6 +214,7 @@ class Task(Generic[P, R]):
                            wait=math.inf if wait is None else wait, takeover=takeover,
                            fresh=fresh)
 
+    @user_frames
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, job_id: str | None = None,
             location: Location = None, fresh: bool = False, wait: float | None = None,
             takeover: bool = False) -> R:
@@ -215,6 +234,7 @@ class Task(Generic[P, R]):
             ctx._result = self.fn(ctx, *args, **kwargs)
         return cast(R, ctx._result)
 
+    @async_user_frames
     async def _run_async(self, args: tuple[Any, ...], kwargs: dict[str, Any], job_id: str | None,
                          location: Location, fresh: bool, wait: float | None, takeover: bool) -> Any:
         ctx = self.context(args, kwargs, job_id=job_id, location=location, wait=wait,
@@ -288,6 +308,7 @@ def task(
     return decorate if fn is None else decorate(fn)
 
 
+@user_frames
 def run_task(
     task: Task[P, R] | Callable[Concatenate[TaskContext, P], R],
     /,
@@ -321,10 +342,12 @@ def _inputs(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any])
     try:
         prepared = prepare(tree, allow_pickle=task.allow_pickle)
     except UnsupportedType as exc:
-        raise UnsupportedType(
+        where = "state['args']" if exc.tree_path.startswith("state['args']") else "state['kwargs']"
+        raise exc.within(
+            where[len("state['"):-len("']")],
             f"task {task.qualified_name}: its arguments are recorded with the job, so they must "
             f"be state-tree values (pass a path or an id instead of a live object, or use "
-            f"allow_pickle=True): {exc}", tree_path=exc.tree_path, type_name=exc.type_name) from exc
+            f"allow_pickle=True)", replaces=where) from exc
     digest = hashlib.sha256(json.dumps(prepared.node, sort_keys=True).encode())
     for blob in prepared.blobs:
         digest.update(blob.data)
