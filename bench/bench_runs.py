@@ -4,8 +4,11 @@ On a file of random integers (1,000,000 lines; 100,000 with ``--quick``), side b
 one run, every loop with the same body (``state["total"] += int(line)``):
 
 1. a plain ``for line in open(path)`` loop against ``run.lines`` with the default policy,
-   with ``every(items=1000)`` (durable commits), and with ``every(items=1000)`` and
-   ``commit="async"``;
+   with ``every(items=1000)`` (durable commits), with a user-written policy that does the
+   same (a :class:`~safepoint.Policy` subclass as docs/runs.md shows, "a policy of your
+   own"), with a plain function of the Tick that does the same (asked after every item, by
+   design), and with ``every(items=1000)`` and ``commit="async"``; the user-written
+   policies are also compared with the built-in ``every(items=1000)``;
 2. the cost of one durable commit inside the loop (the every-1000 loop less the
    default-policy loop, divided by the extra commits) against the floor: the plain loop
    appending a record of the same size to a file and calling ``fdatasync`` every 1000
@@ -26,11 +29,32 @@ from pathlib import Path
 from typing import Any
 
 from bench import Case, Report, compare
-from safepoint.policy import every, manual
+from safepoint.policy import Policy, Tick, every, manual
 from safepoint.run import resume
 from safepoint.store.journal import HEADER, scan
 
 _sync = getattr(os, "fdatasync", os.fsync)
+
+
+class EveryThousand(Policy):
+    """``every(items=1000)`` written as a user would (docs/runs.md, "a policy of your own")."""
+
+    uses_clock = False  # never due by time alone: no watchdog thread
+    uses_fraction = False  # never reads tick.fraction
+
+    def __init__(self, items: int = 1000) -> None:
+        self.items = items
+
+    def __call__(self, tick: Tick) -> bool:
+        return tick.items >= self.items
+
+    def horizon(self, since: int, position: int, total: int | None, fraction_at_last: float) -> int | None:
+        return self.items - since  # no need to ask before then
+
+
+def every_thousand(tick: Tick) -> bool:
+    """The same as a plain function: asked after every item, with the watchdog running."""
+    return tick.items >= 1000
 
 
 class _Stop(Exception):
@@ -121,6 +145,11 @@ def first_line_after_rereading(path: Path, skip: int) -> str:
     raise ValueError("short file")
 
 
+BUILTIN = "run.lines, every(items=1000)"
+USER = "run.lines, user-written Policy = every(items=1000)"
+CALLABLE = "run.lines, a function of the Tick = every(items=1000)"
+
+
 def run(report: Report, quick: bool) -> None:
     count = report.pick(full=1_000_000, quick=100_000)
     repeat = report.pick(full=7, quick=2)
@@ -128,7 +157,8 @@ def run(report: Report, quick: bool) -> None:
         path, store = scratch / "numbers.txt", scratch / "store"
         write_numbers(path, count)
         size = record_size(path, store)
-        commits: dict[str, list[int]] = {"default": [], "every": [], "async": []}
+        commits: dict[str, list[int]] = {"default": [], "every": [], "user": [], "callable": [],
+                                         "async": []}
 
         def loop(label: str, **options: Any) -> Case:
             return Case(lambda _: resumable(path, store, **options), after=commits[label].append)
@@ -137,7 +167,9 @@ def run(report: Report, quick: bool) -> None:
         timings = compare({
             "plain loop": Case(lambda _: plain(path)),
             "run.lines, default policy": loop("default"),
-            "run.lines, every(items=1000)": loop("every", policy=every(items=1000)),
+            BUILTIN: loop("every", policy=every(items=1000)),
+            USER: loop("user", policy=EveryThousand()),
+            CALLABLE: loop("callable", policy=every_thousand),
             "run.lines, every(items=1000), async": loop("async", policy=every(items=1000), commit="async"),
             floor_name: Case(lambda _: plain_with_appends(path, scratch, size, 1000)),
         }, repeat=repeat)
@@ -145,16 +177,27 @@ def run(report: Report, quick: bool) -> None:
             "Stream: a resumable loop against a plain one", reference="plain loop", statistic="best",
             description=f"{count:,} lines; every loop's body is state['total'] += int(line); "
                         f"durable commits; best of {repeat}")
-        stream.add_all(timings, notes={
+        stream.add_all(timings)
+
+        def against_builtin(label: str) -> str:
+            spread = stream.spread(label, to=BUILTIN)
+            return (f"{stream.ratio(label, to=BUILTIN):.2f}× every(items=1000)"
+                    + (f" ({spread.text()})" if spread else ""))
+
+        notes = {
             "run.lines, default policy": f"{max(commits['default'])} commits",
-            "run.lines, every(items=1000)": f"{max(commits['every'])} commits",
+            BUILTIN: f"{max(commits['every'])} commits",
+            USER: f"{max(commits['user'])} commits; {against_builtin(USER)}",
+            CALLABLE: f"{max(commits['callable'])} commits; {against_builtin(CALLABLE)}",
             "run.lines, every(items=1000), async": f"{min(commits['async'])}-{max(commits['async'])} "
                                                     "commits written (coalesced)",
             floor_name: f"{count // 1000} appends",
-        })
+        }
+        for label, note in notes.items():
+            stream.row(label).note = note
 
         # One commit: what it adds to a loop, per round (the rounds are interleaved).
-        rounds = zip(timings["run.lines, every(items=1000)"].samples,
+        rounds = zip(timings[BUILTIN].samples,
                      timings["run.lines, default policy"].samples, commits["every"], commits["default"],
                      timings[floor_name].samples, timings["plain loop"].samples, strict=True)
         ours, floor = [], []
@@ -183,6 +226,12 @@ def run(report: Report, quick: bool) -> None:
     report.target("run.lines, default policy: overhead ≤ 5%",
                   stream.ratio("run.lines, default policy"), at_most=1.05,
                   spread=stream.spread("run.lines, default policy"))
+    report.target("a user-written every(items=1000) ≤ 1.05× the built-in every(items=1000)",
+                  stream.ratio(USER, to=BUILTIN), at_most=1.05, spread=stream.spread(USER, to=BUILTIN))
+    report.target("a user-written every(items=1000) ÷ a plain loop (durable commits; no target)",
+                  stream.ratio(USER), spread=stream.spread(USER))
+    report.target("every(items=1000) as a plain function ÷ the built-in (asked every item; no target)",
+                  stream.ratio(CALLABLE, to=BUILTIN), spread=stream.spread(CALLABLE, to=BUILTIN))
     report.target("every(items=1000): one commit ≤ 2× append + fdatasync",
                   commit.ratio("safepoint commit"), at_most=2.0,
                   spread=commit.spread("safepoint commit"))
