@@ -213,20 +213,24 @@ def test_quick_runs_run_compares_a_user_written_policy_with_the_builtin(tmp_path
     rows = {r["method"]: r for r in stream["rows"]}
     builtin = "run.lines, every(items=1000)"
     user = "run.lines, user-written Policy = every(items=1000)"
-    function = "run.lines, a function of the Tick = every(items=1000)"
-    assert {"plain loop", "run.lines, default policy", builtin, user, function} <= set(rows)
+    fast = ", durable=False"
+    function = "run.lines, a function of the Tick = every(items=1000)" + fast
+    assert {"plain loop", "run.lines, default policy", builtin, user, builtin + fast, user + fast,
+            function} <= set(rows)
     assert rows["plain loop"]["ratio_to_reference"] == 1.0
-    commits = {m: rows[m]["note"].split(" commits")[0] for m in (builtin, user, function)}
-    assert len(set(commits.values())) == 1, commits  # the three policies commit alike
-    for method in (user, function):
-        assert "× every(items=1000) (" in rows[method]["note"]  # the ratio to the built-in, spread
+    policies = (builtin, user, builtin + fast, user + fast, function)
+    commits = {m: rows[m]["note"].split(" commits")[0] for m in policies}
+    assert len(set(commits.values())) == 1, commits  # all these policies commit alike
+    for method, reference in ((user, builtin), (user + fast, builtin + fast), (function, builtin + fast)):
+        # the ratio to the built-in policy, with its spread
+        assert f"× {reference.removeprefix('run.lines, ')} (" in rows[method]["note"], method
         assert rows[method]["ratio_spread"]["rounds"] == 2
     targets = {t["name"]: t for t in results["targets"]}
-    same = targets["a user-written every(items=1000) ≤ 1.05× the built-in every(items=1000)"]
+    same = targets["a user-written every(items=1000) ≤ 1.05× the built-in (durable=False: the policy's own cost)"]
     assert same["met"] in (True, False) and same["spread"]["rounds"] == 2
     assert targets["run.lines, default policy: overhead ≤ 5%"]["met"] in (True, False)
     unjudged = [t for name, t in targets.items() if "no target" in name]
-    assert len(unjudged) == 2 and all(t["met"] is None and t["spread"] for t in unjudged)
+    assert len(unjudged) == 3 and all(t["met"] is None and t["spread"] for t in unjudged)
     assert not list((tmp_path / "scratch").glob("tmp-*")), "scratch folders were left behind"
 
 
