@@ -1,17 +1,19 @@
 """Task benchmarks: what a durable sub-step costs, what a resume saves after a kill, and how
 fast Dask hands a task over.
 
-1. Durable sub-steps: a task of 100, 1,000 and 10,000 trivial ``ctx.step`` calls (the
+1. Durable sub-steps: tasks of 100, 1,000 and 10,000 trivial ``ctx.step`` calls (the
    default task policy: the state commits after every sub-step, one ``fdatasync`` each), per
-   sub-step, measured inside the task from the end of its first sub-step (which creates the
-   job's journal) to the end of its last; and the last 100 sub-steps of the largest task
-   alone (the marginal cost, after all the others). Side by side, in the same rounds: the
-   floor, appending a record of the bytes one sub-step adds to the journal to a file and
-   calling ``fdatasync`` (1,000 times); the same into a file written with zeros in advance
-   (what the journal does: ``fdatasync`` then flushes data, not the file's size); and DBOS
-   Transact's durable steps (``@DBOS.step`` in a ``@DBOS.workflow``, launched in this
-   process on a SQLite system database in the scratch folder, DBOS's defaults otherwise),
-   timed the same way. The DBOS rows are left out when ``dbos`` is not installed.
+   sub-step, measured inside each task from the end of its first sub-step (which creates the
+   job's journal) to the end of its last. Every sample runs 10,000 sub-steps (100 tasks of
+   100, 10 of 1,000, one of 10,000), so that every size is measured over as long a stretch
+   of a shared disk's noise. Also the last 100 sub-steps of the largest task alone (the
+   marginal cost after all the others; a short stretch). Side by side, in the same rounds:
+   the floor, appending a record of the bytes one sub-step adds to the journal to a file and
+   calling ``fdatasync`` (2,000 times); the same over zeros written in advance (what the
+   journal does: ``fdatasync`` then flushes data, not the file's size); and DBOS Transact's
+   durable steps (``@DBOS.step`` in a ``@DBOS.workflow``, launched in this process on a
+   SQLite system database in the scratch folder, DBOS's defaults otherwise), timed the same
+   way, 1,000 steps a sample. The DBOS rows are left out when ``dbos`` is not installed.
 2. A 30-step job killed (SIGKILL) at 80%, then run again: total wall time from the first
    start to the result, with safepoint (the rerun skips the 24 recorded steps) against the
    same job without checkpoints (the rerun starts from scratch), and an uninterrupted run.
@@ -261,10 +263,18 @@ def dbos_steps(database: Path) -> Iterator[Callable[[int, int], list[float]] | N
         DBOS.destroy(destroy_registry=True)
 
 
+def batched(run: Callable[[int], list[float]], times: int) -> list[float]:
+    """``run(k)`` for k < ``times`` (each returning [per call, per call of its tail]): the
+    means of both."""
+    outcomes = [run(k) for k in range(times)]
+    return [sum(o[0] for o in outcomes) / times, sum(o[1] for o in outcomes) / times]
+
+
 def bench_substeps(report: Report) -> None:
     sizes = report.pick(full=(100, 1000, 10_000), quick=(10, 100))
     at = report.pick(full=1000, quick=100)  # where a sub-step is compared with the floor and DBOS
     dbos_sizes = report.pick(full=(100, 1000), quick=(100,))
+    floor_writes = report.pick(full=2000, quick=100)
     tail = report.pick(full=100, quick=10)
     repeat = report.pick(full=5, quick=2)
     smallest, largest = sizes[0], sizes[-1]
@@ -298,26 +308,33 @@ def bench_substeps(report: Report) -> None:
             return Case(lambda folder: (folder, run(folder)), before=before, after=after)
 
         cases = {
-            floor: case(floor, lambda d: append_floor(d / "floor.log", size, at, tail, preallocated=False)),
-            prealloc: case(prealloc, lambda d: append_floor(d / "floor.log", size, at, tail,
+            floor: case(floor, lambda d: append_floor(d / "floor.log", size, floor_writes, tail,
+                                                      preallocated=False)),
+            prealloc: case(prealloc, lambda d: append_floor(d / "floor.log", size, floor_writes, tail,
                                                             preallocated=True)),
         }
+        # Every sample of every size runs the same number of sub-steps (tasks of n sub-steps,
+        # largest // n of them): a sample of a few short tasks would see a quieter stretch of
+        # a shared disk than one long task does, and compare medians of unlike windows.
         for n in sizes:
-            cases[ours(n)] = case(ours(n), lambda d, n=n: run_task(substeps, n, tail, job_id="substeps",
-                                                                   location=d))
+            cases[ours(n)] = case(ours(n), lambda d, n=n: batched(
+                lambda k: run_task(substeps, n, tail, job_id=f"substeps{k}", location=d), largest // n))
         with dbos_steps(workdir / "dbos.sqlite") as workflow:
             if workflow is not None:
                 for n in dbos_sizes:
-                    cases[theirs(n)] = case(theirs(n), lambda d, n=n: workflow(n, tail))
+                    cases[theirs(n)] = case(theirs(n), lambda d, n=n: batched(
+                        lambda k: workflow(n, tail), dbos_sizes[-1] // n))
             compare(cases, repeat=repeat)
 
     section = report.section(
         "Durable sub-steps: per sub-step", reference=floor,
         description=f"a task's trivial ctx.step (default task policy: the state commits after every "
-                    f"sub-step), per sub-step after the first; the floor writes {size} B (what one "
-                    f"sub-step adds to the journal) {at:,} times; DBOS: @DBOS.step in a workflow, "
-                    f"SQLite system database, DBOS's defaults; median of {repeat} rounds")
-    section.add(floor, [o[0] for o in outcomes[floor]], note=f"{size} B to a growing file, {at:,} times")
+                    f"sub-step), per sub-step after each task's first; every sample runs {largest:,} "
+                    f"sub-steps (tasks of n); the floor writes {size} B (what one sub-step adds to the "
+                    f"journal) {floor_writes:,} times; DBOS: @DBOS.step in a workflow, SQLite system "
+                    f"database, DBOS's defaults, {dbos_sizes[-1]:,} steps a sample; median of {repeat} rounds")
+    section.add(floor, [o[0] for o in outcomes[floor]],
+                note=f"{size} B to a growing file, {floor_writes:,} times")
     section.add(prealloc, [o[0] for o in outcomes[prealloc]],
                 note="what the journal does: fdatasync flushes data only")
     for n in sizes:
