@@ -13,7 +13,8 @@ fast Dask hands a task over.
    journal does: ``fdatasync`` then flushes data, not the file's size); and DBOS Transact's
    durable steps (``@DBOS.step`` in a ``@DBOS.workflow``, launched in this process on a
    SQLite system database in the scratch folder, DBOS's defaults otherwise), timed the same
-   way, 1,000 steps a sample. The DBOS rows are left out when ``dbos`` is not installed.
+   way, 1,000 steps a sample (DBOS stays launched through all the rounds, so its background
+   threads run beside every row). The DBOS rows are left out when ``dbos`` is not installed.
 2. A 30-step job killed (SIGKILL) at 80%, then run again: total wall time from the first
    start to the result, with safepoint (the rerun skips the 24 recorded steps) against the
    same job without checkpoints (the rerun starts from scratch), and an uninterrupted run.
