@@ -1,10 +1,25 @@
-"""Task benchmarks: what a resume saves after a kill, and how fast Dask hands a task over.
+"""Task benchmarks: what a durable sub-step costs, what a resume saves after a kill, and how
+fast Dask hands a task over.
 
-1. A 30-step job killed (SIGKILL) at 80%, then run again: total wall time from the first
+1. Durable sub-steps: tasks of 100, 1,000 and 10,000 trivial ``ctx.step`` calls (the
+   default task policy: the state commits after every sub-step, one ``fdatasync`` each), per
+   sub-step, measured inside each task from the end of its first sub-step (which creates the
+   job's journal) to the end of its last. Every sample runs 10,000 sub-steps (100 tasks of
+   100, 10 of 1,000, one of 10,000), so that every size is measured over as long a stretch
+   of a shared disk's noise. Also the last 100 sub-steps of the largest task alone (the
+   marginal cost after all the others; a short stretch). Side by side, in the same rounds:
+   the floor, appending a record of the bytes one sub-step adds to the journal to a file and
+   calling ``fdatasync`` (2,000 times); the same over zeros written in advance (what the
+   journal does: ``fdatasync`` then flushes data, not the file's size); and DBOS Transact's
+   durable steps (``@DBOS.step`` in a ``@DBOS.workflow``, launched in this process on a
+   SQLite system database in the scratch folder, DBOS's defaults otherwise), timed the same
+   way, 1,000 steps a sample (DBOS stays launched through all the rounds, so its background
+   threads run beside every row). The DBOS rows are left out when ``dbos`` is not installed.
+2. A 30-step job killed (SIGKILL) at 80%, then run again: total wall time from the first
    start to the result, with safepoint (the rerun skips the 24 recorded steps) against the
    same job without checkpoints (the rerun starts from scratch), and an uninterrupted run.
    Every run is a fresh ``python`` process, so interpreter start-up counts in all rows.
-2. Dask: a task checkpointing every item on a 2-worker ``LocalCluster``; the worker running it
+3. Dask: a task checkpointing every item on a 2-worker ``LocalCluster``; the worker running it
    is SIGKILLed. Measured from the kill to the new attempt's marker (the scheduler has
    rescheduled it and it has started) and to the new attempt's first checkpoint.
 
@@ -13,21 +28,26 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench import Report, Skip, Spread
+from bench import Case, Report, Skip, Spread, compare
 from safepoint.errors import CorruptCheckpoint
 from safepoint.lease import holder
 from safepoint.policy import every
 from safepoint.run import RunInfo, describe_run
 from safepoint.store import LocalStore
+from safepoint.store.journal import scan
 from safepoint.tasks import TaskContext, run_task, task
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -134,6 +154,217 @@ def bench_kill_at_80(report: Report) -> None:
                   section.ratio("safepoint task"), at_most=0.75, spread=section.spread("safepoint task"))
 
 
+# ------------------------------------------------------------------ durable sub-steps
+
+SUBSTEP_GROWTH = 1.2  # per sub-step at the most sub-steps ÷ at the fewest
+SUBSTEP_FLOOR = 2.0  # a durable sub-step ÷ one append + fdatasync
+_sync = getattr(os, "fdatasync", os.fsync)
+
+
+def trivial(i: int) -> int:
+    return i
+
+
+def timed_steps(step: Callable[[int], Any], n: int, tail: int) -> list[float]:
+    """Call ``step(0)`` … ``step(n - 1)``; return [seconds per call after the first, seconds
+    per call of the last ``tail`` calls]. The first call is left out of both: it is where a
+    job (or a file) is created."""
+    if n < 2:
+        raise ValueError("timed_steps needs at least 2 calls")
+    split = max(1, n - tail)
+    step(0)
+    start = time.perf_counter()
+    for i in range(1, split):
+        step(i)
+    tail_start = time.perf_counter()
+    for i in range(split, n):
+        step(i)
+    end = time.perf_counter()
+    return [(end - start) / (n - 1), (end - tail_start) / (n - split)]
+
+
+@task
+def substeps(ctx: TaskContext, n: int, tail: int) -> list[float]:
+    """``n`` trivial durable sub-steps, timed by :func:`timed_steps`."""
+    return timed_steps(lambda i: ctx.step(f"s{i}", trivial, i), n, tail)
+
+
+@task
+def substep_bytes(ctx: TaskContext, folder: str, n: int) -> float:
+    """Bytes one sub-step adds to the job's journal: steps ``n // 2`` to ``n`` (records of
+    the step and of the state committed after it, framing included)."""
+    journal = Path(folder)
+    ends = []
+    for i in range(n):
+        ctx.step(f"s{i}", trivial, i)
+        if i >= n // 2:
+            (path,) = journal.glob("*.journal")
+            ends.append(scan(path.read_bytes()).end)
+    grown = [b - a for a, b in itertools.pairwise(ends)]
+    if not grown or min(grown) <= 0:  # a compaction in between: the probe is too long
+        raise RuntimeError(f"the journal did not grow steadily: {grown}")
+    return sum(grown) / len(grown)
+
+
+def bytes_per_substep(folder: Path) -> int:
+    value = run_task(substep_bytes, str(folder / "probe"), 100, job_id="probe", location=folder)
+    shutil.rmtree(folder)
+    return round(value)
+
+
+def append_floor(path: Path, size: int, n: int, tail: int, *, preallocated: bool) -> list[float]:
+    """``n`` writes of a ``size``-byte record, each followed by ``fdatasync``: appended to a
+    growing file, or written over zeros written (and synced) in advance."""
+    record = b"x" * size
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if preallocated else os.O_APPEND)
+    fd = os.open(path, flags, 0o644)
+    try:
+        if preallocated:
+            os.write(fd, bytes(size * n))
+            os.fsync(fd)
+
+            def write(i: int) -> None:
+                os.pwrite(fd, record, i * size)
+                _sync(fd)
+        else:
+            def write(i: int) -> None:
+                os.write(fd, record)
+                _sync(fd)
+        return timed_steps(write, n, tail)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+@contextmanager
+def dbos_steps(database: Path) -> Iterator[Callable[[int, int], list[float]] | None]:
+    """DBOS Transact launched in this process on a SQLite system database at ``database``:
+    yields a function running a workflow of ``n`` trivial steps (timed by
+    :func:`timed_steps`), or None when ``dbos`` is not installed."""
+    try:
+        from dbos import DBOS
+    except ImportError:
+        yield None
+        return
+    DBOS(config={"name": "safepoint-bench", "system_database_url": f"sqlite:///{database}",
+                 "log_level": "WARNING"})
+
+    @DBOS.step()
+    def dbos_trivial(i: int) -> int:
+        return i
+
+    @DBOS.workflow()
+    def dbos_substeps(n: int, tail: int) -> list[float]:
+        return timed_steps(dbos_trivial, n, tail)
+
+    try:
+        DBOS.launch()
+        yield dbos_substeps
+    finally:
+        DBOS.destroy(destroy_registry=True)
+
+
+def batched(run: Callable[[int], list[float]], times: int) -> list[float]:
+    """``run(k)`` for k < ``times`` (each returning [per call, per call of its tail]): the
+    means of both."""
+    outcomes = [run(k) for k in range(times)]
+    return [sum(o[0] for o in outcomes) / times, sum(o[1] for o in outcomes) / times]
+
+
+def bench_substeps(report: Report) -> None:
+    sizes = report.pick(full=(100, 1000, 10_000), quick=(10, 100))
+    at = report.pick(full=1000, quick=100)  # where a sub-step is compared with the floor and DBOS
+    dbos_sizes = report.pick(full=(100, 1000), quick=(100,))
+    floor_writes = report.pick(full=2000, quick=100)
+    tail = report.pick(full=100, quick=10)
+    repeat = report.pick(full=5, quick=2)
+    smallest, largest = sizes[0], sizes[-1]
+    floor, prealloc = "append + fdatasync", "write over preallocated zeros + fdatasync"
+
+    def ours(n: int) -> str:
+        return f"safepoint ctx.step, {n:,} sub-steps"
+
+    def theirs(n: int) -> str:
+        return f"DBOS step, {n:,} steps"
+
+    last = f"safepoint ctx.step, last {tail} of {largest:,}"
+    with report.scratch("tasks-substeps") as workdir:
+        size = bytes_per_substep(workdir / "probe")
+        counter = itertools.count()
+        outcomes: dict[str, list[list[float]]] = {}
+
+        def case(label: str, run: Callable[[Path], list[float]]) -> Case:
+            outcomes[label] = []
+
+            def before() -> Path:
+                folder = workdir / f"case{next(counter)}"
+                folder.mkdir()
+                return folder
+
+            def after(result: tuple[Path, list[float]]) -> None:
+                folder, timed = result
+                outcomes[label].append(timed)
+                shutil.rmtree(folder)
+
+            return Case(lambda folder: (folder, run(folder)), before=before, after=after)
+
+        cases = {
+            floor: case(floor, lambda d: append_floor(d / "floor.log", size, floor_writes, tail,
+                                                      preallocated=False)),
+            prealloc: case(prealloc, lambda d: append_floor(d / "floor.log", size, floor_writes, tail,
+                                                            preallocated=True)),
+        }
+        # Every sample of every size runs the same number of sub-steps (tasks of n sub-steps,
+        # largest // n of them): a sample of a few short tasks would see a quieter stretch of
+        # a shared disk than one long task does, and compare medians of unlike windows.
+        for n in sizes:
+            cases[ours(n)] = case(ours(n), lambda d, n=n: batched(
+                lambda k: run_task(substeps, n, tail, job_id=f"substeps{k}", location=d), largest // n))
+        with dbos_steps(workdir / "dbos.sqlite") as workflow:
+            if workflow is not None:
+                for n in dbos_sizes:
+                    cases[theirs(n)] = case(theirs(n), lambda d, n=n: batched(
+                        lambda k: workflow(n, tail), dbos_sizes[-1] // n))
+            compare(cases, repeat=repeat)
+
+    section = report.section(
+        "Durable sub-steps: per sub-step", reference=floor,
+        description=f"a task's trivial ctx.step (default task policy: the state commits after every "
+                    f"sub-step), per sub-step after each task's first; every sample runs {largest:,} "
+                    f"sub-steps (tasks of n); the floor writes {size} B (what one sub-step adds to the "
+                    f"journal) {floor_writes:,} times; DBOS: @DBOS.step in a workflow, SQLite system "
+                    f"database, DBOS's defaults, {dbos_sizes[-1]:,} steps a sample; median of {repeat} rounds")
+    section.add(floor, [o[0] for o in outcomes[floor]],
+                note=f"{size} B to a growing file, {floor_writes:,} times")
+    section.add(prealloc, [o[0] for o in outcomes[prealloc]],
+                note="what the journal does: fdatasync flushes data only")
+    for n in sizes:
+        section.add(ours(n), [o[0] for o in outcomes[ours(n)]])
+    section.add(last, [o[1] for o in outcomes[ours(largest)]], reference=ours(smallest),
+                note=f"the marginal cost after {largest - tail:,} sub-steps; × ref: against {ours(smallest)}")
+    if theirs(at) in outcomes:
+        for n in dbos_sizes:
+            section.add(theirs(n), [o[0] for o in outcomes[theirs(n)]])
+        for n in sizes:
+            if theirs(n) in outcomes:
+                spread = section.spread(ours(n), to=theirs(n))
+                section.row(ours(n)).note = (f"{section.ratio(ours(n), to=theirs(n)):.2f}× DBOS"
+                                             + (f" ({spread.text()})" if spread else ""))
+    else:
+        section.note("DBOS rows left out: dbos is not installed (pip install -r bench/requirements.txt).")
+
+    report.target(f"sub-steps: per sub-step at {largest:,} ÷ at {smallest:,} ≤ {SUBSTEP_GROWTH}×",
+                  section.ratio(ours(largest), to=ours(smallest)), at_most=SUBSTEP_GROWTH,
+                  spread=section.spread(ours(largest), to=ours(smallest)))
+    report.target(f"sub-steps: the last {tail} of {largest:,} ÷ per sub-step at {smallest:,} "
+                  "(marginal; no target)", section.ratio(last), spread=section.spread(last))
+    report.target(f"durable sub-step ({at:,} sub-steps) ≤ {SUBSTEP_FLOOR}× {floor}",
+                  section.ratio(ours(at)), at_most=SUBSTEP_FLOOR, spread=section.spread(ours(at)))
+    if section.has(theirs(at)):
+        report.target(f"durable sub-step ÷ DBOS step on SQLite, {at:,} steps (no target)",
+                      section.ratio(ours(at), to=theirs(at)), spread=section.spread(ours(at), to=theirs(at)))
+
+
 # ------------------------------------------------------------------------ Dask
 
 
@@ -222,6 +453,7 @@ def bench_dask_handover(report: Report) -> None:
 
 
 def run(report: Report, quick: bool) -> None:
+    bench_substeps(report)
     bench_kill_at_80(report)
     bench_dask_handover(report)
 

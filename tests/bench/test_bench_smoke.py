@@ -201,3 +201,80 @@ def test_spreads_pair_rounds_and_reach_the_targets(bench_pkg: types.ModuleType) 
     lines = plain_lines(report)
     assert "| paired ≤ 1.5× | 2.00× | 1.00–2.00 [1.00–3.00]× | no |" in lines
     assert "| paired | 2.00 s | 1.00 s |  | 2.00× | 1.00–2.00 [1.00–3.00]× |" in lines
+
+
+def test_quick_runs_run_compares_a_user_written_policy_with_the_builtin(tmp_path: Path) -> None:
+    done = run_bench(tmp_path, "--only", "runs")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["errors"] == {} and results["skipped"] == {}
+    sections = {s["title"]: s for s in results["sections"]}
+    stream = sections["Stream: a resumable loop against a plain one"]
+    rows = {r["method"]: r for r in stream["rows"]}
+    builtin = "run.lines, every(items=1000)"
+    user = "run.lines, user-written Policy = every(items=1000)"
+    fast = ", durable=False"
+    function = "run.lines, a function of the Tick = every(items=1000)" + fast
+    assert {"plain loop", "run.lines, default policy", builtin, user, builtin + fast, user + fast,
+            function} <= set(rows)
+    assert rows["plain loop"]["ratio_to_reference"] == 1.0
+    policies = (builtin, user, builtin + fast, user + fast, function)
+    commits = {m: rows[m]["note"].split(" commits")[0] for m in policies}
+    assert len(set(commits.values())) == 1, commits  # all these policies commit alike
+    for method, reference in ((user, builtin), (user + fast, builtin + fast), (function, builtin + fast)):
+        # the ratio to the built-in policy, with its spread
+        assert f"× {reference.removeprefix('run.lines, ')} (" in rows[method]["note"], method
+        assert rows[method]["ratio_spread"]["rounds"] == 2
+    targets = {t["name"]: t for t in results["targets"]}
+    same = targets["a user-written every(items=1000) ≤ 1.05× the built-in (durable=False: the policy's own cost)"]
+    assert same["met"] in (True, False) and same["spread"]["rounds"] == 2
+    assert targets["run.lines, default policy: overhead ≤ 5%"]["met"] in (True, False)
+    unjudged = [t for name, t in targets.items() if "no target" in name]
+    assert len(unjudged) == 3 and all(t["met"] is None and t["spread"] for t in unjudged)
+    assert not list((tmp_path / "scratch").glob("tmp-*")), "scratch folders were left behind"
+
+
+def test_quick_tasks_run_reports_durable_substeps_beside_the_floor_and_dbos(tmp_path: Path) -> None:
+    done = run_bench(tmp_path, "--only", "tasks")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["errors"] == {}
+    section = next(s for s in results["sections"] if s["title"] == "Durable sub-steps: per sub-step")
+    rows = {r["method"]: r for r in section["rows"]}
+    assert section["reference"] == "append + fdatasync" and rows["append + fdatasync"]["ratio_to_reference"] == 1.0
+    assert "B to a growing file" in rows["append + fdatasync"]["note"]
+    ours = ["safepoint ctx.step, 10 sub-steps", "safepoint ctx.step, 100 sub-steps"]
+    for method in [*ours, "write over preallocated zeros + fdatasync"]:
+        assert rows[method]["reference"] == "append + fdatasync"
+        assert rows[method]["ratio_spread"]["rounds"] == 2, method
+        assert all(s > 0 for s in rows[method]["samples_s"])
+    last = rows["safepoint ctx.step, last 10 of 100"]
+    assert last["reference"] == ours[0] and last["ratio_spread"]["rounds"] == 2
+    targets = {t["name"]: t for t in results["targets"]}
+    growth = targets["sub-steps: per sub-step at 100 ÷ at 10 ≤ 1.2×"]
+    floor = targets["durable sub-step (100 sub-steps) ≤ 2.0× append + fdatasync"]
+    assert growth["met"] in (True, False) and floor["met"] in (True, False)
+    assert growth["spread"]["rounds"] == 2 and floor["spread"]["rounds"] == 2
+    dbos = "durable sub-step ÷ DBOS step on SQLite, 100 steps (no target)"
+    if importlib.util.find_spec("dbos") is None:
+        assert "DBOS step, 100 steps" not in rows and dbos not in targets
+        assert any("dbos is not installed" in note for note in section["notes"])
+    else:
+        assert rows["DBOS step, 100 steps"]["ratio_spread"]["rounds"] == 2
+        assert "× DBOS (" in rows[ours[1]]["note"]
+        assert targets[dbos]["met"] is None and targets[dbos]["spread"]["rounds"] == 2
+    assert not list((tmp_path / "scratch").glob("tmp-*")), "scratch folders were left behind"
+
+
+def test_substeps_without_dbos_leave_its_rows_out(bench_pkg: types.ModuleType, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import bench_tasks
+
+    monkeypatch.setitem(sys.modules, "dbos", None)  # import dbos raises ImportError
+    report = bench_pkg.Report(quick=True, workdir=tmp_path)
+    bench_tasks.bench_substeps(report)
+    (section,) = report.sections
+    assert not any(row.method.startswith("DBOS") for row in section.rows)
+    assert section.notes == ["DBOS rows left out: dbos is not installed (pip install -r bench/requirements.txt)."]
+    assert [t.met is not None for t in report.targets] == [True, False, True]
+    assert not list(tmp_path.glob("tmp-*"))
