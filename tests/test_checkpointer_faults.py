@@ -103,7 +103,8 @@ PHASES: dict[str, tuple[str, Callable[..., bool]]] = {
     "step folder fsync": ("fsync", _folder_fd(f"/{STEP2_FOLDER}")),
     "manifest write": ("writev", _manifest_fd),
     "manifest fsync": ("fsync", _manifest_fd),
-    "rename": ("replace", lambda src, dst, *rest: str(dst) == "000000000002.json"),
+    # a new step's manifest is linked into place: link() refuses to replace another's
+    "manifest link": ("link", lambda src, dst, *rest: str(dst) == "000000000002.json"),
     "latest rename": ("replace", lambda src, dst, *rest: str(dst) == "latest.json"),
     "directory fsync": ("fsync", lambda fd, *rest: _latest_names(fd, 2)),
 }

@@ -2,8 +2,10 @@
 its fence check and is held right there (by its ``fence`` hook, as a process paused at
 that instant would be) while a new writer in another process takes over and saves steps 4
 to 6; then the old writer publishes. The newest-step record is written conditionally
-(S3 ``If-Match``; on a local disk, a check under the folder's lock), so the late save must
-be refused, leave nothing, and lose nothing of the new writer."""
+(S3 ``If-Match``; on a local disk, a check under the folder's lock), and a new step's
+manifest is created only if absent (S3 ``If-None-Match``; ``link()``), so the late save
+must be refused, leave nothing, and lose nothing of the new writer, also when it saves a
+step number the new writer has saved too."""
 
 from __future__ import annotations
 
@@ -29,11 +31,6 @@ BUCKET = "safepoint-tests"  # made by the s3_options fixture (tests/conftest.py)
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
        "AWS_SECURITY_TOKEN": "testing", "AWS_SESSION_TOKEN": "testing",
        "AWS_DEFAULT_REGION": "us-east-1"}
-SAME_STEP_BUG = pytest.mark.xfail(strict=True, reason=(
-    "the late save's manifest overwrites the new writer's manifest of the same step (only "
-    "latest.json is written conditionally); refused on latest.json, the late save rolls back "
-    "by deleting that manifest, which is now the new writer's: its committed step vanishes"))
-
 
 @pytest.fixture(params=["local", "s3"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any] | None]:
@@ -46,7 +43,7 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str
     return f"s3://{BUCKET}/{uuid.uuid4().hex[:10]}", options
 
 
-@pytest.mark.parametrize("collides", [False, pytest.param(True, marks=SAME_STEP_BUG)],
+@pytest.mark.parametrize("collides", [False, True],
                          ids=["other-step", "same-step"])
 def test_a_save_in_flight_during_a_takeover_is_refused(
         tmp_path: Path, where: tuple[str, dict[str, Any] | None],

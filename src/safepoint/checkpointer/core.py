@@ -344,21 +344,31 @@ class Checkpointer:
             expect = self._expect if self.store.conditional and becomes_newest else None
             if expect is None and self.store.conditional and becomes_newest:
                 expect = self.store.version(latest_key(self.name)) or ABSENT
-            try:
-                manifest, version = write_checkpoint(
-                    self.store, self.name, step, request.prepared, metadata=request.metadata,
-                    durable=self.durable, extra=request.manifest_extra, before_commit=self._fence,
-                    newest=becomes_newest, previous=previous, previous_latest=newest,
-                    expect=expect)
-            except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
-                self._expect = None
-                self._take_lease().check(fresh=True)
-                raise SaveFailed(f"{self.name!r} step {step}: another writer changed the "
-                                 f"newest step of {self.store.url}/{self.name} meanwhile; this "
-                                 "save did not happen", name=self.name, step=step) from exc
-            except BaseException:
-                self._expect = None  # a failed commit may have rolled the record back: look again
-                raise
+            exclusive = True  # a new step's manifest is created, never replaced
+            while True:
+                try:
+                    manifest, version = write_checkpoint(
+                        self.store, self.name, step, request.prepared,
+                        metadata=request.metadata, durable=self.durable,
+                        extra=request.manifest_extra, before_commit=self._fence,
+                        newest=becomes_newest, previous=previous, previous_latest=newest,
+                        expect=expect, exclusive=exclusive)
+                    break
+                except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
+                    self._expect = None
+                    self._take_lease().check(fresh=True)
+                    if exclusive and exc.key == manifest_key(self.name, step):
+                        # Still the holder: the manifest is a leftover of a writer of this
+                        # name that died before publishing it, so it may be replaced.
+                        exclusive = False
+                        continue
+                    raise SaveFailed(
+                        f"{self.name!r} step {step}: another writer changed the newest step of "
+                        f"{self.store.url}/{self.name} meanwhile; this save did not happen",
+                        name=self.name, step=step) from exc
+                except BaseException:
+                    self._expect = None  # a failed commit may have rolled the record back
+                    raise
             log.debug("safepoint: %r committed step %d in %s", self.name, step, self.store.url)
             if becomes_newest:
                 self._latest = (version, step)

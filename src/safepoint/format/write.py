@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from safepoint import knobs
-from safepoint.errors import SaveFailed
+from safepoint.errors import SaveFailed, WriteConflict
 from safepoint.format.layout import data_folder, latest_key, manifest_key, step_text
 from safepoint.format.manifest import (
     BODY_KEYS,
@@ -108,10 +108,14 @@ def write_checkpoint(
     expect: str | None = None,
     previous: bytes | None = None,
     previous_latest: int | None = None,
+    exclusive: bool = True,
 ) -> tuple[Manifest, str | None]:
     """Write data files, then publish the manifest (steps 1 and 2 of the store's protocol);
     returns the manifest and the new version of ``latest.json``.
 
+    ``exclusive``: a new step's manifest (no ``previous``) is created only if absent, so
+    that a late writer never replaces another writer's step of the same number
+    (``WriteConflict`` on the manifest's key; only this save's own files are removed).
     ``newest``: the step becomes the name's newest (``latest.json`` is published with it,
     conditional on ``expect``, its version as the caller last saw it); else only its own
     manifest is written. ``before_commit`` runs after every data file is durable and before
@@ -165,13 +169,17 @@ def write_checkpoint(
         if before_commit is not None:
             before_commit()
         published = True
+        exclusive = exclusive and previous is None  # a new step never replaces another's
         if newest:
             version = store.publish(manifest_key(name, step), data, alias=latest_key(name),
-                                    durable=durable, expect=expect)
+                                    durable=durable, expect=expect, exclusive=exclusive)
         else:
-            store.commit(manifest_key(name, step), data, durable=durable)
+            store.put_manifest(manifest_key(name, step), data, durable=durable,
+                               exclusive=exclusive)
             version = None
     except BaseException as exc:
+        if isinstance(exc, WriteConflict) and exc.key == manifest_key(name, step):
+            published = False  # the step's manifest is someone else's: only our files go
         if published:
             published = _roll_back(store, name, step, data, previous, previous_latest, durable)
         if not published:

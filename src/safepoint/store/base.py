@@ -155,18 +155,29 @@ class Store(ABC):
 
     def publish(
         self, key: str, data: bytes, *, alias: str, durable: bool, expect: str | None = None,
+        exclusive: bool = False,
     ) -> str | None:
         """Commit ``data`` at ``key`` and then, atomically, the same bytes at ``alias``;
         returns the alias's new version (for the next ``expect``), when known.
 
         ``expect``: the alias's version the caller last saw (or :data:`ABSENT`); if the alias
         changed since, raise :class:`~safepoint.errors.WriteConflict` and leave it alone.
+        ``exclusive``: ``key`` must not exist yet (else ``WriteConflict`` on ``key``, and
+        nothing is written).
         """
-        self.commit(key, data, durable=durable)
+        self.put_manifest(key, data, durable=durable, exclusive=exclusive)
         if expect is not None and self.version(alias) != (None if expect == ABSENT else expect):
             raise conflict(self, alias)
         self.commit(alias, data, durable=durable)
         return self.version(alias)
+
+    def put_manifest(self, key: str, data: bytes, *, durable: bool, exclusive: bool) -> None:
+        """:meth:`commit`, or with ``exclusive`` :meth:`create` (``WriteConflict`` if ``key``
+        exists: another writer's step of that number is never replaced)."""
+        if not exclusive:
+            self.commit(key, data, durable=durable)
+        elif not self.create(key, data, durable=durable):
+            raise conflict(self, key)
 
     def commit_if(self, key: str, data: bytes, *, expect: str | None, durable: bool) -> str | None:
         """Commit ``data`` at ``key`` only if its version is still ``expect`` (None: it must

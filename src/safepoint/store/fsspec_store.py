@@ -109,10 +109,12 @@ class FsspecStore(Store):
 
     def publish(
         self, key: str, data: bytes, *, alias: str, durable: bool, expect: str | None = None,
+        exclusive: bool = False,
     ) -> str | None:
         if expect is None or not self.conditional:
-            return super().publish(key, data, alias=alias, durable=durable, expect=expect)
-        self.commit(key, data, durable=durable)
+            return super().publish(key, data, alias=alias, durable=durable, expect=expect,
+                                   exclusive=exclusive)
+        self.put_manifest(key, data, durable=durable, exclusive=exclusive)
         try:
             if expect == ABSENT:
                 out = self.fs.pipe_file(self._file(alias), data, mode="create")

@@ -293,15 +293,25 @@ class LocalStore(Store):
 
     def publish(
         self, key: str, data: bytes, *, alias: str, durable: bool, expect: str | None = None,
+        exclusive: bool = False,
     ) -> str | None:
         folder, _, _ = key.rpartition("/")
         alias_folder, _, alias_name = alias.rpartition("/")
         if folder != alias_folder:
-            return super().publish(key, data, alias=alias, durable=durable, expect=expect)
+            return super().publish(key, data, alias=alias, durable=durable, expect=expect,
+                                   exclusive=exclusive)
         with self._parent(key, create=True, durable=durable) as (parent, name):
             tmp = self._temp(parent, name, key, [data], durable)
             try:
-                os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                if exclusive:  # link() fails if the name exists: another writer's step stays
+                    try:
+                        os.link(tmp, name, src_dir_fd=parent, dst_dir_fd=parent,
+                                follow_symlinks=False)
+                    except FileExistsError:
+                        raise conflict(self, key) from None
+                    os.unlink(tmp, dir_fd=parent)
+                else:
+                    os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=parent)
