@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-# Another Python, in a venv of its own: `make test PYTHON=python3.13 VENV=.venv313`.
+# Another Python, in a venv of its own: `make test PYTHON=python3.13 VENV=.venv313` (a
+# variable given on the command line overrides the one here; one in the environment does not).
 PYTHON ?= python3
-VENV ?= .venv
+VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
