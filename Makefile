@@ -1,5 +1,7 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
 # The demo needs the package alone; the tests, lint and benchmarks need the test extra.
+# Another Python, in a venv of its own: `make test PYTHON=python3.13 VENV=.venv313` (a
+# variable given on the command line overrides the one here; one in the environment does not).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -39,4 +41,4 @@ lint: $(TEST_STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .safepoint build dist src/*.egg-info
+	rm -rf $(VENV) .venv313 .safepoint build dist src/*.egg-info

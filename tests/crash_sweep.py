@@ -1,6 +1,7 @@
 """The harness of the crash-point sweeps (``tests/*/test_*crash_points.py``).
 
-A sweep runs one computation in forked children. The computation marks the points where a
+A sweep runs one computation in child processes (from the tests' fork server:
+child_processes.py). The computation marks the points where a
 crash may land (*sites*, named like ``"mid 3"``) through a :class:`Probe`; a child given a
 plan kills itself with SIGKILL when it reaches the planned site, so the test decides where
 every crash lands, and the death skips all cleanup (no ``finally``, no ``atexit``, no
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -31,6 +31,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+import child_processes
 from safepoint.checkpointer import Checkpointer
 from safepoint.format.tree import decode_inline
 from safepoint.policy import Policy, Tick
@@ -38,7 +39,6 @@ from safepoint.run.log import read_log
 from safepoint.store import LocalStore, open_store
 from safepoint.store.journal import Journal
 
-FORK = multiprocessing.get_context("fork")
 KILLED = -signal.SIGKILL
 """The exit code of a child that died at its planned site."""
 
@@ -192,24 +192,22 @@ Child = Callable[[Path, "str | None", int, bool], None]
 
 def start(child: Child, folder: Path, plan: str | None, attempt: int,
           reference: bool = False) -> Any:
-    """Fork a child running ``child(folder, plan, attempt, reference)``."""
-    process = FORK.Process(target=child, args=(folder, plan, attempt, reference), daemon=True)
-    process.start()
-    return process
+    """Start a child running ``child(folder, plan, attempt, reference)``."""
+    return child_processes.start(child, folder, plan, attempt, reference)
 
 
 def fork(child: Child, folder: Path, plan: str | None, attempt: int, reference: bool = False,
          timeout: float = 60.0) -> int | None:
-    """Run ``child`` in a forked process; returns its exit code."""
+    """Run ``child`` in a child process; returns its exit code."""
     return run_all([(child, folder, plan, attempt, reference)], timeout=timeout)[0]
 
 
 def run_all(jobs: list[tuple[Child, Path, str | None, int, bool]], *, parallel: int = 4,
             timeout: float = 60.0) -> list[int | None]:
-    """Run each job in its own forked child, ``parallel`` at a time; their exit codes.
+    """Run each job in a child process of its own, ``parallel`` at a time; their exit codes.
 
     The children are independent (each has its own folder and store) and the parent has
-    no threads (it only forks and waits), so running them side by side changes nothing
+    no part in them (it only starts children and waits), so running them side by side changes nothing
     but the time the sweep takes."""
     codes: list[int | None] = [None] * len(jobs)
     running: dict[Any, tuple[int, Any, float]] = {}

@@ -11,13 +11,13 @@ The parent kills it with SIGKILL, then checks that:
 - every remaining step passes ``verify_checkpoint``, and ``gc`` removes only leftovers.
 
 Then it starts a new child, which continues from the restored step, as a restarted job
-would. Children are forked from this process (no interpreter start-up per kill), but each
-is a real process killed by a real SIGKILL.
+would. Children are forked by the tests' fork server (child_processes.py: no interpreter
+start-up per kill, no thread of pytest's inherited), and each is a real process killed by a
+real SIGKILL.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import select
@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+import child_processes
 import safepoint
+from child_processes import CONTEXT
 from safepoint import Checkpointer, CorruptCheckpointWarning
 from safepoint.checkpointer import collect_garbage
 from safepoint.format import read_manifest, step_of_folder, step_of_manifest, verify_checkpoint
@@ -141,8 +143,9 @@ def scribble(state: Any) -> None:
         state.view(np.uint8)[...] = 0xA5
 
 
-def child_main(store: Path, log: Path, variant: Variant, events_fd: int, error_file: Path) -> None:
+def child_main(store: Path, log: Path, variant: Variant, events: Any, error_file: Path) -> None:
     """Restore, then save step after step until killed; log each confirmed step."""
+    events_fd = events.fileno()  # the write end of a pipe
     try:
         deadline = time.monotonic() + CHILD_LIFETIME_LIMIT
         ckpt = Checkpointer(NAME, location=store, keep=KEEP)
@@ -264,17 +267,15 @@ def check_after_kill(variant: Variant, store: Path, log: Path, previous: int | N
 def torture(variant: Variant, folder: Path, rng: random.Random) -> tuple[list[int | None], int]:
     """Kill a saving child ``variant.kills`` times. Returns the restored step after each
     kill, and how many saves were certainly confirmed before their child was killed."""
-    context = multiprocessing.get_context("fork")
     store, log, error_file = folder / "store", folder / "confirmed.log", folder / "child-error.txt"
     cycle = 0.005 if not variant.large else 0.05  # seconds per save, learned as we go
     restored: list[int | None] = [None]
     certain = 0
     for _ in range(variant.kills):
-        read_fd, write_fd = os.pipe()
-        child = context.Process(target=child_main,
-                                args=(store, log, variant, write_fd, error_file), daemon=True)
-        child.start()
-        os.close(write_fd)
+        reader, writer = CONTEXT.Pipe(duplex=False)  # raw bytes through its file descriptors
+        child = child_processes.start(child_main, store, log, variant, writer, error_file)
+        writer.close()
+        read_fd = reader.fileno()
         events = Events(read_fd)
         try:
             events.wait_for(b"R")
@@ -296,7 +297,7 @@ def torture(variant: Variant, folder: Path, rng: random.Random) -> tuple[list[in
             if child.exitcode is None:  # a failed wait: never leave a child behind
                 os.kill(child.pid, signal.SIGKILL)
             child.join(EVENT_TIMEOUT)
-            os.close(read_fd)
+            reader.close()
         if child.exitcode != -signal.SIGKILL:
             detail = error_file.read_text() if error_file.exists() else "(no report)"
             pytest.fail(f"{variant.label}: the child exited with {child.exitcode}:\n{detail}")

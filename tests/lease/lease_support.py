@@ -7,15 +7,14 @@ returned (``commit <units durable>``), fsynced, so that a commit reported there 
 acknowledged. Only the holder of the name's lease writes events, so the log is the
 history of the name: who started where, executed what, committed what, and how it ended.
 
-Children are forked from a fork server that has imported this module (fast, and safe
-whatever threads the pytest process runs); they get all their settings from a
-:class:`Spec`, never from the environment of the pytest process.
+Children are forked from the tests' fork server (child_processes.py), which has imported
+this module (fast, and safe whatever threads the pytest process runs); they get all their
+settings from a :class:`Spec`, never from the environment of the pytest process.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 import safepoint
+from child_processes import CONTEXT
 from safepoint import Checkpointer, Flow, knobs, lease
 from safepoint.errors import LeaseHeld, StaleAttempt, StepExists
 from safepoint.format.tree import decode_inline
@@ -337,20 +337,9 @@ def _plain(value: Any) -> Any:
 # ------------------------------------------------------------------ starting writers
 
 
-def _context() -> Any:
-    if SRC not in sys.path:  # the fork server imports this safepoint, whatever its cwd
-        sys.path.insert(0, SRC)
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["lease_support"])
-    return ctx
-
-
-FORKSERVER = _context()
-
-
 def start(spec: Spec) -> Any:
     """Start a writer process (a ``multiprocessing.Process``; ``.pid``, ``.exitcode``)."""
-    process = FORKSERVER.Process(target=child, args=(spec,), daemon=True)
+    process = CONTEXT.Process(target=child, args=(spec,), daemon=True)
     process.start()
     return process
 

@@ -5,12 +5,11 @@ it removed it)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 from pathlib import Path
 
 import numpy as np
-from lease_support import assert_consistent, events, killed_before_release
+from lease_support import CONTEXT, assert_consistent, events, killed_before_release
 
 import safepoint
 from safepoint.checkpointer import Checkpointer
@@ -78,7 +77,7 @@ def test_a_task_whose_resumed_attempt_records_a_step_first_keeps_its_state(tmp_p
 
 def test_a_checkpoint_a_killed_writer_did_not_remove_goes_with_the_next_writer(tmp_path: Path) -> None:
     location, path = str(tmp_path / "store"), str(tmp_path / "events")
-    child = multiprocessing.get_context("forkserver").Process(
+    child = CONTEXT.Process(
         target=killed_before_release, args=(location, "job", path))
     child.start()
     child.join(60)

@@ -1,14 +1,15 @@
-"""Helpers for the run tests: number files, reading a run's checkpoint, forked workers."""
+"""Helpers for the run tests: number files, reading a run's checkpoint, child workers."""
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import child_processes
+from child_processes import CONTEXT
 from safepoint.checkpointer import Checkpointer
 from safepoint.format.tree import decode_inline
 from safepoint.run.log import read_log
@@ -50,17 +51,14 @@ def saved(store: Path | str, name: str) -> Saved | None:
     return Saved(record, state)
 
 
-FORK = multiprocessing.get_context("fork")
-
-
 def start_child(target: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
-    """Fork a child running ``target(conn, *args)``; returns (process, parent end of a pipe).
+    """Start a child running ``target(conn, *args)``; returns (process, parent end of a pipe).
 
-    Forking (not spawning) makes a child start in milliseconds: the crash tests kill
-    hundreds of them. The child is a real process; SIGKILL gives it no chance to clean up.
+    The child is forked by the tests' fork server (child_processes.py), so it starts in
+    milliseconds (the crash tests kill hundreds) from a process without threads. It is a
+    real process; SIGKILL gives it no chance to clean up.
     """
-    parent, child = FORK.Pipe()
-    process = FORK.Process(target=target, args=(child, *args), daemon=True)
-    process.start()
+    parent, child = CONTEXT.Pipe()
+    process = child_processes.start(target, child, *args)
     child.close()
     return process, parent

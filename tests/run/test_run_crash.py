@@ -73,13 +73,13 @@ def torture(tmp_path: Path, child: Callable[..., None], kills: int, seed: int) -
     loaded the machine is. Each pass sums the file to the end through as many kills as it
     takes; then the result is checked and the run removed, and the next pass starts.
     """
-    from run_helpers import FORK
+    from child_processes import CONTEXT
 
     rng = random.Random(seed)
     path = tmp_path / "numbers.txt"
     values = write_numbers(path, LINES, seed)
     store, out = tmp_path / "store", tmp_path / "out.txt"
-    progress = FORK.Value("q", 0, lock=False)  # no lock a killed child could leave held
+    progress = CONTEXT.Value("q", 0, lock=False)  # no lock a killed child could leave held
     killed = passes = 0
     while True:
         process, conn = start_child(child, str(path), str(store), str(out), progress)

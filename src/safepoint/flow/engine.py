@@ -416,9 +416,9 @@ class Flow:
             warn_caller(f"flow {self.name!r}: could not record the failure of step "
                         f"{step.name!r}: {commit_error}", RuntimeWarning, log=log)
         note = (f"safepoint: flow {self.name!r} stopped at step {step.name!r}; fix it and run "
-                "the flow again to resume at this step")
-        if hasattr(exc, "add_note"):
-            exc.add_note(note)
+                "the flow again to resume at this step (the state it received: "
+                f".state_before({step.name!r}))")
+        exc.add_note(note)
 
     # ------------------------------------------------------ where a run starts
 

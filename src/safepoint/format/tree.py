@@ -328,7 +328,7 @@ class NoBlobs:
     def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
         if index is not None:
             self._refuse(index)
-        saved = np.frombuffer(data or b"", target.dtype)
+        saved: np.ndarray = np.frombuffer(data or b"", target.dtype)
         saved = saved.reshape(target.shape[::-1]).T if order == "F" else saved.reshape(target.shape)
         np.copyto(target, saved)
 

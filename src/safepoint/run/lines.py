@@ -51,11 +51,6 @@ def _only_newlines(text: str) -> bool:
     return "\r" not in text or text.count("\r") == text.count("\r\n")
 
 
-def _add_note(exc: BaseException, note: str) -> None:
-    if hasattr(exc, "add_note"):  # Python 3.11+
-        exc.add_note(note)
-
-
 def check_encoding(encoding: str) -> None:
     try:
         newline = "\n".encode(encoding)
@@ -182,7 +177,7 @@ class LineSource:
         try:
             return data.decode(self.encoding)
         except UnicodeDecodeError as exc:
-            _add_note(exc, f"in {self.path} at byte {offset + exc.start}; pass encoding=... to "
+            exc.add_note(f"in {self.path} at byte {offset + exc.start}; pass encoding=... to "
                            "run.lines() if the file is not " + self.encoding)
             raise
 

@@ -46,13 +46,6 @@ _INT64 = range(-(2**63), 2**63)
 _sync = getattr(os, "fdatasync", os.fsync)
 
 
-def _add_note(exc: BaseException, note: str) -> None:
-    if hasattr(exc, "add_note"):  # Python 3.11+
-        exc.add_note(note)
-    else:  # Python 3.10: the same notes, where a traceback printer looks for them
-        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
-
-
 def _flat_node(state: Any) -> dict[str, Any] | None:
     """What :func:`~safepoint.format.prepare` encodes a flat dict of plain JSON values to
     (the values themselves), found without its encoder: the common state of a loop
@@ -315,7 +308,7 @@ class Run(DurableSteps):
             try:
                 self._committer.flush()
             except BaseException as error:
-                _add_note(exc, f"safepoint: a background commit failed too: {error!r}")
+                exc.add_note(f"safepoint: a background commit failed too: {error!r}")
         durable = self._committer.last
         if durable is not None and durable.frames:
             where: str | None = f"at item {durable.position:,} of loop {durable.frames[-1].loop}"
@@ -332,7 +325,7 @@ class Run(DurableSteps):
                     "to start over")
         if self._interrupts.pending is not None and not self._interrupts.stopped_at_once:
             note = note.replace("stopped;", "was interrupted and checkpointed;")
-        _add_note(exc, note)
+        exc.add_note(note)
         if isinstance(exc, SystemExit) and self._interrupts.pending is not None:
             logger(self.kind).warning("%s", note)  # SIGTERM: SystemExit prints no traceback, no note
 
