@@ -115,19 +115,8 @@ class FsspecStore(Store):
             return super().publish(key, data, alias=alias, durable=durable, expect=expect,
                                    exclusive=exclusive)
         self.put_manifest(key, data, durable=durable, exclusive=exclusive)
-        try:
-            if expect == ABSENT:
-                out = self.fs.pipe_file(self._file(alias), data, mode="create")
-            else:
-                out = self.fs.pipe_file(self._file(alias), data, IfMatch=expect)
-        except (FileExistsError, FileNotFoundError) as exc:
-            raise conflict(self, alias) from exc
-        except OSError as exc:
-            if "pre-condition" in str(exc) or "Precondition" in str(exc):
-                raise conflict(self, alias) from exc
-            raise
-        etag = out.get("ETag") if isinstance(out, dict) else None
-        return str(etag) if etag else self.version(alias)
+        return self.commit_if(alias, data, expect=None if expect == ABSENT else expect,
+                              durable=durable)
 
     def commit_if(self, key: str, data: bytes, *, expect: str | None, durable: bool) -> str | None:
         if not self.conditional:
