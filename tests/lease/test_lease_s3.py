@@ -105,3 +105,24 @@ def test_s3_requests_per_small_task_checkpoint(counted: tuple[FsspecStore, Count
     assert per_commit <= 4, dict(+during)
     assert total <= 2 * commits, dict(calls)
     assert_consistent(store)
+
+
+def test_s3_requests_per_small_save(counted: tuple[FsspecStore, Counter[str]],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Checkpointer's small save on S3, once it holds the name: one HEAD (the newest
+    step, for the step-order check), the manifest (If-None-Match) and latest.json (If-Match),
+    nothing else. The lease's TTL is long, so that no heartbeat falls into the counted saves."""
+    monkeypatch.setattr("safepoint.knobs.LEASE_TTL", 3600.0)
+    store, calls = counted
+    ckpt = Checkpointer("job", location=store)
+    for step in (1, 2):
+        save(ckpt, step)
+    for step in (3, 4, 5):
+        before = Counter(calls)
+        ckpt.save(step, {"step": step, "loss": 0.5})
+        during = Counter(calls)
+        during.subtract(before)
+        assert +during == {"HeadObject": 1, "PutObject": 2}, dict(+during)
+    ckpt.close()
+    assert ckpt.restore().state == {"step": 5, "loss": 0.5}
+    assert_consistent(store)
