@@ -13,7 +13,7 @@ concurrency test with it (like diskcache's ``Cache.check()``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from safepoint.checkpointer.steps import (
@@ -44,6 +44,22 @@ class Finding:
 
 
 @dataclass
+class Checked:
+    """One committed step, or one execution's log, that :func:`check` read (what
+    ``safepoint verify`` lists)."""
+
+    name: str
+    step: int | None
+    """None for an execution's log."""
+    checked_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
 class CheckReport:
     """What :func:`check` found, and what ``fix=True`` removed."""
 
@@ -55,6 +71,8 @@ class CheckReport:
     records: int = 0
     """Execution records checked."""
     checked_bytes: int = 0
+    checked: list[Checked] = field(default_factory=list)
+    """Every step and log read, each with its own problems."""
     findings: list[Finding] = field(default_factory=list)
     removed: list[Finding] = field(default_factory=list)
 
@@ -87,6 +105,7 @@ class CheckReport:
 def check(
     location: Location | Store = None,
     *,
+    names: Iterable[str] | None = None,
     fix: bool = False,
     data: bool = True,
     min_age: float = 0.0,
@@ -94,19 +113,21 @@ def check(
 ) -> CheckReport:
     """Check every record in the store at ``location``; see the module's documentation.
 
-    ``data=False`` skips reading data files (manifests, records and sizes are still
-    checked); ``fix=True`` removes the leftovers found (those ``min_age`` seconds old).
+    ``names`` limits it to those names; ``data=False`` skips reading data files
+    (manifests, records and sizes are still checked); ``fix=True`` removes the leftovers
+    found (those ``min_age`` seconds old); ``on_bytes`` is told of each range read.
     """
     store = location if isinstance(location, Store) else open_store(location)
     report = CheckReport(store.url)
     if not store.exists(""):
         return report
-    for name in list_names(store):
+    for name in list_names(store) if names is None else names:
         try:
             _check_name(store, name, report, fix=fix, data=data, min_age=min_age, on_bytes=on_bytes)
-        except CorruptCheckpoint as exc:
+        except CorruptCheckpoint as exc:  # a name that is a link, say: one bad name
             report.names.setdefault(name, "?")
             report.findings.append(Finding(name, name, "damage", str(exc)))
+            report.checked.append(Checked(name, None, 0, [str(exc)]))
     return report
 
 
@@ -114,6 +135,7 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
                 min_age: float, on_bytes: Callable[[int], None] | None) -> None:
     found = segments(store, name)
     referenced: set[int] | None = None
+    log: Checked | None = None
     kind = "checkpoint"
     if found:
         replay = read_log(store, name)
@@ -121,8 +143,12 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
         state = replay.state
         kind = str((state.extra if state is not None else (replay.records[-1].extra if replay.records else {}))
                    .get("kind", "run"))
+        newest = f"{name}/{found[-1][1]}"
+        info = store.stat(newest)
+        log = Checked(name, None, info.size if info.kind == "file" else 0, list(replay.damage))
+        report.checked.append(log)
         for problem in replay.damage:
-            report.findings.append(Finding(name, f"{name}/{found[-1][1]}", "damage", problem))
+            report.findings.append(Finding(name, newest, "damage", problem))
         referenced = {ref for r in replay.live() for ref in r.refs()}
         superseded = found[:-1] if replay.records and not replay.damage else []  # else evidence
         for generation, entry in superseded:  # older writers' segments
@@ -131,24 +157,29 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
                                              f"{generation}, superseded by a newer one"), fix)
     report.names[name] = kind
     steps = committed_steps(store, name)
-    missing = sorted((referenced or set()) - set(steps))
-    for ref in missing:
-        report.findings.append(Finding(name, f"{name}/{ref:012d}.json", "damage",
-                                       f"{store.url}/{name}: a record refers to checkpoint step "
-                                       f"{ref}, which is missing"))
+    for ref in sorted((referenced or set()) - set(steps)):
+        problem = f"{store.url}/{name}: a record refers to checkpoint step {ref}, which is missing"
+        report.findings.append(Finding(name, f"{name}/{ref:012d}.json", "damage", problem))
+        if log is not None:
+            log.problems.append(problem)
+    checked: list[Checked] = []
     for step in steps:
         if referenced is not None and step not in referenced:
             continue  # an orphan: a leftover, found below
         report.steps += 1
-        result = verify_checkpoint(store, name, step, on_bytes=on_bytes) if data else None
-        if result is not None:
+        if data:
+            result = verify_checkpoint(store, name, step, on_bytes=on_bytes)
             report.checked_bytes += result.checked_bytes
+            checked.append(Checked(name, step, result.checked_bytes, list(result.problems)))
             for problem in result.problems:
                 report.findings.append(Finding(name, f"{name}/{step:012d}.json", "damage", problem))
     if referenced is None and steps:
         wrong = latest_problem(store, name)
         if wrong:
             report.findings.append(Finding(name, f"{name}/latest.json", "damage", wrong))
+            if checked and checked[-1].step == steps[-1]:
+                checked[-1].problems.append(wrong)
+    report.checked += checked
     cleanup = collect_garbage(store, name, min_age=min_age, dry_run=not fix, referenced=referenced)
     for key, nbytes in cleanup.removed:
         why = ("the lease of a writer a newer one took over" if f"/{FOLDER}/" in key else
@@ -169,4 +200,4 @@ def _leftover(store: Store, report: CheckReport, finding: Finding, fix: bool) ->
     report.removed.append(finding)
 
 
-__all__ = ["CheckReport", "Finding", "check"]
+__all__ = ["CheckReport", "Checked", "Finding", "check"]

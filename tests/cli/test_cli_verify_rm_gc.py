@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from cli_support import Invoke, interrupted_run, parse_json, weights
 
+import safepoint
 from safepoint import Checkpointer
 from safepoint.cli import maintenance
 from safepoint.format import checksum
@@ -62,6 +63,11 @@ def test_verify_flipped_byte_exits_1_and_names_the_file(invoke: Invoke, store_di
     bad = [r for r in report["results"] if not r["ok"]]
     assert report["ok"] is False and [(r["name"], r["step"]) for r in bad] == [("train", 20)]
     assert str(blob) in bad[0]["problems"][0]
+    # verify is safepoint.check's report, row for row
+    found = safepoint.check(store_dir)
+    assert [(c.name, c.step, c.ok, c.checked_bytes) for c in found.checked] == [
+        (r["name"], r["step"], r["ok"], r["checked_bytes"]) for r in report["results"]]
+    assert [f.key for f in found.damage] == [f"train/{20:012d}.json"]
 
 
 def test_verify_finds_a_truncated_blob_and_a_damaged_manifest(invoke: Invoke, store_dir: Path) -> None:

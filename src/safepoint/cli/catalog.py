@@ -15,7 +15,7 @@ from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
 from safepoint.format import Manifest, check_tree, read_manifest
 from safepoint.lease import holder
 from safepoint.run import describe_run
-from safepoint.run.log import read_log, segments
+from safepoint.run.log import read_log
 from safepoint.store import Store, check_name
 
 # Manifest keys shown in their own place (by ``show``); the others came from
@@ -145,30 +145,6 @@ def not_found(store: Store, name: str) -> CheckpointNotFound:
     return CheckpointNotFound(
         f"no checkpoint named {name!r} in {store.url}; `safepoint ls {store.url}` lists "
         "what is there", name=name)
-
-
-def verify_journal(store: Store, name: str) -> dict[str, Any] | None:
-    """``verify``'s result for the log of execution ``name`` (None when it has none): every
-    record is checked as a resume reads it; damage before the newest intact record is
-    reported (a torn last record is a commit cut short by a crash, not damage)."""
-    found = segments(store, name)
-    if not found:
-        return None
-    problems: list[str] = []
-    try:
-        replay = read_log(store, name)
-    except CorruptCheckpoint as exc:
-        problems.append(str(exc))
-    else:
-        problems += replay.damage
-        steps = set(committed_steps(store, name))
-        for ref in sorted({ref for r in replay.live() for ref in r.refs()} - steps):
-            problems.append(f"{store.url}/{name}: a record refers to checkpoint step {ref}, "
-                            "which is missing")
-    key = f"{name}/{found[-1][1]}"
-    size = store.stat(key).size if store.stat(key).kind == "file" else 0
-    return {"name": name, "step": None, "ok": not problems, "checked_bytes": size,
-            "problems": problems}
 
 
 def _tree_rows(manifest: Manifest, full: bool) -> list[dict[str, Any]]:
