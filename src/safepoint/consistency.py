@@ -23,7 +23,7 @@ from safepoint.checkpointer.steps import (
     list_names,
 )
 from safepoint.errors import CorruptCheckpoint
-from safepoint.format import verify_checkpoint
+from safepoint.format import VerifyReport, verify_checkpoint
 from safepoint.lease import FOLDER
 from safepoint.run.log import read_log, segments
 from safepoint.store import Location, Store, open_store
@@ -44,22 +44,6 @@ class Finding:
 
 
 @dataclass
-class Checked:
-    """One committed step, or one execution's log, that :func:`check` read (what
-    ``safepoint verify`` lists)."""
-
-    name: str
-    step: int | None
-    """None for an execution's log."""
-    checked_bytes: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass
 class CheckReport:
     """What :func:`check` found, and what ``fix=True`` removed."""
 
@@ -71,7 +55,7 @@ class CheckReport:
     records: int = 0
     """Execution records checked."""
     checked_bytes: int = 0
-    checked: list[Checked] = field(default_factory=list)
+    checked: list[VerifyReport] = field(default_factory=list)
     """Every step and log read, each with its own problems."""
     findings: list[Finding] = field(default_factory=list)
     removed: list[Finding] = field(default_factory=list)
@@ -127,7 +111,7 @@ def check(
         except CorruptCheckpoint as exc:  # a name that is a link, say: one bad name
             report.names.setdefault(name, "?")
             report.findings.append(Finding(name, name, "damage", str(exc)))
-            report.checked.append(Checked(name, None, 0, [str(exc)]))
+            report.checked.append(VerifyReport(name, None, 0, [str(exc)]))
     return report
 
 
@@ -135,7 +119,7 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
                 min_age: float, on_bytes: Callable[[int], None] | None) -> None:
     found = segments(store, name)
     referenced: set[int] | None = None
-    log: Checked | None = None
+    log: VerifyReport | None = None
     kind = "checkpoint"
     if found:
         replay = read_log(store, name)
@@ -145,7 +129,7 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
                    .get("kind", "run"))
         newest = f"{name}/{found[-1][1]}"
         info = store.stat(newest)
-        log = Checked(name, None, info.size if info.kind == "file" else 0, list(replay.damage))
+        log = VerifyReport(name, None, info.size if info.kind == "file" else 0, list(replay.damage))
         report.checked.append(log)
         for problem in replay.damage:
             report.findings.append(Finding(name, newest, "damage", problem))
@@ -162,7 +146,7 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
         report.findings.append(Finding(name, f"{name}/{ref:012d}.json", "damage", problem))
         if log is not None:
             log.problems.append(problem)
-    checked: list[Checked] = []
+    checked: list[VerifyReport] = []
     for step in steps:
         if referenced is not None and step not in referenced:
             continue  # an orphan: a leftover, found below
@@ -170,7 +154,7 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
         if data:
             result = verify_checkpoint(store, name, step, on_bytes=on_bytes)
             report.checked_bytes += result.checked_bytes
-            checked.append(Checked(name, step, result.checked_bytes, list(result.problems)))
+            checked.append(result)
             for problem in result.problems:
                 report.findings.append(Finding(name, f"{name}/{step:012d}.json", "damage", problem))
     if referenced is None and steps:
@@ -200,4 +184,4 @@ def _leftover(store: Store, report: CheckReport, finding: Finding, fix: bool) ->
     report.removed.append(finding)
 
 
-__all__ = ["CheckReport", "Checked", "Finding", "check"]
+__all__ = ["CheckReport", "Finding", "check"]
