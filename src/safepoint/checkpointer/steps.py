@@ -222,18 +222,22 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
         committed &= referenced
         if latest is not None and latest.step not in committed:
             _remove(store, latest_key(name), report)
+    def old(key: str) -> bool:  # asked of candidates only: a stat each
+        return not min_age or _age(store, key, now) >= min_age
+
     for entry in entries:
         key = f"{name}/{entry.name}"
-        old = not min_age or _age(store, key, now) >= min_age
         step = step_of_manifest(entry.name)
         if step is not None:
-            if step not in committed and old:
+            if step in committed:
+                continue
+            if old(key):
                 _remove(store, key, report)
-            elif step not in committed:
+            else:
                 report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
             continue
         if is_temp(entry.name):
-            if old:
+            if old(key):
                 _remove(store, key, report)
             continue
         step = step_of_folder(entry.name)
