@@ -47,6 +47,7 @@ from safepoint.errors import (
 )
 from safepoint.format import (
     Manifest,
+    is_plain,
     json_copy,
     latest_key,
     load_tree,
@@ -278,11 +279,13 @@ class Checkpointer:
             raise StepExists(
                 f"{self.name!r} step {step} {what} in {self.store.url}; pass overwrite=True to "
                 "replace it, or save a newer step", name=self.name, step=step)
-        tree = capture(state)
-        # An asynchronous save copies what the caller may change (arrays, bytearrays) into
-        # buffers reused across saves; bytes and pickles are immutable already.
+        plain = is_plain(state)  # plain JSON values only: nothing to capture, one C copy at most
+        tree = state if plain else capture(state)
+        # An asynchronous save copies what the caller may change (arrays, bytearrays, plain
+        # containers) into buffers reused across saves; bytes and pickles are immutable already.
         snapshot = None if blocking else self._snapshot
-        prepared = prepare(tree, allow_pickle=self.allow_pickle, snapshot=snapshot)
+        prepared = prepare(tree, allow_pickle=self.allow_pickle, snapshot=snapshot,
+                           share=blocking, plain=plain)
         metadata, extra = json_copy(metadata, "metadata"), json_copy(extra, "extra")
         request = _SaveRequest(step, prepared, metadata, overwrite, extra)
         self._last_save_time, self._last_step = self._clock(), step
@@ -575,7 +578,9 @@ class Checkpointer:
                 exc.step = step
                 raise
         target = capture(into) if into is not None else None
-        loaded = load_tree(self.store, manifest, allow_pickle=allow_pickle, mmap=mmap, target=target)
+        # the manifest was read for this restore alone: its plain subtrees become the state
+        loaded = load_tree(self.store, manifest, allow_pickle=allow_pickle, mmap=mmap, target=target,
+                           share=True)
         if into is None:
             return Restored(step=step, state=loaded.tree, metadata=manifest.metadata)
         state = restore_into(into, loaded.tree, before_load=loaded.fill)

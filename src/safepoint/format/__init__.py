@@ -23,6 +23,7 @@ from safepoint.format.manifest import (
 )
 from safepoint.format.read import Loaded, VerifyReport, check_tree, load_tree, verify_checkpoint
 from safepoint.format.summary import iter_tree_summary
+from safepoint.format.tree import is_plain
 from safepoint.format.write import Prepared, prepare, write_checkpoint
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "data_folder",
     "describe_os_error",
     "generation_of_segment",
+    "is_plain",
     "iter_tree_summary",
     "journal_name",
     "json_copy",

@@ -291,6 +291,7 @@ def load_tree(
     mmap: bool = False,
     target: Any = None,
     node: Any = None,
+    share: bool = False,
 ) -> Loaded:
     """Read (part of) the state tree of a validated manifest, checking every blob's checksum.
 
@@ -298,6 +299,8 @@ def load_tree(
     ``target``: a tree whose numpy arrays receive the saved arrays at their places, in place,
     when :meth:`Loaded.fill` is called (shapes and dtypes must match). ``node``: a subtree of
     the manifest's tree to read instead of the whole (only its blobs are read).
+    ``share=True``: the manifest was read for this load alone, so that the value may hold
+    its plain subtrees rather than copies.
     """
     pickled = manifest.body.get("pickled") or []
     if pickled and not allow_pickle and node is None:
@@ -308,7 +311,7 @@ def load_tree(
             path=manifest.key, leaves=list(pickled))
     source = FileSet(store, manifest, mmap=mmap)
     try:
-        tree = Decoder(source, allow_pickle=allow_pickle).decode(
+        tree = Decoder(source, allow_pickle=allow_pickle, share=share).decode(
             manifest.body["tree"] if node is None else node, target)
         source.load()
     except CorruptCheckpoint as exc:

@@ -32,7 +32,7 @@ from safepoint.format.manifest import (
     encode_manifest,
     json_copy,
 )
-from safepoint.format.tree import BlobRef, Encoder
+from safepoint.format.tree import BlobRef, Encoder, plain_copy
 from safepoint.store import Store
 
 
@@ -55,10 +55,16 @@ def prepare(
     *,
     allow_pickle: bool = False,
     snapshot: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    share: bool = False,
+    plain: bool = False,
 ) -> Prepared:
-    """Encode ``tree``; raise ``UnsupportedType`` naming the path of a value it cannot store."""
-    encoder = Encoder(allow_pickle=allow_pickle, snapshot=snapshot)
-    node = encoder.encode(tree)
+    """Encode ``tree``; raise ``UnsupportedType`` naming the path of a value it cannot store.
+
+    ``share=True``: plain subtrees are their own nodes, not copies (the node is written
+    before the tree may change); ``plain=True``: the caller found ``is_plain(tree)``.
+    """
+    encoder = Encoder(allow_pickle=allow_pickle, snapshot=snapshot, share=share)
+    node = (tree if share else plain_copy(tree)) if plain else encoder.encode(tree)
     return Prepared(node=node, blobs=encoder.blobs, pickled=encoder.pickled)
 
 
