@@ -278,3 +278,17 @@ def test_substeps_without_dbos_leave_its_rows_out(bench_pkg: types.ModuleType, t
     assert section.notes == ["DBOS rows left out: dbos is not installed (pip install -r bench/requirements.txt)."]
     assert [t.met is not None for t in report.targets] == [True, False, True]
     assert not list(tmp_path.glob("tmp-*"))
+
+
+def test_quick_s3_run_counts_requests_per_commit(tmp_path: Path) -> None:
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    done = run_bench(tmp_path, "--only", "s3")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["errors"] == {} and results["skipped"] == {}
+    targets = {t["name"].split(" (")[0]: t for t in results["targets"]}
+    save = targets["S3: requests per small save of a Checkpointer"]
+    assert save["measured"] == "3.00 requests" and save["met"] is None  # 1 HEAD + 2 PUT
+    per_commit = targets["S3: requests per small task checkpoint, 40 commits of 20 sub-steps"]
+    assert per_commit["met"] is True  # counts, not times: exact
