@@ -389,7 +389,7 @@ def small_save(report: Report, root: Path, repeat: int) -> Section:
         "safepoint, keep=3": "includes removing the oldest step",
         "safepoint, durable=False": "no fsync (opt-out)",
     })
-    report.target("small save ≤ ~2× raw atomic commit", section.ratio("safepoint"), at_most=2.0,
+    report.target("small durable save ≤ 1.3× raw atomic commit", section.ratio("safepoint"), at_most=1.3,
                   spread=section.spread("safepoint"))
     return section
 
