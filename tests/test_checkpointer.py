@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,9 @@ def test_the_first_save_removes_only_old_leftovers(tmp_path: Path) -> None:
     young, old_one = leftovers[0], leftovers[1]
     old = os.stat(old_one).st_mtime - knobs.LEFTOVER_MIN_AGE - 10
     os.utime(old_one, (old, old))
-    Checkpointer("job", location=store).save(3, {"x": 3})
+    ckpt = Checkpointer("job", location=store)
+    ckpt.save(3, {"x": 3})
+    ckpt.close()  # the sweep runs beside the saves; close() waits for it
     assert young.exists() and not old_one.exists()
 
 
@@ -417,3 +420,33 @@ def test_saves_go_on_after_deleting_the_newest_step_or_everything(tmp_path: Path
     ckpt.save(4, {"n": 4})  # a new lease, taken at this save
     assert ckpt.steps() == [4] and ckpt.restore().state == {"n": 4}
     ckpt.close()
+
+
+def test_gc_never_removes_a_file_a_save_writes_meanwhile_into_an_old_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer resumed after a crash saves step 2 again, into the folder its crashed save
+    left an hour ago, while gc (min_age) runs: gc removes the old leftover file, never the
+    new one, nor the folder under it (it was removed whole, recursively, before)."""
+    store = LocalStore(tmp_path)
+    ckpt = Checkpointer("job", location=store)
+    ckpt.save(1, {"x": 1})
+    folder = store.path("job/000000000002")
+    folder.mkdir()
+    stale = folder / "cafebabe0000-0.bin"
+    stale.write_bytes(b"leftover")
+    old = time.time() - 7200
+    for path in (stale, folder):
+        os.utime(path, (old, old))
+    fresh = folder / "0123456789ab-0.bin"
+    real_scan = LocalStore.scan
+
+    def scan_then_write(self: LocalStore, prefix: str = "") -> Any:
+        entries = real_scan(self, prefix)
+        if prefix == "job/000000000002" and not fresh.exists():
+            fresh.write_bytes(b"the new save's data")  # right after gc looked
+            os.utime(folder, (old, old))  # even if the folder still looks old
+        return entries
+
+    monkeypatch.setattr(LocalStore, "scan", scan_then_write)
+    collect_garbage(store, "job", min_age=60)
+    assert fresh.read_bytes() == b"the new save's data" and not stale.exists()

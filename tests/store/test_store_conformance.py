@@ -213,3 +213,15 @@ def test_map_where_supported(store: Store) -> None:
     assert mapped is not None
     assert mapped.readonly
     assert bytes(mapped) == payload
+
+
+def test_remove_empty_folder_never_removes_what_is_inside(store: Store) -> None:
+    store.write_blob("n/full/a.bin", [b"data"], durable=False)
+    store.remove_empty_folder("n/full")
+    assert store.read("n/full/a.bin") == b"data"
+    store.delete("n/full/a.bin")
+    store.remove_empty_folder("n/full")
+    store.remove_empty_folder("n/missing")  # absent: nothing to do, no error
+    assert store.scan("n/full") == []
+    if isinstance(store, LocalStore):  # real folders: the empty one is gone
+        assert not store.path("n/full").exists()

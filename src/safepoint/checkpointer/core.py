@@ -9,8 +9,10 @@ Layout in the store (see :mod:`safepoint.format.layout`)::
 A step is visible only once ``latest.json`` names it (or, for an older step rewritten with
 ``overwrite=True``, once its manifest is in place). Lookups of the newest step cost one
 read whatever the number of steps; ``steps()`` is one listing. Files that no manifest names
-are leftovers of crashed saves: reads never see them; ``gc`` removes them, and so does the
-first save of a Checkpointer for those older than ``knobs.LEFTOVER_MIN_AGE``.
+are leftovers of crashed saves: reads never see them; ``gc`` removes them, and so does a
+background sweep that the first save of a Checkpointer starts (for those older than
+``knobs.LEFTOVER_MIN_AGE``; a listing of the name, so off the save's path; ``close()`` waits
+for it).
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ def _check_step(step: Any) -> int:
     return int(step)
 
 
+def _sweep(store: Store, name: str) -> None:
+    """Remove leftovers of crashed saves older than ``knobs.LEFTOVER_MIN_AGE`` (housekeeping
+    in a thread of its own: it lists the name, and a failure is never the save's)."""
+    with contextlib.suppress(Exception):
+        collect_garbage(store, name, min_age=knobs.LEFTOVER_MIN_AGE, deep=False)
+
+
 def _retention(keep: int | Retention | None, keep_every_: int | None, keep_best_: int | None,
                best_metric: str | None, best_mode: Literal["min", "max"]) -> Retention:
     rules: list[Retention] = []
@@ -200,7 +209,7 @@ class Checkpointer:
         self._buffers: dict[int, np.ndarray] = {}  # async snapshot buffers, by blob index
         self._committer = Committer(background=True, name=self.name, what="asynchronous save")
         self._lock = threading.Lock()
-        self._cleaned = False
+        self._sweep: threading.Thread | None = None  # the first save's sweep of old leftovers
         self._metrics: dict[int, dict[str, Any]] = {}
         self._latest: tuple[str | None, int | None] | None = None  # (version, step) seen last
         self._expect: str | None = None  # the newest-step record's version, as we wrote it
@@ -331,11 +340,10 @@ class Checkpointer:
         under the lease held already (else it is looked at here)."""
         with self._lock:
             self._take_lease()
-            if not self._cleaned:  # housekeeping: never a reason to fail the save
-                with contextlib.suppress(OSError, CorruptCheckpoint):
-                    collect_garbage(self.store, self.name, min_age=knobs.LEFTOVER_MIN_AGE,
-                                    deep=False)
-                self._cleaned = True
+            if self._sweep is None:
+                self._sweep = threading.Thread(target=_sweep, args=(self.store, self.name),
+                                               name=f"safepoint-sweep-{self.name}", daemon=True)
+                self._sweep.start()
             step = request.step
             newest = seen[0] if seen is not None else self._newest()[0]
             becomes_newest = newest is None or step >= newest
@@ -611,6 +619,8 @@ class Checkpointer:
         """Wait for the save in flight and let go of the name's lease (a later save takes
         it again); the checkpointer stays usable."""
         self.wait()
+        if self._sweep is not None:
+            self._sweep.join()
         if self._own_lease and self.lease is not None:
             self.lease.release()
             self.lease = None

@@ -168,6 +168,15 @@ def _remove(store: Store, key: str, report: Cleanup) -> None:
     report.removed.append((key, size))
 
 
+def _own_age(store: Store, key: str, now: float) -> float:
+    """Seconds since the entry ``key`` itself changed (a folder: an entry added or removed)."""
+    try:
+        mtime = store.stat(key).mtime
+    except (FileNotFoundError, CorruptCheckpoint):
+        return 0.0
+    return now - mtime if mtime is not None else float("inf")
+
+
 def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = frozenset(),  # type: ignore[assignment]
                   *, min_age: float = 0.0, now: float = 0.0) -> bool:
     """Remove the data files and temporary files in a step's folder (not those in ``keep``),
@@ -187,13 +196,23 @@ def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = f
         else:
             report.kept.append((key, "not written by safepoint"))
             left += 1
-    if not left and not keep:
+    if not left and not keep and not min_age:  # nothing may be writing: the folder at once
         _remove(store, folder, report)
+        return True
+    if not left and not keep and _own_age(store, folder, now) < min_age:
+        report.kept.append((folder, f"younger than {min_age:g} s: a save may be in progress"))
+        return False  # created just now: a save's next step is a file in it
+    if not left and not keep:  # one entry in the report, removed file by file
+        report.removed.append((folder, _size(store, folder)))
+        if not report.dry_run:
+            for key in removable:
+                store.delete(key)
+            store.remove_empty_folder(folder)  # a file a save created meanwhile stays
         return True
     for key in removable:
         _remove(store, key, report)
     if not left and not report.dry_run:
-        store.delete(folder)
+        store.remove_empty_folder(folder)
         return True
     return False
 

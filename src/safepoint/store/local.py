@@ -520,6 +520,12 @@ class LocalStore(Store):
             pass
 
 
+    def remove_empty_folder(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError), \
+                self._parent(key) as (parent, name):
+            os.rmdir(name, dir_fd=parent)  # ENOTEMPTY if a file appeared: it stays
+
+
 class _Lock:
     """An OS lock held on an open file; released by :meth:`close` or by the process's end."""
 
