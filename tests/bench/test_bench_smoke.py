@@ -50,7 +50,7 @@ def test_quick_core_run_writes_every_section_and_target(tmp_path: Path) -> None:
     load = {r["method"] for r in sections["Large state: load"]["rows"]}
     assert {"safepoint", "safepoint, into existing arrays", "safepoint, mmap"} <= load
     assert all(t["met"] in (True, False) for t in results["targets"])
-    assert any(t["name"].startswith("small save") for t in results["targets"])
+    assert any(t["name"].startswith("small durable save ≤ 1.3× raw atomic commit") for t in results["targets"])
     assert "| method | median | best | GB/s |" in done.stdout  # the Markdown lines for the README
     assert not list((tmp_path / "scratch").glob("tmp-*")), "scratch folders were left behind"
 

@@ -122,11 +122,22 @@ def is_plain(obj: Any, depth: int = 0) -> bool:
     check costs a few steps per container and next to nothing per leaf; a tree of 100,000
     small leaves is checked in a fraction of what building its node would cost.
     """
+    return _plain(obj, depth, True)
+
+
+def is_plain_node(node: Any, depth: int = 0) -> bool:
+    """Whether a node read from a manifest is plain JSON that stands for itself: lists and
+    objects without a ``"$"`` key, all the way down (JSON gave its keys as strings, and any
+    number it holds is one a node may hold)."""
+    return _plain(node, depth, False)
+
+
+def _plain(obj: Any, depth: int, exact: bool) -> bool:
     if depth >= knobs.MAX_DEPTH:
-        return False  # too deep, or a cycle: the full encoder says which
+        return False  # too deep, or a cycle: the full encoder (decoder) says which
     kind = type(obj)
     if kind is dict:
-        if "$" in obj or not set(map(type, obj)) <= {str}:
+        if "$" in obj or (exact and not set(map(type, obj)) <= {str}):
             return False
         values: Any = obj.values()
     elif kind is list:
@@ -136,37 +147,13 @@ def is_plain(obj: Any, depth: int = 0) -> bool:
     types = set(map(type, values))
     if not types <= _PLAIN:
         return False
-    if (int in types or float in types) and any([
+    if exact and (int in types or float in types) and any([
             v - v != 0.0 if type(v) is float else not -_INT64 <= v < _INT64
             for v in values if type(v) is float or type(v) is int]):
         return False  # a float that is not finite, or an int beyond int64
     if dict in types or list in types:
         for value in values:
-            if (type(value) is dict or type(value) is list) and not is_plain(value, depth + 1):
-                return False
-    return True
-
-
-def is_plain_node(node: Any, depth: int = 0) -> bool:
-    """Whether a node read from a manifest is plain JSON that stands for itself: lists and
-    objects without a ``"$"`` key, all the way down (its keys are strings already)."""
-    if depth > knobs.MAX_DEPTH:
-        return False  # the full decoder says so
-    kind = type(node)
-    if kind is dict:
-        if "$" in node:
-            return False
-        values: Any = node.values()
-    elif kind is list:
-        values = node
-    else:
-        return False
-    types = set(map(type, values))
-    if not types <= _PLAIN:
-        return False
-    if dict in types or list in types:
-        for value in values:
-            if (type(value) is dict or type(value) is list) and not is_plain_node(value, depth + 1):
+            if (type(value) is dict or type(value) is list) and not _plain(value, depth + 1, exact):
                 return False
     return True
 
