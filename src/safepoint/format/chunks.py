@@ -201,6 +201,24 @@ def chunk_references(store: Store, name: str, *, skip: Iterable[int] = ()) -> Re
     return References(set(), "the steps kept changing while they were read; chunks are kept")
 
 
+def shared_bytes(store: Store, manifest: Manifest, steps: Iterable[int]) -> int:
+    """Bytes of ``manifest``'s chunk files that another of ``steps`` names too (what
+    ``show`` and ``ls`` report next to a step's logical size); reads those manifests only
+    when the step has chunk files. A damaged or vanished manifest counts as sharing none."""
+    mine = chunk_entries(manifest)
+    if not mine:
+        return 0
+    others: set[str] = set()
+    for step in steps:
+        if step == manifest.step:
+            continue
+        try:
+            others.update(chunk_entries(read_manifest(store, manifest.name, step)))
+        except (CorruptCheckpoint, CheckpointNotFound):
+            continue
+    return sum(size for rel, (size, _) in mine.items() if rel in others)
+
+
 def chunk_files_in_store(store: Store, name: str) -> list[str]:
     """The chunk files present under ``name`` (relative keys), sorted."""
     return [f"{CHUNKS}/{e.name}" for e in store.scan(f"{name}/{CHUNKS}")
@@ -209,4 +227,4 @@ def chunk_files_in_store(store: Store, name: str) -> list[str]:
 
 __all__ = ["CHUNKS", "Chunk", "ChunkIndex", "References", "chunk_entries", "chunk_file",
            "chunk_files_in_store", "chunk_references", "content_of", "digest", "is_chunk_file",
-           "is_chunk_key"]
+           "is_chunk_key", "shared_bytes"]
