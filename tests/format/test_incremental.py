@@ -109,6 +109,28 @@ def test_bytes_written_follow_bytes_changed(make_store: Callable[[], Store]) -> 
     assert len(contents) == len(set(contents))
 
 
+@pytest.mark.parametrize("backend", ["local", "memory"])
+def test_bytes_are_cut_where_their_content_says(make_store: Callable[[], Store]) -> None:
+    """Bytes inserted into a byte string move only the chunk boundaries near them: the
+    chunks after them are shared, not written again."""
+    store = make_store()
+    counting = Counting(store)
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    text = np.random.default_rng(5).bytes(64 * CHUNK)
+    ckpt.save(1, {"text": text, "blob": bytearray(text)})
+    assert counting.take() == len(text)  # the bytearray holds the same chunks: written once
+    edited = text[: 20 * CHUNK] + b"inserted here" + text[20 * CHUNK :]
+    ckpt.save(2, {"text": edited, "blob": bytearray(text)})
+    written = counting.take()
+    assert 0 < written <= 12 * CHUNK  # the chunk around the insertion (at most 4 chunks long)
+    assert ckpt.restore(1).state == {"text": text, "blob": bytearray(text)}
+    assert ckpt.restore(2).state == {"text": edited, "blob": bytearray(text)}
+    ranges = read_manifest(store, NAME, 2).blobs[0]["ranges"]
+    lengths = {r[2] for r in ranges}
+    assert len(ranges) > 8 and len(lengths) > 2  # not fixed-size
+    assert safepoint.check(store).clean
+
+
 @pytest.mark.parametrize("backend", ["local", "memory"])  # s3: the same code, slower
 def test_async_save_hashes_in_the_background(make_store: Callable[[], Store]) -> None:
     store = make_store()

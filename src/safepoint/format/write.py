@@ -22,7 +22,7 @@ import numpy as np
 
 from safepoint import knobs
 from safepoint.errors import SaveFailed, WriteConflict
-from safepoint.format.chunks import CHUNKS, ChunkIndex, chunk_file, digest
+from safepoint.format.chunks import CHUNKS, ChunkIndex, chunk_file, content_cuts, digest
 from safepoint.format.layout import data_folder, latest_key, manifest_key, step_text
 from safepoint.format.manifest import (
     BASE_VERSION,
@@ -150,7 +150,7 @@ def write_checkpoint(
     ranges: list[list[Any]] = [[]] * len(prepared.blobs)
     written: list[str] = []  # data files this save created (or began to)
     published = False
-    pieces = [(index, at) for index, starts in chunked.items() for at in starts]
+    pieces = [(index, start, stop) for index, spans in chunked.items() for start, stop in spans]
     named: list[tuple[str, int, str]] = [("", 0, "")] * len(pieces)  # (chunk file, size, crc)
     claimed: dict[str, threading.Event] = {}  # chunks this save writes, by content
     fresh: dict[str, tuple[str, int, str]] = {}
@@ -166,9 +166,9 @@ def write_checkpoint(
         written.append(keys[i])
         store.write_blob(keys[i], file.parts, durable=durable)
 
-    def write_piece(index: int, at: int) -> tuple[str, int, str]:
+    def write_piece(index: int, start: int, stop: int) -> tuple[str, int, str]:
         assert chunks is not None
-        data = prepared.blobs[index].data[at : at + knobs.CHUNK_BYTES]
+        data = prepared.blobs[index].data[start:stop]
         content = digest(data)
         done: threading.Event | None = None
         with chunks.lock:
@@ -205,7 +205,7 @@ def write_checkpoint(
         file_of: dict[str, int] = {}
         for index in chunked:
             ranges[index] = []
-        for (index, _), (rel, size, crc) in zip(pieces, named, strict=True):
+        for (index, _, _), (rel, size, crc) in zip(pieces, named, strict=True):
             if rel not in file_of:
                 file_of[rel] = len(table)
                 table.append([rel, size])
@@ -257,11 +257,19 @@ def write_checkpoint(
     return Manifest(key=manifest_key(name, step), body=body, size=len(data)), version
 
 
-def _chunk_plan(blobs: list[BlobRef]) -> dict[int, list[int]]:
-    """The chunk offsets of each blob to cut into chunks (those of at least a chunk)."""
-    step = knobs.CHUNK_BYTES
-    return {index: list(range(0, blob.data.nbytes, step))
-            for index, blob in enumerate(blobs) if blob.data.nbytes >= step}
+def _chunk_plan(blobs: list[BlobRef]) -> dict[int, list[tuple[int, int]]]:
+    """The chunks ``(start, stop)`` of each blob of at least a chunk: arrays at fixed
+    offsets (an array's bytes change in place), byte strings at content-defined ones
+    (insertions are likely there)."""
+    size = knobs.CHUNK_BYTES
+    plan = {}
+    for index, blob in enumerate(blobs):
+        total = blob.data.nbytes
+        if total < size:
+            continue
+        starts = content_cuts(blob.data, size) if blob.stream else list(range(0, total, size))
+        plan[index] = list(zip(starts, [*starts[1:], total], strict=True))
+    return plan
 
 
 def _run_all(work: Callable[[int], None], count: int, *, parallel: bool) -> None:
