@@ -116,6 +116,29 @@ def run(report: Report, quick: bool) -> None:
             report.target(f"save time, {label.removeprefix('incremental, ')} ≤ {goal}× full",
                           section.ratio(label), at_most=goal, spread=section.spread(label))
 
+        # asynchronous saves: the caller is blocked for the copy only, hashing is background
+        blocked = report.section(
+            "Incremental save(blocking=False): caller blocking time", reference="full, async",
+            nbytes=nbytes, description="5% of the chunks changed before each save; the "
+                                       "background write is awaited outside the timing.")
+        async_cases = {}
+        for label, incremental in (("full, async", False), ("incremental, async", True)):
+            state = {k: v.copy() for k, v in base.items()}
+            ckpt = Checkpointer(f"async-{incremental}", location=root, keep=1,
+                                incremental=incremental)
+            steps = itertools.count()
+            ckpt.save(next(steps), state, blocking=False)  # buffers allocated: untimed
+            ckpt.wait()
+            async_cases[label] = Case(
+                lambda _, ckpt=ckpt, state=state, steps=steps: ckpt.save(
+                    next(steps), state, blocking=False),
+                lambda state=state: change(state, 0.05, rng),
+                lambda _, ckpt=ckpt: ckpt.wait())
+        blocked.add_all(compare(async_cases, repeat=repeat))
+        report.target("incremental save(blocking=False) blocks ≤ 1.2× a full one",
+                      blocked.ratio("incremental, async"), at_most=1.2,
+                      spread=blocked.spread("incremental, async"))
+
         # storage: keep=10 steps, 5% of the chunks changed per step
         state = {k: v.copy() for k, v in base.items()}
         ckpt = Checkpointer("kept", location=root, keep=10, incremental=True)

@@ -174,8 +174,8 @@ class ChunkIndex:
     """
 
     steps: dict[int, dict[str, tuple[int, str]]] = field(default_factory=dict)
-    _by_content: dict[str, Chunk] = field(default_factory=dict)
-    _count: dict[str, int] = field(default_factory=dict)
+    _count: dict[str, int] = field(default_factory=dict)  # kept steps naming each file
+    _by_content: dict[str, dict[str, Chunk]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -192,7 +192,8 @@ class ChunkIndex:
 
     def find(self, content: str) -> Chunk | None:
         """A kept chunk file holding bytes of hash ``content``, if any."""
-        return self._by_content.get(content)
+        files = self._by_content.get(content)
+        return next(iter(files.values())) if files else None
 
     def add(self, manifest: Manifest) -> list[str]:
         """Record a committed step (replacing an earlier manifest of that step); returns
@@ -203,7 +204,7 @@ class ChunkIndex:
         for rel, (size, crc) in entries.items():
             self._count[rel] = self._count.get(rel, 0) + 1
             if crc:
-                self._by_content.setdefault(content_of(rel), Chunk(rel, size, crc))
+                self._by_content.setdefault(content_of(rel), {}).setdefault(rel, Chunk(rel, size, crc))
         return [rel for rel in orphans if rel not in self._count]
 
     def forget(self, step: int) -> list[str]:
@@ -211,19 +212,14 @@ class ChunkIndex:
         orphans = []
         for rel in self.steps.pop(step, {}):
             self._count[rel] -= 1
-            if not self._count[rel]:
-                del self._count[rel]
-                orphans.append(rel)
-                content = content_of(rel)
-                known = self._by_content.get(content)
-                if known is not None and known.rel == rel:
-                    del self._by_content[content]
-                    for other in self._count:  # another file with the same bytes
-                        if content_of(other) == content:
-                            size, crc = next(e[other] for e in self.steps.values() if other in e)
-                            if crc:
-                                self._by_content[content] = Chunk(other, size, crc)
-                                break
+            if self._count[rel]:
+                continue
+            del self._count[rel]
+            orphans.append(rel)
+            files = self._by_content.get(content_of(rel), {})
+            files.pop(rel, None)
+            if not files:
+                self._by_content.pop(content_of(rel), None)
         return orphans
 
     def shared_bytes(self, step: int) -> int:
