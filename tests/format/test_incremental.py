@@ -270,3 +270,21 @@ def test_gc_keeps_young_chunks_and_waits_for_a_stable_pass(tmp_path: Any) -> Non
         report = collect_garbage(store, NAME)
     assert not [key for key, _ in report.removed if "/chunks/" in key]
     assert verify_checkpoint(store, NAME, 2).ok
+
+
+def test_only_version_3_names_chunk_files_and_only_well_formed_ones(tmp_path: Any) -> None:
+    from safepoint.errors import CorruptCheckpoint
+    from safepoint.format.manifest import decode_manifest, encode_manifest
+
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    ckpt.save(1, state_of(1))
+    body = read_manifest(store, NAME, 1).body
+    good = [rel for rel, _ in body["files"] if rel.startswith("chunks/")][0]
+    decode_manifest(encode_manifest(body), "m", name=NAME, step=1)
+    for version, rel in ((2, good), (3, "chunks/evil.bin"), (3, "chunks/../x.bin"),
+                         (3, f"chunks/{'a' * 64}-{'0' * 12}.bin/x"), (3, "other/" + good[7:])):
+        bad = {**body, "version": version,
+               "files": [[rel if r == good else r, size] for r, size in body["files"]]}
+        with pytest.raises(CorruptCheckpoint, match="malformed manifest"):
+            decode_manifest(encode_manifest(bad), "m", name=NAME, step=1)
