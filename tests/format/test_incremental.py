@@ -280,7 +280,7 @@ def test_only_version_3_names_chunk_files_and_only_well_formed_ones(tmp_path: An
     ckpt = Checkpointer(NAME, location=store, incremental=True)
     ckpt.save(1, state_of(1))
     body = read_manifest(store, NAME, 1).body
-    good = [rel for rel, _ in body["files"] if rel.startswith("chunks/")][0]
+    good = next(rel for rel, _ in body["files"] if rel.startswith("chunks/"))
     decode_manifest(encode_manifest(body), "m", name=NAME, step=1)
     for version, rel in ((2, good), (3, "chunks/evil.bin"), (3, "chunks/../x.bin"),
                          (3, f"chunks/{'a' * 64}-{'0' * 12}.bin/x"), (3, "other/" + good[7:])):
