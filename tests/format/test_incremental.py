@@ -98,6 +98,12 @@ def test_bytes_written_follow_bytes_changed(make_store: Callable[[], Store]) -> 
     assert counting.take() == states[4]["ints"].nbytes
     for step, state in states.items():
         assert_same(ckpt.restore(step).state, state)
+        assert_same(ckpt.restore(step, mmap=True).state, state)
+        into = {k: (np.zeros_like(v, order="K") if isinstance(v, np.ndarray) else None)
+                for k, v in state.items()}
+        ckpt.restore(step, into=into)
+        for key in ("big", "ints", "fortran", "small"):
+            assert into[key].tobytes() == state[key].tobytes()
         assert verify_checkpoint(store, NAME, step).ok
     assert read_manifest(store, NAME, 4).body["version"] == 3
     report = safepoint.check(store)
@@ -186,6 +192,10 @@ def test_damaged_shared_chunk_damages_every_step_that_names_it(make_store: Calla
     assert rel in chunk_entries(read_manifest(store, NAME, 3))
     assert rel not in chunk_entries(read_manifest(store, NAME, 1))
     _damage(store, f"{NAME}/{rel}")
+    into = {"big": np.zeros(16 * CHUNK // 8), "ints": np.zeros(8 * CHUNK // 4 + 5, np.int32)}
+    with pytest.raises(safepoint.CorruptCheckpoint):
+        ckpt.restore(3, into={**state_of(3), **into})
+    assert not into["big"].any() and not into["ints"].any()  # all or nothing
     assert verify_checkpoint(store, NAME, 1).ok
     for step in (2, 3):
         report = verify_checkpoint(store, NAME, step)
