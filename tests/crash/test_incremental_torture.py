@@ -13,9 +13,9 @@ either at a random time or a random moment after the k-th commit or gc report, t
   ``check(fix=True)`` nothing at all.
 
 It never asserts how many kills landed inside a save: only what each kill must leave.
-A second test runs a saving child and a collecting parent at once (``check(fix=True,
-min_age=...)`` in a loop, as ``safepoint gc`` in another process would) and then checks that
-no committed step lost a chunk.
+A second test runs a saving child and two collecting processes at once (the parent and a
+child, each ``check(fix=True, min_age=...)`` in a loop, as ``safepoint gc`` in other
+processes would) and then checks that no committed step lost a chunk.
 """
 
 from __future__ import annotations
@@ -188,6 +188,21 @@ def saver_main(store: Path, stop: Path, log: Path, error_file: Path) -> None:
     os._exit(0)
 
 
+def collector_main(store: Path, stop: Path, error_file: Path) -> None:
+    """Collect garbage as ``safepoint gc`` would, until ``stop`` exists."""
+    try:
+        knobs.CHUNK_BYTES = CHUNK
+        local = LocalStore(store)
+        while not stop.exists():
+            if store.exists():
+                safepoint.check(local, fix=True, data=False, min_age=0.2)
+            time.sleep(0.003)
+    except BaseException:
+        error_file.write_text(traceback.format_exc())
+        os._exit(3)
+    os._exit(0)
+
+
 @pytest.mark.timeout(120)
 def test_gc_in_another_process_never_takes_a_chunk_a_save_needs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,6 +210,7 @@ def test_gc_in_another_process_never_takes_a_chunk_a_save_needs(
     store, stop = tmp_path / "store", tmp_path / "stop"
     log, error_file = tmp_path / "saved.log", tmp_path / "error.txt"
     child = child_processes.start(saver_main, store, stop, log, error_file)
+    other = child_processes.start(collector_main, store, stop, tmp_path / "collector-error.txt")
     local = LocalStore(store)
     removed = 0
     try:
@@ -208,14 +224,17 @@ def test_gc_in_another_process_never_takes_a_chunk_a_save_needs(
             time.sleep(0.005)
     finally:
         stop.touch()
-        child.join(EVENT_TIMEOUT)
-        if child.exitcode is None:
-            os.kill(child.pid, signal.SIGKILL)
-            child.join(EVENT_TIMEOUT)
+        for process in (child, other):
+            process.join(EVENT_TIMEOUT)
+            if process.exitcode is None:
+                os.kill(process.pid, signal.SIGKILL)
+                process.join(EVENT_TIMEOUT)
     assert child.exitcode == 0, error_file.read_text() if error_file.exists() else child.exitcode
+    collector_error = tmp_path / "collector-error.txt"
+    assert other.exitcode == 0, collector_error.read_text() if collector_error.exists() else other.exitcode
     saved = [int(line) for line in log.read_text().split()]
     assert len(saved) > 10
-    print(f"{len(saved)} saves, {removed} chunk files removed by the other process")
+    print(f"{len(saved)} saves, {removed} chunk files removed by the parent (the other collector is not counted)")
     ckpt = Checkpointer(NAME, location=local)
     steps = ckpt.steps()
     assert steps == saved[-2:]
