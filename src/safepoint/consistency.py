@@ -136,11 +136,13 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
         report.findings.append(Finding(name, f"{name}/{ref:012d}.json", "damage",
                                        f"{store.url}/{name}: a record refers to checkpoint step "
                                        f"{ref}, which is missing"))
+    verified: set[tuple[str, int, int, str]] = set()  # intact ranges of shared chunk files
     for step in steps:
         if referenced is not None and step not in referenced:
             continue  # an orphan: a leftover, found below
         report.steps += 1
-        result = verify_checkpoint(store, name, step, on_bytes=on_bytes) if data else None
+        result = (verify_checkpoint(store, name, step, on_bytes=on_bytes, verified=verified)
+                  if data else None)
         if result is not None:
             report.checked_bytes += result.checked_bytes
             for problem in result.problems:

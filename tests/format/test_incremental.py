@@ -298,3 +298,17 @@ def test_only_version_3_names_chunk_files_and_only_well_formed_ones(tmp_path: An
                "files": [[rel if r == good else r, size] for r, size in body["files"]]}
         with pytest.raises(CorruptCheckpoint, match="malformed manifest"):
             decode_manifest(encode_manifest(bad), "m", name=NAME, step=1)
+
+
+def test_check_reads_a_shared_chunk_once(tmp_path: Any) -> None:
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    for step in range(1, 6):
+        ckpt.save(step, state_of(1))  # every step names the same chunks
+    read: list[int] = []
+    report = safepoint.check(store, on_bytes=read.append)
+    assert report.clean and report.steps == 5
+    per_step = verify_checkpoint(store, NAME, 1).checked_bytes
+    assert report.checked_bytes == 5 * per_step  # each step's data counts as checked
+    chunked = sum(size for size, _ in chunk_entries(read_manifest(store, NAME, 1)).values())
+    assert sum(read) == 5 * per_step - 4 * chunked  # but shared chunks were read once
