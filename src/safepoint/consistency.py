@@ -147,12 +147,13 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
         if log is not None:
             log.problems.append(problem)
     checked: list[VerifyReport] = []
+    verified: set[tuple[str, int, int, str]] = set()  # intact ranges of shared chunk files
     for step in steps:
         if referenced is not None and step not in referenced:
             continue  # an orphan: a leftover, found below
         report.steps += 1
         if data:
-            result = verify_checkpoint(store, name, step, on_bytes=on_bytes)
+            result = verify_checkpoint(store, name, step, on_bytes=on_bytes, verified=verified)
             report.checked_bytes += result.checked_bytes
             checked.append(result)
             for problem in result.problems:

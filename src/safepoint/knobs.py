@@ -36,6 +36,9 @@ PACK_BYTES = 64 << 20
 """A pack file is closed once it holds this many bytes."""
 ALIGN = 64
 """Offsets of arrays inside a pack are multiples of this (cache-line and SIMD alignment)."""
+CHUNK_BYTES = 4 << 20
+"""Incremental saves cut blobs of at least this many bytes into chunks of this size, each
+stored once under its content hash (``Checkpointer(..., incremental=True)``)."""
 PARALLEL_BYTES = 32 << 20
 """Blob files are written, and read, on several threads above this total size."""
 WRITE_THREADS = 4

@@ -180,9 +180,9 @@ DOCS = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
 SCHEMAS = {
     "ls": {"name", "kind", "status", "steps", "latest_step", "progress", "complete", "position",
            "total", "attempt", "owner", "updated", "nbytes", "error", "message", "damaged",
-           "problem"},
+           "problem", "shared"},
     "show step": {"name", "location", "kind", "step", "steps", "created", "nbytes",
-                  "format_version", "metadata", "extra", "pickled", "run_damage", "tree"},
+                  "shared_bytes", "format_version", "metadata", "extra", "pickled", "run_damage", "tree"},
     "show execution": {"name", "location", "kind", "steps", "run", "table", "tree", "damage"},
     "run": {"name", "position", "total", "progress", "attempt", "complete", "updated", "nbytes",
             "loop", "kind", "liveness", "owner", "message", "error", "steps"},

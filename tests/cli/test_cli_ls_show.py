@@ -237,3 +237,26 @@ def test_a_completed_flow_is_listed_complete_with_its_steps(invoke: Invoke, tmp_
     entry = parse_json(invoke("ls", store, "--json"))[0]
     assert (entry["status"], entry["complete"], entry["progress"]) == ("complete", True, 1.0)
     assert "position 3 of 3 (100%)" in invoke("show", "done", "-l", store).stdout
+
+
+def test_ls_and_show_report_the_bytes_a_step_shares(invoke: Invoke, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from safepoint import knobs
+
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", 64 << 10)
+    ckpt = Checkpointer("train", location=tmp_path / "inc", incremental=True)
+    big = np.zeros(4 * (64 << 10) // 8)  # four chunks, three unchanged by step 2
+    big[:] = np.arange(big.size)
+    ckpt.save(1, {"w": big})
+    big[0] = -1.0
+    ckpt.save(2, {"w": big})
+    listed = {e["name"]: e for e in parse_json(invoke("ls", tmp_path / "inc", "--json"))}
+    assert listed["train"]["shared"] == 3 * (64 << 10)
+    shown = parse_json(invoke("show", "train", "--location", tmp_path / "inc", "--json"))
+    assert shown["shared_bytes"] == 3 * (64 << 10) and shown["format_version"] == 3
+    assert shown["nbytes"] > 4 * (64 << 10)  # the logical size counts shared chunks in full
+    text = invoke("show", "train", "--location", tmp_path / "inc").stdout
+    assert "shared with" in text and human_bytes(3 * (64 << 10)) in text
+    assert "shared)" in invoke("ls", tmp_path / "inc").stdout

@@ -48,6 +48,8 @@ from safepoint.errors import (
     warn_caller,
 )
 from safepoint.format import (
+    CHUNKS,
+    ChunkIndex,
     Manifest,
     is_plain,
     json_copy,
@@ -168,6 +170,11 @@ class Checkpointer:
     and sets :attr:`preempted`. The first save takes the name's lease (one writer per
     name): a second writer is refused with :class:`~safepoint.errors.LeaseHeld` naming the
     first, unless ``takeover=True``. :meth:`close` lets it go.
+
+    ``incremental=True``: large arrays and byte strings are cut into content-addressed
+    chunks, and a chunk a kept step holds already is not written again (bytes written in
+    proportion to bytes changed; see ``docs/format.md``). Retention then removes only the
+    chunks no kept step names.
     """
 
     def __init__(
@@ -191,6 +198,7 @@ class Checkpointer:
         lease: Lease | None = None,
         clock: Callable[[], float] = time.monotonic,
         storage_options: dict[str, Any] | None = None,
+        incremental: bool = False,
     ) -> None:
         name, location = split_location(name, location)
         self.name = check_name(name)
@@ -213,7 +221,10 @@ class Checkpointer:
         self._metrics: dict[int, dict[str, Any]] = {}
         self._latest: tuple[str | None, int | None] | None = None  # (version, step) seen last
         self._expect: str | None = None  # the newest-step record's version, as we wrote it
-        self._deferred: list[str] = []  # data folders of removed steps, deleted a save later
+        self._deferred: list[str] = []  # data of removed steps, deleted a save later
+        self.incremental = incremental
+        self._chunks: ChunkIndex | None = None  # the kept steps' chunk files, once looked at
+        self._chunks_known = False
         self._preemption: SignalGuard | None = None
         if handle_preemption:
             if threading.current_thread() is not threading.main_thread():
@@ -321,6 +332,7 @@ class Checkpointer:
                                        takeover=self.takeover, durable=self.durable)
             weakref.finalize(self, release_when_dropped, self.lease)
             self._expect = None  # others may have written since this object last held it
+            self._chunks_known = False
             previous = self.lease.previous
             if self.store.conditional and previous is not None and previous.state != "released":
                 # fence a writer that may still hold the newest-step record's version
@@ -345,6 +357,7 @@ class Checkpointer:
                                                name=f"safepoint-sweep-{self.name}", daemon=True)
                 self._sweep.start()
             step = request.step
+            chunks = self._chunk_index()
             newest = seen[0] if seen is not None else self._newest()[0]
             becomes_newest = newest is None or step >= newest
             previous = None
@@ -363,7 +376,8 @@ class Checkpointer:
                         metadata=request.metadata, durable=self.durable,
                         extra=request.manifest_extra, before_commit=self._fence,
                         newest=becomes_newest, previous=previous, previous_latest=newest,
-                        expect=expect, exclusive=exclusive)
+                        expect=expect, exclusive=exclusive,
+                        chunks=chunks if self.incremental else None)
                     break
                 except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
                     self._expect = None
@@ -392,6 +406,8 @@ class Checkpointer:
                         with contextlib.suppress(OSError):
                             self.store.delete(f"{folder}/{entry}")
             self._metrics[step] = manifest.metadata
+            if chunks is not None:  # chunks only the replaced manifest named: a save later
+                self._deferred += [f"{self.name}/{rel}" for rel in chunks.add(manifest)]
             try:
                 self._apply_retention(step)
             except OSError as exc:
@@ -399,6 +415,16 @@ class Checkpointer:
                     f"{self.name!r} step {step} was committed, but removing old steps "
                     f"failed: {exc}; run `safepoint gc` later", name=self.name, step=step,
                 ) from exc
+
+    def _chunk_index(self) -> ChunkIndex | None:
+        """The chunk files of the kept steps (read once per lease, from their manifests),
+        or None when this name has none and this Checkpointer does not write any."""
+        if not self._chunks_known:
+            self._chunks = None
+            if self.incremental or self.store.exists(f"{self.name}/{CHUNKS}"):
+                self._chunks = ChunkIndex.load(self.store, self.name, self.steps())
+            self._chunks_known = True
+        return self._chunks
 
     def wait(self) -> None:
         """Wait for the save in flight, if any; raise its error if it failed."""
@@ -439,7 +465,14 @@ class Checkpointer:
                 # The manifest goes now (the step vanishes); its data a save later, so that
                 # a reader that already holds the manifest can still read it.
                 self._deferred += remove_step(self.store, self.name, step)
+                self._deferred += self._forget_chunks(step)
                 self._metrics.pop(step, None)
+
+    def _forget_chunks(self, step: int) -> list[str]:
+        """The chunk files only the removed ``step`` named (to delete)."""
+        if self._chunks is None:
+            return []
+        return [f"{self.name}/{rel}" for rel in self._chunks.forget(step)]
 
     def delete(self, step: int) -> None:
         """Remove one step (its manifest first, so it vanishes atomically)."""
@@ -459,8 +492,10 @@ class Checkpointer:
             else:
                 self.store.delete(latest_key(self.name))
             self._latest, self._expect = None, None  # the record moved: look again
-        for folder in remove_step(self.store, self.name, step):
-            self.store.delete(folder)
+        self._chunk_index()
+        for folder in remove_step(self.store, self.name, step) + self._forget_chunks(step):
+            with contextlib.suppress(FileNotFoundError):
+                self.store.delete(folder)
         self._metrics.pop(step, None)
 
     def delete_all(self) -> Cleanup:
@@ -468,6 +503,7 @@ class Checkpointer:
         kept and reported)."""
         self.wait()
         self._latest, self._expect = None, None
+        self._chunks_known = False
         lease = self._take_lease()
         lease.check(fresh=True)
         try:
@@ -488,6 +524,7 @@ class Checkpointer:
         self.wait()
         collect_garbage(self.store, self.name, referenced=referenced, deep=False)
         self._latest, self._expect = None, None
+        self._chunks_known = False
 
     # --------------------------------------------------------------- restoring
 

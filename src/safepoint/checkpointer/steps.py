@@ -24,6 +24,7 @@ from safepoint.format import (
     step_of_folder,
     step_of_manifest,
 )
+from safepoint.format.chunks import CHUNKS, chunk_references, is_chunk_file
 from safepoint.format.layout import LOCK, is_data_file, is_temp
 from safepoint.lease import ticket_key, tickets
 from safepoint.store import Store, check_name
@@ -187,7 +188,8 @@ def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = f
         key = f"{folder}/{entry.name}"
         if entry.name in keep:
             left += 1
-        elif entry.kind in ("file", "link") and (is_data_file(entry.name) or is_temp(entry.name)):
+        elif entry.kind in ("file", "link") and (is_data_file(entry.name) or is_temp(entry.name)
+                                                 or is_chunk_file(entry.name)):
             if min_age and _age(store, key, now) < min_age:
                 report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
                 left += 1
@@ -224,9 +226,10 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
 
     Leftovers are step folders without a committed manifest, manifests above the newest
     committed step (a save that did not finish), temporary files, and (``deep``) data files
-    that no manifest names. Only those at least ``min_age`` seconds old are removed, so that
-    a save still in progress in another process is left alone. A step whose manifest is
-    damaged is never touched: it is evidence (``verify`` reports it, ``rm`` removes it).
+    that no manifest names, and chunk files no manifest names (:func:`_collect_chunks`).
+    Only those at least ``min_age`` seconds old are removed, so that a save still in
+    progress in another process is left alone. A step whose manifest is damaged is never
+    touched: it is evidence (``verify`` reports it, ``rm`` removes it).
     """
     now = time.time() if now is None else now
     report = Cleanup(dry_run=dry_run)
@@ -244,6 +247,7 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
     def old(key: str) -> bool:  # asked of candidates only: a stat each
         return not min_age or _age(store, key, now) >= min_age
 
+    dropped: set[int] = set()  # manifests removed here: their chunks are not referenced
     for entry in entries:
         key = f"{name}/{entry.name}"
         step = step_of_manifest(entry.name)
@@ -252,12 +256,16 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
                 continue
             if old(key):
                 _remove(store, key, report)
+                dropped.add(step)
             else:
                 report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
             continue
         if is_temp(entry.name):
             if old(key):
                 _remove(store, key, report)
+            continue
+        if entry.name == CHUNKS and entry.kind == "dir":
+            _collect_chunks(store, name, report, dropped, min_age=min_age)
             continue
         step = step_of_folder(entry.name)
         if step is None or entry.kind != "dir":
@@ -283,6 +291,33 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
     return report
 
 
+def _collect_chunks(store: Store, name: str, report: Cleanup, dropped: set[int], *,
+                    min_age: float) -> None:
+    """Remove the chunk files that no manifest of ``name`` names (read in one stable pass,
+    after the clock is read) and that are at least ``min_age`` seconds old.
+
+    Safe while the name's writer saves: a save names only chunk files that it wrote itself
+    (younger than ``min_age`` while it is in flight) or that a kept manifest names, and
+    a kept manifest is in the pass or newer than its listing (``format.chunks``).
+    """
+    now = time.time()  # before the listing: a chunk written after it is younger
+    references = chunk_references(store, name, skip=dropped)
+    folder = f"{name}/{CHUNKS}"
+    for entry in store.scan(folder):
+        key, rel = f"{folder}/{entry.name}", f"{CHUNKS}/{entry.name}"
+        if entry.kind in ("file", "link") and (is_chunk_file(entry.name) or is_temp(entry.name)):
+            if rel in references.files:
+                continue
+            if references.problem:
+                report.kept.append((key, references.problem))
+            elif min_age and _age(store, key, now) < min_age:
+                report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
+            else:
+                _remove(store, key, report)
+        else:
+            report.kept.append((key, "not written by safepoint"))
+
+
 def remove_step(store: Store, name: str, step: int) -> list[str]:
     """Remove one step's manifest (first, so it vanishes atomically); returns the keys of
     its data folder, for the caller to delete now or later."""
@@ -296,7 +331,7 @@ def remove_steps(store: Store, name: str) -> None:
     for step in manifest_steps(store, name):
         store.delete(manifest_key(name, step))
     for entry in store.scan(name):
-        if entry.kind == "dir" and step_of_folder(entry.name) is not None:
+        if entry.kind == "dir" and (step_of_folder(entry.name) is not None or entry.name == CHUNKS):
             _clear_folder(store, f"{name}/{entry.name}", Cleanup())
 
 
@@ -319,7 +354,7 @@ def remove_name(store: Store, name: str) -> Cleanup:
         elif step_of_manifest(entry.name) is not None or entry.name == LOCK or is_temp(entry.name) \
                 or generation_of_segment(entry.name) is not None or entry.name == LEASE:
             _remove(store, key, report)
-        elif step_of_folder(entry.name) is not None and entry.kind == "dir":
+        elif (step_of_folder(entry.name) is not None or entry.name == CHUNKS) and entry.kind == "dir":
             _clear_folder(store, key, report)
         else:
             report.kept.append((key, "not written by safepoint"))

@@ -13,6 +13,7 @@ from safepoint.checkpointer import committed_steps, latest_manifest, list_names
 from safepoint.cli.tree import tree_rows
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
 from safepoint.format import Manifest, check_tree, read_manifest
+from safepoint.format.chunks import shared_bytes
 from safepoint.lease import holder
 from safepoint.run import describe_run
 from safepoint.run.log import read_log
@@ -52,6 +53,8 @@ class NameSummary:
     """An execution's newest failed step's error."""
     message: str | None = None
     """An execution's newest progress message."""
+    shared: int = 0
+    """Bytes of the newest step's chunk files that other steps share (incremental saves)."""
 
 
 def _describe_run(store: Store, name: str) -> tuple[Any, CorruptCheckpoint | None]:
@@ -94,6 +97,7 @@ def summarize_name(store: Store, name: str) -> NameSummary | None:
                           damaged=damaged + int(damage is not None))
     if latest is not None:
         summary.nbytes, summary.updated = latest.nbytes, latest.created
+        summary.shared = shared_bytes(store, latest, steps)
     writer = holder(store, name)
     if writer is not None:
         summary.attempt = writer.generation
@@ -196,6 +200,7 @@ def describe_step(store: Store, name: str, step: int | None, *, full: bool = Fal
         "kind": "checkpoint" if run is None else run.kind,
         "created": manifest.created,
         "nbytes": manifest.nbytes,
+        "shared_bytes": shared_bytes(store, manifest, steps),
         "format_version": body.get("version"),
         "metadata": manifest.metadata,
         "extra": {k: v for k, v in body.items() if k not in _KNOWN_KEYS},

@@ -61,7 +61,8 @@ def ls_rows(summaries: list[NameSummary], now: float) -> list[list[str]]:
         rows.append([
             escape(s.name), s.kind, s.status, steps,
             "-" if s.latest_step is None else str(s.latest_step), progress,
-            short_age(s.updated, now), human_bytes(s.nbytes)])
+            short_age(s.updated, now),
+            human_bytes(s.nbytes) + (f" ({human_bytes(s.shared)} shared)" if s.shared else "")])
     return rows
 
 
@@ -128,7 +129,9 @@ def show(
         f"[bold]{escape(name)}[/] step {info['step']} ({info['kind']}) in "
         f"{escape(info['location'])}",
         f"saved    {created} ({human_age(time.time() - info['created'])}), "
-        f"{human_bytes(info['nbytes'])}",
+        f"{human_bytes(info['nbytes'])}"
+        + (f", of which {human_bytes(info['shared_bytes'])} shared with other steps"
+           if info["shared_bytes"] else ""),
         f"steps    {step_list(info['steps'])}",
     ]
     if info["run_damage"]:

@@ -1,6 +1,7 @@
 """Layer 2: what a checkpoint is. State trees to a checksummed, validated manifest plus
 byte ranges in data files (see ``docs/format.md``)."""
 
+from safepoint.format.chunks import CHUNKS, ChunkIndex, chunk_references, is_chunk_key
 from safepoint.format.layout import (
     LATEST,
     LEASE,
@@ -27,17 +28,21 @@ from safepoint.format.tree import is_plain
 from safepoint.format.write import Prepared, prepare, write_checkpoint
 
 __all__ = [
+    "CHUNKS",
     "LATEST",
     "LEASE",
+    "ChunkIndex",
     "Loaded",
     "Manifest",
     "Prepared",
     "VerifyReport",
     "check_tree",
     "checksum",
+    "chunk_references",
     "data_folder",
     "describe_os_error",
     "generation_of_segment",
+    "is_chunk_key",
     "is_plain",
     "iter_tree_summary",
     "journal_name",

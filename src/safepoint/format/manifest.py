@@ -30,7 +30,12 @@ from safepoint.format.tree import Encoder, decode_inline
 from safepoint.store import Store, check_key
 
 FORMAT = "safepoint"
-VERSION = 2
+VERSION = 3
+"""The newest format version this safepoint reads and writes. Version 3 adds chunk files
+(``chunks/<sha256>-<save id>.bin``, incremental saves); a manifest without any is still
+written as version 2, which safepoint 0.2 reads."""
+BASE_VERSION = 2
+_CHUNK_FILE = re.compile(r"chunks/[0-9a-f]{64}-[0-9a-f]{12}\.bin")
 _PREFIX = b'{"crc32c":"'
 _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
@@ -156,7 +161,8 @@ def check_body(body: Any, where: str, *, name: str | None = None, step: int | No
 
 
 def _problem(body: dict[str, Any], name: str | None, step: int | None) -> str | None:
-    if body.get("version") != VERSION:
+    version = body.get("version")
+    if type(version) is not int or version not in (BASE_VERSION, VERSION):
         return "no valid format version"
     if type(body.get("step")) is not int or body["step"] < 0:
         return "no valid step"
@@ -187,6 +193,8 @@ def _problem(body: dict[str, Any], name: str | None, step: int | None) -> str | 
             check_key(entry[0])
         except InvalidName:
             return f"file entry {index} names {entry[0]!r}, which is not a key in the store"
+        if version >= 3 and _CHUNK_FILE.fullmatch(entry[0]):
+            continue  # a chunk file, shared by the steps that hold its bytes
         if not entry[0].startswith(own) or entry[0].count("/") != 1:
             return f"file entry {index} names {entry[0]!r}, outside the step's own folder"
     blobs = body.get("blobs", [])
@@ -286,6 +294,6 @@ def untag_floats(value: Any) -> Any:
     return value
 
 
-__all__ = ["BODY_KEYS", "FORMAT", "VERSION", "Manifest", "check_body", "checksum",
+__all__ = ["BASE_VERSION", "BODY_KEYS", "FORMAT", "VERSION", "Manifest", "check_body", "checksum",
            "decode_manifest", "describe_os_error", "encode_manifest", "json_copy",
            "read_manifest", "untag_floats"]

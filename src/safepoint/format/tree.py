@@ -56,6 +56,9 @@ class BlobRef:
 
     data: memoryview  # 1-D bytes view of the leaf's memory
     tree_path: str
+    stream: bool = False
+    """Bytes rather than an array (bytes, bytearray, a pickle): where insertions are likely,
+    incremental saves cut it at content-defined boundaries."""
 
 
 def _b64(data: bytes | memoryview) -> str:
@@ -210,12 +213,12 @@ class Encoder:
         if kind is complex:
             return {"$": "complex", "bits": struct.pack("<dd", obj.real, obj.imag).hex()}
         if kind is bytes:
-            return {"$": "bytes", **self._data(memoryview(obj), path)}
+            return {"$": "bytes", **self._data(memoryview(obj), path, stream=True)}
         if kind is bytearray:
             data = memoryview(obj)
             if self.snapshot is not None and len(obj) > self.inline_limit:
                 data = self.snapshot(len(self.blobs), np.frombuffer(obj, np.uint8)).data
-            return {"$": "bytearray", **self._data(data, path)}
+            return {"$": "bytearray", **self._data(data, path, stream=True)}
         if kind in (list, tuple, dict, OrderedDict):
             return self._container(obj, path)
         if isinstance(obj, np.ndarray) and (kind is np.ndarray or isinstance(obj, np.memmap)):
@@ -265,11 +268,11 @@ class Encoder:
             "keys may be str, int, float, bool, None, bytes, numpy scalars or tuples of those",
             tree_path=str(path), type_name=type(key).__name__)
 
-    def _data(self, data: memoryview, path: TreePath | str) -> dict[str, Any]:
+    def _data(self, data: memoryview, path: TreePath | str, *, stream: bool = False) -> dict[str, Any]:
         if data.nbytes <= self.inline_limit:
             return {"b64": _b64(data)}
         flat = data.cast("B") if data.ndim != 1 or data.format != "B" else data
-        self.blobs.append(BlobRef(flat, str(path)))
+        self.blobs.append(BlobRef(flat, str(path), stream))
         return {"blob": len(self.blobs) - 1}
 
     def _ndarray(self, array: np.ndarray, path: TreePath | str) -> dict[str, Any]:
@@ -320,7 +323,7 @@ class Encoder:
                 "and create it again after a resume, convert it to plain values, or give its "
                 "owner state_dict()/load_state_dict()", tree_path=f"{path}{part}",
                 type_name=f"{type(culprit).__module__}.{type(culprit).__qualname__}") from exc
-        return {"$": "pickle", "type": name, **self._data(memoryview(data), path)}
+        return {"$": "pickle", "type": name, **self._data(memoryview(data), path, stream=True)}
 
 
 def _unpicklable_part(obj: Any, depth: int = 4) -> tuple[str, Any]:

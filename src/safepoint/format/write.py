@@ -10,6 +10,7 @@ own range and checksum, so one can still be read (or memory-mapped) alone.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,8 +22,10 @@ import numpy as np
 
 from safepoint import knobs
 from safepoint.errors import SaveFailed, WriteConflict
+from safepoint.format.chunks import CHUNKS, ChunkIndex, chunk_file, content_cuts, digest
 from safepoint.format.layout import data_folder, latest_key, manifest_key, step_text
 from safepoint.format.manifest import (
+    BASE_VERSION,
     BODY_KEYS,
     FORMAT,
     VERSION,
@@ -78,11 +81,14 @@ class _DataFile:
 _PAD = memoryview(bytes(knobs.ALIGN))
 
 
-def layout(blobs: list[BlobRef]) -> list[_DataFile]:
-    """Assign every blob a data file and an offset: large ones alone, small ones packed."""
+def layout(blobs: list[BlobRef], skip: frozenset[int] = frozenset()) -> list[_DataFile]:
+    """Assign every blob (but those in ``skip``: chunked) a data file and an offset: large
+    ones alone, small ones packed."""
     files: list[_DataFile] = []
     pack: _DataFile | None = None
     for index, blob in enumerate(blobs):
+        if index in skip:
+            continue
         size = blob.data.nbytes
         if size >= knobs.PACK_BELOW:
             files.append(_DataFile([blob.data], size, [(index, 0)]))
@@ -115,6 +121,7 @@ def write_checkpoint(
     previous: bytes | None = None,
     previous_latest: int | None = None,
     exclusive: bool = True,
+    chunks: ChunkIndex | None = None,
 ) -> tuple[Manifest, str | None]:
     """Write data files, then publish the manifest (steps 1 and 2 of the store's protocol);
     returns the manifest and the new version of ``latest.json``.
@@ -130,6 +137,11 @@ def write_checkpoint(
     published is rolled back (``previous``: the bytes of the manifest it replaces, for an
     overwrite; ``previous_latest``: the step ``latest.json`` named), so readers see the
     checkpoint as it was before; an ``OSError`` is raised as :class:`SaveFailed`.
+
+    ``chunks``: an incremental save (:mod:`safepoint.format.chunks`): blobs of at least
+    :data:`~safepoint.knobs.CHUNK_BYTES` are cut into chunks; a chunk whose bytes a kept
+    step's chunk file holds is named, not written; the others are written to new chunk
+    files, durable before the manifest names them. Hashing runs on the writing threads.
     """
     meta_json = json_copy(metadata, "metadata")
     extra_json = json_copy(extra, "extra")
@@ -137,14 +149,22 @@ def write_checkpoint(
     if clash:
         raise ValueError(f"extra may not set the manifest's own keys {clash}")
     save_id = uuid.uuid4().hex[:12]
-    files = layout(prepared.blobs)
+    chunked = _chunk_plan(prepared.blobs) if chunks is not None else {}
+    files = layout(prepared.blobs, frozenset(chunked))
     folder = data_folder(name, step)
     keys = [f"{folder}/{save_id}-{i}.bin" for i in range(len(files))]
     ranges: list[list[Any]] = [[]] * len(prepared.blobs)
     written: list[str] = []  # data files this save created (or began to)
     published = False
+    pieces = [(index, start, stop) for index, spans in chunked.items() for start, stop in spans]
+    named: list[tuple[str, int, str]] = [("", 0, "")] * len(pieces)  # (chunk file, size, crc)
+    claimed: dict[str, threading.Event] = {}  # chunks this save writes, by content
+    fresh: dict[str, tuple[str, int, str]] = {}
 
     def write_one(i: int) -> None:
+        if i >= len(files):
+            named[i - len(files)] = write_piece(*pieces[i - len(files)])
+            return
         file = files[i]
         for index, offset in file.blobs:
             blob = prepared.blobs[index]
@@ -152,13 +172,53 @@ def write_checkpoint(
         written.append(keys[i])
         store.write_blob(keys[i], file.parts, durable=durable)
 
+    def write_piece(index: int, start: int, stop: int) -> tuple[str, int, str]:
+        assert chunks is not None
+        data = prepared.blobs[index].data[start:stop]
+        content = digest(data)
+        done: threading.Event | None = None
+        with chunks.lock:
+            known = chunks.find(content)
+            if known is None:
+                done = claimed.get(content)
+                if done is None:
+                    claimed[content] = threading.Event()
+        if known is not None:
+            return known.rel, known.size, known.crc
+        if done is not None:  # the same bytes earlier in this save: one file
+            done.wait()
+            if content not in fresh:
+                raise SaveFailed(f"could not write a chunk of {name!r} step {step}", name=name,
+                                 step=step)
+            return fresh[content]
+        try:
+            rel = chunk_file(content, save_id)
+            written.append(f"{name}/{rel}")
+            store.write_blob(f"{name}/{rel}", [data], durable=durable)
+            fresh[content] = (rel, data.nbytes, checksum(data))
+        finally:
+            claimed[content].set()
+        return fresh[content]
+
     try:
-        _run_all(write_one, len(files), parallel=prepared.nbytes >= knobs.PARALLEL_BYTES)
+        _run_all(write_one, len(files) + len(pieces),
+                 parallel=prepared.nbytes >= knobs.PARALLEL_BYTES)
         if files and durable:
             store.sync_folder(folder)
+        if fresh and durable:
+            store.sync_folder(f"{name}/{CHUNKS}")
+        table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
+        file_of: dict[str, int] = {}
+        for index in chunked:
+            ranges[index] = []
+        for (index, _, _), (rel, size, crc) in zip(pieces, named, strict=True):
+            if rel not in file_of:
+                file_of[rel] = len(table)
+                table.append([rel, size])
+            ranges[index].append([file_of[rel], 0, size, crc])
         body = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if file_of else BASE_VERSION,
             "name": name,
             "step": step,
             "created": time.time(),
@@ -166,8 +226,9 @@ def write_checkpoint(
             "metadata": meta_json,
             **extra_json,
             "pickled": prepared.pickled,
-            "files": [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)],
-            "blobs": [{"size": b.data.nbytes, "path": b.tree_path, "ranges": [ranges[i]]}
+            "files": table,
+            "blobs": [{"size": b.data.nbytes, "path": b.tree_path,
+                       "ranges": ranges[i] if i in chunked else [ranges[i]]}
                       for i, b in enumerate(prepared.blobs)],
             "tree": prepared.node,
         }
@@ -200,6 +261,21 @@ def write_checkpoint(
                 name=name, step=step, errno=exc.errno) from exc
         raise
     return Manifest(key=manifest_key(name, step), body=body, size=len(data)), version
+
+
+def _chunk_plan(blobs: list[BlobRef]) -> dict[int, list[tuple[int, int]]]:
+    """The chunks ``(start, stop)`` of each blob of at least a chunk: arrays at fixed
+    offsets (an array's bytes change in place), byte strings at content-defined ones
+    (insertions are likely there)."""
+    size = knobs.CHUNK_BYTES
+    plan = {}
+    for index, blob in enumerate(blobs):
+        total = blob.data.nbytes
+        if total < size:
+            continue
+        starts = content_cuts(blob.data, size) if blob.stream else list(range(0, total, size))
+        plan[index] = list(zip(starts, [*starts[1:], total], strict=True))
+    return plan
 
 
 def _run_all(work: Callable[[int], None], count: int, *, parallel: bool) -> None:

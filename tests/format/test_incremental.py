@@ -1,0 +1,314 @@
+"""Incremental saves: content-addressed chunks, on every backend (local, memory://, s3).
+
+Bytes written in proportion to bytes changed (nothing, some chunks, everything), bit-exact
+round trips, sharing under retention (only chunks no kept step names are removed),
+damage to a shared chunk found in every step that names it with restore() falling back,
+gc's stable pass, and format version 2 checkpoints still read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import safepoint
+from safepoint import Checkpointer, CorruptCheckpointWarning, knobs
+from safepoint.checkpointer import collect_garbage
+from safepoint.format import chunk_references, read_manifest, verify_checkpoint
+from safepoint.format.chunks import chunk_entries, chunk_files_in_store
+from safepoint.store import Store
+
+CHUNK = 64 << 10
+NAME = "inc"
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", CHUNK)
+
+
+class Counting:
+    """Counts the bytes a store is asked to write as data files."""
+
+    def __init__(self, store: Store) -> None:
+        self.written = 0
+        self.calls = 0
+        original = store.write_blob
+
+        def write_blob(key: str, chunks: Any, *, durable: bool) -> None:
+            parts = list(chunks)
+            self.written += sum(memoryview(p).nbytes for p in parts)
+            self.calls += 1
+            original(key, parts, durable=durable)
+
+        store.write_blob = write_blob  # type: ignore[method-assign]
+
+    def take(self) -> int:
+        written, self.written = self.written, 0
+        return written
+
+
+def state_of(seed: int, changed: int = 0) -> dict[str, Any]:
+    """Two large arrays (16 and 8 chunks), a Fortran-ordered one, bytes, small values;
+    ``changed`` chunks of ``big`` differ from seed 0's."""
+    rng = np.random.default_rng(seed)
+    big = np.random.default_rng(0).random(16 * CHUNK // 8)
+    for i in range(changed):
+        big[i * CHUNK // 8 : i * CHUNK // 8 + 3] = rng.random(3)
+    return {
+        "big": big,
+        "ints": np.arange(8 * CHUNK // 4 + 5, dtype=np.int32) * (seed + 1),  # a partial last chunk
+        "fortran": np.asfortranarray(np.arange(3 * CHUNK // 8, dtype=np.float64).reshape(96, -1)),
+        "raw": bytes(range(256)) * (2 * CHUNK // 256 + 1),
+        "small": np.full(10, seed),
+        "step": seed,
+    }
+
+
+def assert_same(a: Any, b: Any) -> None:
+    assert type(a) is type(b)
+    if isinstance(b, dict):
+        assert list(a) == list(b)
+        for key in b:
+            assert_same(a[key], b[key])
+    elif isinstance(b, np.ndarray):
+        assert (a.dtype, a.shape, a.flags.f_contiguous) == (b.dtype, b.shape, b.flags.f_contiguous)
+        assert a.tobytes() == b.tobytes()
+    else:
+        assert a == b
+
+
+def test_bytes_written_follow_bytes_changed(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    counting = Counting(store)
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    states = {1: state_of(1), 2: state_of(1), 3: state_of(1, changed=2), 4: state_of(4)}
+    ckpt.save(1, states[1])
+    full = counting.take()
+    assert full >= states[1]["big"].nbytes + states[1]["ints"].nbytes
+    ckpt.save(2, states[2])  # nothing changed: only what is not chunked (small leaves)
+    assert counting.take() == 0
+    ckpt.save(3, states[3])  # two chunks of big changed
+    assert counting.take() == 2 * CHUNK
+    ckpt.save(4, states[4])  # ints changed everywhere; big is seed 0's again: reused
+    assert counting.take() == states[4]["ints"].nbytes
+    for step, state in states.items():
+        assert_same(ckpt.restore(step).state, state)
+        assert_same(ckpt.restore(step, mmap=True).state, state)
+        into = {k: (np.zeros_like(v, order="K") if isinstance(v, np.ndarray) else None)
+                for k, v in state.items()}
+        ckpt.restore(step, into=into)
+        for key in ("big", "ints", "fortran", "small"):
+            assert into[key].tobytes() == state[key].tobytes()
+        assert verify_checkpoint(store, NAME, step).ok
+    assert read_manifest(store, NAME, 4).body["version"] == 3
+    report = safepoint.check(store)
+    assert report.clean, report.findings
+    # every chunk file is named by some step, and each content is stored once
+    present = chunk_files_in_store(store, NAME)
+    assert set(present) == chunk_references(store, NAME).files
+    contents = [rel.split("/")[1].split("-")[0] for rel in present]
+    assert len(contents) == len(set(contents))
+
+
+@pytest.mark.parametrize("backend", ["local", "memory"])
+def test_bytes_are_cut_where_their_content_says(make_store: Callable[[], Store]) -> None:
+    """Bytes inserted into a byte string move only the chunk boundaries near them: the
+    chunks after them are shared, not written again."""
+    store = make_store()
+    counting = Counting(store)
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    text = np.random.default_rng(5).bytes(64 * CHUNK)
+    ckpt.save(1, {"text": text, "blob": bytearray(text)})
+    assert counting.take() == len(text)  # the bytearray holds the same chunks: written once
+    edited = text[: 20 * CHUNK] + b"inserted here" + text[20 * CHUNK :]
+    ckpt.save(2, {"text": edited, "blob": bytearray(text)})
+    written = counting.take()
+    assert 0 < written <= 12 * CHUNK  # the chunk around the insertion (at most 4 chunks long)
+    assert ckpt.restore(1).state == {"text": text, "blob": bytearray(text)}
+    assert ckpt.restore(2).state == {"text": edited, "blob": bytearray(text)}
+    ranges = read_manifest(store, NAME, 2).blobs[0]["ranges"]
+    lengths = {r[2] for r in ranges}
+    assert len(ranges) > 8 and len(lengths) > 2  # not fixed-size
+    assert safepoint.check(store).clean
+
+
+@pytest.mark.parametrize("backend", ["local", "memory"])  # s3: the same code, slower
+def test_async_save_hashes_in_the_background(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    ckpt = Checkpointer(NAME, location=store, incremental=True, keep=2)
+    for step in range(1, 6):
+        state = state_of(step % 2, changed=step)
+        expected = {k: (v.copy(order="K") if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+        pending = ckpt.save(step, state, blocking=False)
+        state["big"][:] = -1.0  # the save copied it
+        pending.wait()
+        assert_same(ckpt.restore(step).state, expected)
+    assert ckpt.steps() == [4, 5]
+    assert safepoint.check(store).ok
+
+
+@pytest.mark.parametrize("backend", ["local", "memory"])
+def test_retention_removes_only_unshared_chunks(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    ckpt = Checkpointer(NAME, location=store, incremental=True, keep=2)
+    for step in range(1, 9):
+        ckpt.save(step, state_of(step % 3, changed=step % 5))
+        kept = ckpt.steps()
+        for s in kept:
+            for rel in chunk_entries(read_manifest(store, NAME, s)):
+                assert store.exists(f"{NAME}/{rel}"), (step, s, rel)
+            assert_same(ckpt.restore(s).state, state_of(s % 3, changed=s % 5))
+    assert ckpt.steps() == [7, 8]
+    assert safepoint.check(store).ok
+    safepoint.check(store, fix=True)  # the chunks retention deferred (readers) go now
+    assert set(chunk_files_in_store(store, NAME)) == chunk_references(store, NAME).files
+    assert safepoint.check(store).clean
+    ckpt.delete(7)
+    assert set(chunk_files_in_store(store, NAME)) == chunk_references(store, NAME).files
+    assert_same(ckpt.restore().state, state_of(8 % 3, changed=8 % 5))
+    ckpt.delete_all()
+    assert not store.exists(NAME)
+
+
+def _damage(store: Store, key: str) -> None:
+    data = bytearray(store.read(key))
+    data[100] ^= 0xFF
+    store.commit(key, bytes(data), durable=True)
+
+
+def test_damaged_shared_chunk_damages_every_step_that_names_it(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    ckpt.save(1, state_of(1, changed=1))
+    ckpt.save(2, state_of(2))  # big's first chunk is seed 0's: a new chunk file
+    ckpt.save(3, state_of(3))  # shares it with step 2
+    first = read_manifest(store, NAME, 2)
+    rel = first.files[first.blobs[0]["ranges"][0][0]][0]
+    assert rel in chunk_entries(read_manifest(store, NAME, 3))
+    assert rel not in chunk_entries(read_manifest(store, NAME, 1))
+    _damage(store, f"{NAME}/{rel}")
+    into = {"big": np.zeros(16 * CHUNK // 8), "ints": np.zeros(8 * CHUNK // 4 + 5, np.int32)}
+    with pytest.raises(safepoint.CorruptCheckpoint):
+        ckpt.restore(3, into={**state_of(3), **into})
+    assert not into["big"].any() and not into["ints"].any()  # all or nothing
+    assert verify_checkpoint(store, NAME, 1).ok
+    for step in (2, 3):
+        report = verify_checkpoint(store, NAME, step)
+        assert not report.ok and rel in report.problems[0]
+    report = safepoint.check(store, fix=True)
+    assert sorted(f.key for f in report.damage) == [f"{NAME}/000000000002.json",
+                                                   f"{NAME}/000000000003.json"]
+    assert store.exists(f"{NAME}/{rel}")  # damage is evidence, never removed
+    with pytest.warns(CorruptCheckpointWarning):
+        restored = ckpt.restore()
+    assert restored.step == 1
+    assert_same(restored.state, state_of(1, changed=1))
+
+
+def test_missing_chunk_is_damage_and_restore_falls_back(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    ckpt.save(1, state_of(1))
+    ckpt.save(2, state_of(2))  # ints differ: chunks of step 2 only
+    only = set(chunk_entries(read_manifest(store, NAME, 2))) - set(chunk_entries(read_manifest(store, NAME, 1)))
+    store.delete(f"{NAME}/{sorted(only)[0]}")
+    assert not verify_checkpoint(store, NAME, 2).ok
+    assert not safepoint.check(store).ok
+    with pytest.warns(CorruptCheckpointWarning):
+        assert ckpt.restore().step == 1
+
+
+def test_version_2_steps_read_and_continued_incrementally(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    plain = Checkpointer(NAME, location=store, keep=2)
+    plain.save(1, state_of(1))
+    assert read_manifest(store, NAME, 1).body["version"] == 2  # no chunk: still version 2
+    plain.close()
+    inc = Checkpointer(NAME, location=store, keep=2, incremental=True)
+    assert_same(inc.restore().state, state_of(1))
+    inc.save(2, state_of(1))
+    inc.save(3, state_of(3))
+    inc.close()
+    # A Checkpointer that does not write chunks still removes the ones its retention frees.
+    plain = Checkpointer(NAME, location=store, keep=1)
+    plain.save(4, state_of(4))
+    plain.save(5, state_of(5))
+    assert plain.steps() == [5]
+    safepoint.check(store, fix=True)
+    assert chunk_files_in_store(store, NAME) == []
+    assert safepoint.check(store).clean
+    assert_same(plain.restore().state, state_of(5))
+
+
+def test_gc_keeps_young_chunks_and_waits_for_a_stable_pass(tmp_path: Any) -> None:
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    ckpt.save(1, state_of(1))
+    ckpt.save(2, state_of(2))
+    # a crashed save's chunk: unreferenced, young
+    stray = f"{NAME}/chunks/{'ab' * 32}-{'0' * 12}.bin"
+    store.write_blob(stray, [b"x" * 10], durable=True)
+    report = collect_garbage(store, NAME, min_age=60)
+    assert stray in [key for key, _ in report.kept]
+    assert store.exists(stray)
+    assert stray in [key for key, _ in collect_garbage(store, NAME).removed]
+    # a step removed while the pass reads the manifests: the pass starts again
+    calls = {"n": 0}
+    original = store.read
+
+    def read(key: str, **kwargs: Any) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1 and key.endswith("000000000001.json"):
+            raise FileNotFoundError(key)
+        return original(key, **kwargs)
+
+    store.read = read  # type: ignore[method-assign]
+    references = chunk_references(store, NAME)
+    store.read = original  # type: ignore[method-assign]
+    assert references.problem is None and calls["n"] > 2
+    assert references.files == set(chunk_entries(read_manifest(store, NAME, 1))) | set(
+        chunk_entries(read_manifest(store, NAME, 2)))
+    # a damaged manifest: no chunk is deleted (its chunks are unknown)
+    (tmp_path / "s" / NAME / "000000000001.json").write_bytes(b"{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = collect_garbage(store, NAME)
+    assert not [key for key, _ in report.removed if "/chunks/" in key]
+    assert verify_checkpoint(store, NAME, 2).ok
+
+
+def test_only_version_3_names_chunk_files_and_only_well_formed_ones(tmp_path: Any) -> None:
+    from safepoint.errors import CorruptCheckpoint
+    from safepoint.format.manifest import decode_manifest, encode_manifest
+
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    ckpt.save(1, state_of(1))
+    body = read_manifest(store, NAME, 1).body
+    good = next(rel for rel, _ in body["files"] if rel.startswith("chunks/"))
+    decode_manifest(encode_manifest(body), "m", name=NAME, step=1)
+    for version, rel in ((2, good), (3, "chunks/evil.bin"), (3, "chunks/../x.bin"),
+                         (3, f"chunks/{'a' * 64}-{'0' * 12}.bin/x"), (3, "other/" + good[7:])):
+        bad = {**body, "version": version,
+               "files": [[rel if r == good else r, size] for r, size in body["files"]]}
+        with pytest.raises(CorruptCheckpoint, match="malformed manifest"):
+            decode_manifest(encode_manifest(bad), "m", name=NAME, step=1)
+
+
+def test_check_reads_a_shared_chunk_once(tmp_path: Any) -> None:
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    for step in range(1, 6):
+        ckpt.save(step, state_of(1))  # every step names the same chunks
+    read: list[int] = []
+    report = safepoint.check(store, on_bytes=read.append)
+    assert report.clean and report.steps == 5
+    per_step = verify_checkpoint(store, NAME, 1).checked_bytes
+    assert report.checked_bytes == 5 * per_step  # each step's data counts as checked
+    chunked = sum(size for size, _ in chunk_entries(read_manifest(store, NAME, 1)).values())
+    assert sum(read) == 5 * per_step - 4 * chunked  # but shared chunks were read once
