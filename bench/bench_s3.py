@@ -13,6 +13,7 @@ Skipped when s3fs or moto is not installed.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections import Counter
@@ -55,6 +56,7 @@ def moto_server() -> Iterator[dict[str, Any]]:
         raise Skip(f"needs s3fs and moto ({exc.name} is not installed)") from exc
     saved = {key: os.environ.get(key) for key in ENV}
     os.environ.update(ENV)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
