@@ -95,10 +95,12 @@ def run(report: Report, quick: bool) -> None:
         with moto_server() as options:
             store, calls = counted_store(f"s3://{BUCKET}/save", options)
             ckpt = Checkpointer("job", location=store)
-            for step in (1, 2):
+            for step in (1, 2, 3):
                 ckpt.save(step, {"step": step, "loss": 0.5})
+                if step == 2:
+                    ckpt.close()  # waits for the first save's sweep, which shares the client
             per_save = []
-            for step in (3, 4, 5):
+            for step in (4, 5, 6):
                 before = Counter(calls)
                 ckpt.save(step, {"step": step, "loss": 0.5})
                 per_save.append(sum(calls.values()) - sum(before.values()))

@@ -448,5 +448,7 @@ def test_gc_never_removes_a_file_a_save_writes_meanwhile_into_an_old_folder(
         return entries
 
     monkeypatch.setattr(LocalStore, "scan", scan_then_write)
-    collect_garbage(store, "job", min_age=60)
+    report = collect_garbage(store, "job", min_age=60)
     assert fresh.read_bytes() == b"the new save's data" and not stale.exists()
+    assert ("job/000000000002/cafebabe0000-0.bin", 8) in report.removed  # what went, not the folder
+    assert ("job/000000000002", "a save wrote into it meanwhile") in report.kept

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import Checkpointer
+from safepoint import Checkpointer, check
+from safepoint.policy import manual
+from safepoint.run import resume
 
 
 class Crash(Exception):
@@ -115,3 +118,28 @@ def test_what_safepoint_did_not_write_is_left_alone(store: Path) -> None:
 def test_a_missing_location_holds_nothing(tmp_path: Path) -> None:
     report = safepoint.check(tmp_path / "nothing")
     assert report.ok and report.clean and report.names == {}
+
+
+def test_a_log_with_no_intact_record_is_damage_and_its_steps_are_still_checked(tmp_path: Path) -> None:
+    """verify's rows come from check(): a run whose log has no intact record is one damaged
+    row, and the checkpoint step it wrote is verified all the same (and not removed)."""
+    store = tmp_path / "store"
+
+    class Stop(Exception):
+        pass
+
+    with contextlib.suppress(Stop), resume("arrays", location=store, policy=manual()) as run:
+        run.state["w"] = np.arange(100_000.0)
+        for i in run.range(10):
+            if i == 3:
+                run.checkpoint()
+                raise Stop
+    (journal,) = (store / "arrays").glob("run-*.journal")
+    data = bytearray(journal.read_bytes())
+    data[16:] = bytes(b ^ 0xFF for b in data[16:])
+    journal.write_bytes(bytes(data))
+    report = check(store, fix=True)
+    log, step = report.checked
+    assert log.step is None and not log.ok and "no intact record" in log.problems[0]
+    assert step.ok and step.checked_bytes == 800_000
+    assert [f.what for f in report.findings] == ["damage"] and not report.removed

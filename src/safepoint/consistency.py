@@ -122,14 +122,22 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
     log: VerifyReport | None = None
     kind = "checkpoint"
     if found:
-        replay = read_log(store, name)
+        newest = f"{name}/{found[-1][1]}"
+        info = store.stat(newest)
+        size = info.size if info.kind == "file" else 0
+        try:
+            replay = read_log(store, name)
+        except CorruptCheckpoint as exc:  # no intact record: its steps are still checked
+            report.names[name] = "run"
+            report.findings.append(Finding(name, newest, "damage", str(exc)))
+            report.checked.append(VerifyReport(name, None, size, [str(exc)]))
+            found = []
+    if found:
         report.records += len(replay.records)
         state = replay.state
         kind = str((state.extra if state is not None else (replay.records[-1].extra if replay.records else {}))
                    .get("kind", "run"))
-        newest = f"{name}/{found[-1][1]}"
-        info = store.stat(newest)
-        log = VerifyReport(name, None, info.size if info.kind == "file" else 0, list(replay.damage))
+        log = VerifyReport(name, None, size, list(replay.damage))
         report.checked.append(log)
         for problem in replay.damage:
             report.findings.append(Finding(name, newest, "damage", problem))
@@ -139,7 +147,7 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
             _leftover(store, report, Finding(name, f"{name}/{entry}", "leftover",
                                              f"{store.url}/{name}/{entry}: the log of writer "
                                              f"{generation}, superseded by a newer one"), fix)
-    report.names[name] = kind
+    report.names.setdefault(name, kind)
     steps = committed_steps(store, name)
     for ref in sorted((referenced or set()) - set(steps)):
         problem = f"{store.url}/{name}: a record refers to checkpoint step {ref}, which is missing"
@@ -158,7 +166,7 @@ def _check_name(store: Store, name: str, report: CheckReport, *, fix: bool, data
             checked.append(result)
             for problem in result.problems:
                 report.findings.append(Finding(name, f"{name}/{step:012d}.json", "damage", problem))
-    if referenced is None and steps:
+    if steps:
         wrong = latest_problem(store, name)
         if wrong:
             report.findings.append(Finding(name, f"{name}/latest.json", "damage", wrong))

@@ -205,17 +205,22 @@ def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = f
         report.kept.append((folder, f"younger than {min_age:g} s: a save may be in progress"))
         return False  # created just now: a save's next step is a file in it
     if not left and not keep:  # one entry in the report, removed file by file
-        report.removed.append((folder, _size(store, folder)))
-        if not report.dry_run:
-            for key in removable:
-                store.delete(key)
-            store.remove_empty_folder(folder)  # a file a save created meanwhile stays
-        return True
+        sizes = {key: _size(store, key) for key in removable}
+        if report.dry_run:
+            report.removed.append((folder, sum(sizes.values())))
+            return True
+        for key in removable:
+            store.delete(key)
+        if store.remove_empty_folder(folder):  # a file a save created meanwhile stays
+            report.removed.append((folder, sum(sizes.values())))
+            return True
+        report.removed += list(sizes.items())
+        report.kept.append((folder, "a save wrote into it meanwhile"))
+        return False
     for key in removable:
         _remove(store, key, report)
     if not left and not report.dry_run:
-        store.remove_empty_folder(folder)
-        return True
+        return store.remove_empty_folder(folder)
     return False
 
 

@@ -116,31 +116,37 @@ _PLAIN = _PLAIN_LEAVES | {dict, list}
 _INT64 = 2**63
 
 
-def is_plain(obj: Any, depth: int = 0) -> bool:
+def is_plain(obj: Any, depth: int = 0, memo: dict[int, bool] | None = None) -> bool:
     """Whether ``obj`` is a tree of plain JSON values that stands for itself as a node:
     exact dicts with str keys other than ``"$"``, exact lists, str, bool, None, int64 ints
     and finite floats.
 
     The types of a container's entries are gathered in C (``set(map(type, ...))``), so the
     check costs a few steps per container and next to nothing per leaf; a tree of 100,000
-    small leaves is checked in a fraction of what building its node would cost.
+    small leaves is checked in a fraction of what building its node would cost. ``memo``
+    (by ``id``, for one walk of a tree that stays alive) keeps every container's answer, so
+    that asking again at each level of a deep tree costs nothing more.
     """
-    return _plain(obj, depth, True)
+    return _plain(obj, depth, True, {} if memo is None else memo)
 
 
-def is_plain_node(node: Any, depth: int = 0) -> bool:
+def is_plain_node(node: Any, depth: int = 0, memo: dict[int, bool] | None = None) -> bool:
     """Whether a node read from a manifest is plain JSON that stands for itself: lists and
     objects without a ``"$"`` key, all the way down (JSON gave its keys as strings, and any
     number it holds is one a node may hold)."""
-    return _plain(node, depth, False)
+    return _plain(node, depth, False, {} if memo is None else memo)
 
 
-def _plain(obj: Any, depth: int, exact: bool) -> bool:
+def _plain(obj: Any, depth: int, exact: bool, memo: dict[int, bool]) -> bool:
+    known = memo.get(id(obj))
+    if known is not None:
+        return known
     if depth >= knobs.MAX_DEPTH:
         return False  # too deep, or a cycle: the full encoder (decoder) says which
     kind = type(obj)
     if kind is dict:
         if "$" in obj or (exact and not set(map(type, obj)) <= {str}):
+            memo[id(obj)] = False
             return False
         values: Any = obj.values()
     elif kind is list:
@@ -148,17 +154,16 @@ def _plain(obj: Any, depth: int, exact: bool) -> bool:
     else:
         return False
     types = set(map(type, values))
-    if not types <= _PLAIN:
-        return False
-    if exact and (int in types or float in types) and any([
-            v - v != 0.0 if type(v) is float else not -_INT64 <= v < _INT64
-            for v in values if type(v) is float or type(v) is int]):
-        return False  # a float that is not finite, or an int beyond int64
-    if dict in types or list in types:
+    answer = types <= _PLAIN and not (exact and (int in types or float in types) and any([
+        v - v != 0.0 if type(v) is float else not -_INT64 <= v < _INT64  # not finite; not int64
+        for v in values if type(v) is float or type(v) is int]))
+    if answer and (dict in types or list in types):
         for value in values:
-            if (type(value) is dict or type(value) is list) and not _plain(value, depth + 1, exact):
-                return False
-    return True
+            if (type(value) is dict or type(value) is list) and not _plain(value, depth + 1, exact, memo):
+                answer = False
+                break
+    memo[id(obj)] = answer
+    return answer
 
 
 def plain_copy(obj: Any) -> Any:
@@ -195,6 +200,7 @@ class Encoder:
     ) -> None:
         self.allow_pickle = allow_pickle
         self.share = share
+        self._plain: dict[int, bool] = {}  # is_plain's answers for this tree's containers
         self.inline_limit = knobs.INLINE_LIMIT if inline_limit is None else inline_limit
         self.snapshot = snapshot
         self.blobs: list[BlobRef] = []
@@ -236,7 +242,7 @@ class Encoder:
         return value if _is_json_scalar(value) else self.encode(value, TreePath(parent, key))
 
     def _container(self, obj: Any, path: TreePath | str) -> Any:
-        if is_plain(obj, len(self._active)):
+        if is_plain(obj, len(self._active), self._plain):
             return obj if self.share else plain_copy(obj)
         if id(obj) in self._active:
             raise UnsupportedType(f"{path}: the state tree contains itself (a cycle)",
@@ -426,6 +432,7 @@ class Decoder:
         self.allow_pickle = allow_pickle
         self.build = build
         self.share = share
+        self._plain: dict[int, bool] = {}
         """The nodes are the decoder's own (a manifest read for this restore alone): a plain
         subtree is returned as it is, not copied."""
 
@@ -437,7 +444,7 @@ class Decoder:
             return node
         if depth > knobs.MAX_DEPTH + 8:
             raise _fail(path, f"nodes nested more than {knobs.MAX_DEPTH} deep")
-        if target is None and is_plain_node(node, depth):  # the value itself: no walk in Python
+        if target is None and is_plain_node(node, depth, self._plain):  # the value itself: no walk in Python
             return node if self.share or not self.build else plain_copy(node)
         if kind is list:
             return self._list(node, target, path, depth)

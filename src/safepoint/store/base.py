@@ -251,11 +251,11 @@ class Store(ABC):
         for key in keys:
             self.delete(key)
 
-    def remove_empty_folder(self, key: str) -> None:
+    def remove_empty_folder(self, key: str) -> bool:
         """Remove the folder ``key`` if it is empty, never what is in it (a file another
-        process creates meanwhile stays, and so does the folder). Object stores have no
-        folders (a prefix with no objects does not exist): nothing to do."""
-        return
+        process creates meanwhile stays, and so does the folder); True if it is gone. On
+        object stores a prefix with no objects does not exist: gone once it is empty."""
+        return not self.scan(key)
 
     def read_into(self, key: str, out: memoryview) -> int:
         """Read the value at ``key`` into ``out``; returns the value's full size."""

@@ -226,10 +226,12 @@ class FsspecStore(Store):
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
 
-    def remove_empty_folder(self, key: str) -> None:
-        if "file" in self.fs.protocol or "local" in self.fs.protocol:  # real folders
-            with contextlib.suppress(OSError):
-                self.fs.rmdir(self._path(key))
+    def remove_empty_folder(self, key: str) -> bool:
+        if self.scan(key):
+            return False
+        with contextlib.suppress(OSError):  # a backend with real folders: rmdir (never recursive)
+            self.fs.rmdir(self._path(key))
+        return True
 
     def delete_objects(self, keys: list[str]) -> None:
         if keys:  # non-recursive: no listing; s3fs sends one DeleteObjects per 1,000 keys

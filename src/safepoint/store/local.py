@@ -520,10 +520,15 @@ class LocalStore(Store):
             pass
 
 
-    def remove_empty_folder(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError), \
-                self._parent(key) as (parent, name):
-            os.rmdir(name, dir_fd=parent)  # ENOTEMPTY if a file appeared: it stays
+    def remove_empty_folder(self, key: str) -> bool:
+        try:
+            with self._parent(key) as (parent, name):
+                os.rmdir(name, dir_fd=parent)  # ENOTEMPTY if a file appeared: it stays
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
 
 
 class _Lock:
