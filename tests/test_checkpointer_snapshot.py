@@ -152,6 +152,17 @@ def test_changes_after_save_returns_are_not_saved(gated: GatedStore) -> None:
     assert restored.metadata == {"loss": [0.5]}
 
 
+def test_a_plain_state_is_frozen_at_the_fork_too(tmp_path: Path) -> None:
+    ckpt = Checkpointer("job", location=tmp_path, snapshot="fork")
+    state = {"step": 1, "history": [0.5, 0.25], "config": {"lr": 0.1, "name": "run"}}
+    pending = ckpt.save(1, state, blocking=False)  # JSON only: the node is the state itself
+    state["history"].append(0.125)
+    state["config"]["lr"] = 99.0
+    pending.wait()
+    assert ckpt.restore().state == {"step": 1, "history": [0.5, 0.25],
+                                    "config": {"lr": 0.1, "name": "run"}}
+
+
 def test_memory_shared_with_other_processes_is_copied_before_the_fork(gated: GatedStore) -> None:
     size = 400_000
     with mmap.mmap(-1, size) as shared:  # MAP_SHARED: not copy-on-write across a fork
