@@ -152,6 +152,22 @@ def test_changes_after_save_returns_are_not_saved(gated: GatedStore) -> None:
     assert restored.metadata == {"loss": [0.5]}
 
 
+def test_incremental_fork_saves_write_only_changed_chunks(tmp_path: Path) -> None:
+    ckpt = Checkpointer("job", location=tmp_path, snapshot="fork", incremental=True, keep=2)
+    weights = np.random.default_rng(0).random(3_000_000)  # 24 MB: several chunks
+    saved = []
+    for step in range(4):
+        weights[step * 1000] = -step  # one chunk changes per step
+        saved.append(weights.copy())
+        ckpt.save(step, {"w": weights, "step": step}, blocking=False)
+        weights[:] += 0  # the caller writes right away (copy-on-write)
+    ckpt.wait()
+    assert ckpt.steps() == [2, 3]
+    for step in (2, 3):
+        assert ckpt.restore(step=step).state["w"].tobytes() == saved[step].tobytes()
+    assert safepoint.check(tmp_path).ok  # removed steps' chunks go a save later (readers)
+
+
 def test_a_plain_state_is_frozen_at_the_fork_too(tmp_path: Path) -> None:
     ckpt = Checkpointer("job", location=tmp_path, snapshot="fork")
     state = {"step": 1, "history": [0.5, 0.25], "config": {"lr": 0.1, "name": "run"}}
