@@ -242,3 +242,21 @@ def test_a_target_of_another_dtype_or_shape_is_refused(tmp_path: Path) -> None:
         assert not wrong.any()
     restored = ckpt.restore(into={"t": torch.zeros(100, dtype=torch.bfloat16)}).state["t"]
     assert_bit_equal(restored, original)
+
+
+def test_a_fork_snapshot_refuses_a_tensor_off_the_cpu(tmp_path: Path) -> None:
+    """snapshot="fork" shares host pages only: a tensor on another device (here "meta"; a
+    CUDA tensor alike) is refused before anything is forked, naming its path."""
+    from safepoint import Checkpointer
+    from safepoint.errors import UnsupportedType
+
+    ckpt = Checkpointer("job", location=tmp_path, snapshot="fork")
+    state = {"cpu": torch.arange(10_000, dtype=torch.float32),
+             "model": {"w": torch.empty(10_000, device="meta")}}
+    with pytest.raises(UnsupportedType, match=r"state\['model'\]\['w'\]: a torch.Tensor on meta; "
+                                              r"snapshot='fork' saves host memory only.*"
+                                              r"snapshot='copy'"):
+        ckpt.save(1, state, blocking=False)
+    assert ckpt.steps() == []
+    ckpt.save(1, {"cpu": state["cpu"]}, blocking=False).wait()  # CPU tensors: shared pages
+    assert torch.equal(ckpt.restore().state["cpu"], state["cpu"])

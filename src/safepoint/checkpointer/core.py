@@ -18,6 +18,7 @@ for it).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import weakref
@@ -28,6 +29,13 @@ from typing import Any, Literal
 import numpy as np
 
 from safepoint import knobs
+from safepoint.checkpointer.snapshot import (
+    Snapshot,
+    check_snapshot,
+    fork_save,
+    parent_alive,
+    shared_blobs,
+)
 from safepoint.checkpointer.steps import (
     Cleanup,
     collect_garbage,
@@ -51,6 +59,7 @@ from safepoint.format import (
     CHUNKS,
     ChunkIndex,
     Manifest,
+    Prepared,
     is_plain,
     json_copy,
     latest_key,
@@ -151,6 +160,26 @@ class _SaveRequest:
         self.overwrite, self.manifest_extra = overwrite, extra
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a save looked at before writing: the newest step, whether this one becomes the
+    newest, the manifest bytes an overwrite replaces, the expected newest-record version."""
+
+    newest: int | None
+    becomes_newest: bool
+    previous: bytes | None
+    expect: str | None
+
+
+@dataclass(frozen=True)
+class _Committed:
+    """What a commit tells the bookkeeping (sent back by a forked snapshot process)."""
+
+    becomes_newest: bool
+    version: str | None
+    manifest: Manifest
+
+
 class Checkpointer:
     """Numbered checkpoints of one name, in a local directory or at any fsspec URL.
 
@@ -175,6 +204,13 @@ class Checkpointer:
     chunks, and a chunk a kept step holds already is not written again (bytes written in
     proportion to bytes changed; see ``docs/format.md``). Retention then removes only the
     chunks no kept step names.
+
+    ``snapshot``: how ``save(blocking=False)`` freezes the state before it returns.
+    ``"copy"`` (the default) copies the large arrays into buffers reused across saves
+    (blocks about one memory copy); ``"fork"`` forks a process that writes and commits the
+    checkpoint from pages shared copy-on-write (blocks only for the ``fork()``; Linux, a
+    local store, host memory only: see docs/checkpointer.md). Blocking saves write in the
+    caller either way.
     """
 
     def __init__(
@@ -199,10 +235,12 @@ class Checkpointer:
         clock: Callable[[], float] = time.monotonic,
         storage_options: dict[str, Any] | None = None,
         incremental: bool = False,
+        snapshot: Snapshot = "copy",
     ) -> None:
         name, location = split_location(name, location)
         self.name = check_name(name)
         self.store: Store = open_store(location, storage_options=storage_options)
+        self.snapshot: Snapshot = check_snapshot(snapshot, self.store)
         self.retention = _retention(keep, keep_every, keep_best, best_metric, best_mode)
         self.durable = durable
         self.allow_pickle = allow_pickle
@@ -283,10 +321,11 @@ class Checkpointer:
         """Save ``state`` as ``step``; visible to readers only once fully committed.
 
         ``blocking=False`` returns as soon as the state is copied into buffers reused across
-        saves; writing and committing go on in the background (one save in flight at a
-        time; an error there is raised by the returned handle's ``wait()``, by the next call
-        or by :meth:`wait`). A step that exists, or one older than the newest, is refused
-        unless ``overwrite=True``. Returns a handle to the save (done at once when blocking).
+        saves (or, with ``snapshot="fork"``, as soon as a process is forked that shares the
+        state's pages copy-on-write); writing and committing go on in the background (one
+        save in flight at a time; an error there is raised by the returned handle's
+        ``wait()``, by the next call or by :meth:`wait`). A step that exists, or one older
+        than the newest, is refused unless ``overwrite=True``. Returns a handle to the save (done at once when blocking).
         """
         step = _check_step(step)
         self.wait()
@@ -301,17 +340,22 @@ class Checkpointer:
                 "replace it, or save a newer step", name=self.name, step=step)
         plain = is_plain(state)  # plain JSON values only: nothing to capture, one C copy at most
         tree = state if plain else capture(state)
+        forked = not blocking and self.snapshot == "fork"
         # An asynchronous save copies what the caller may change (arrays, bytearrays, plain
         # containers) into buffers reused across saves; bytes and pickles are immutable already.
-        snapshot = None if blocking else self._snapshot
+        # A forked one shares the pages copy-on-write instead (host memory only).
+        snapshot = None if blocking or forked else self._snapshot
         prepared = prepare(tree, allow_pickle=self.allow_pickle, snapshot=snapshot,
-                           share=blocking, plain=plain)
+                           share=blocking or forked, plain=plain, host_only=forked)
         metadata, extra = json_copy(metadata, "metadata"), json_copy(extra, "extra")
         request = _SaveRequest(step, prepared, metadata, overwrite, extra)
         self._last_save_time, self._last_step = self._clock(), step
-        if blocking:  # a holder looked at the newest step just now: no second look
-            held = self.lease is not None and not overwrite
-            self._write(request, seen=(latest,) if held else None)
+        # a holder looked at the newest step just now: no second look
+        seen = (latest,) if self.lease is not None and not overwrite else None
+        if forked:
+            return self._save_forked(request, seen)
+        if blocking:
+            self._write(request, seen=seen)
             done = Pending(step)
             done._finish()
             return done
@@ -352,69 +396,126 @@ class Checkpointer:
         under the lease held already (else it is looked at here)."""
         with self._lock:
             self._take_lease()
-            if self._sweep is None:
-                self._sweep = threading.Thread(target=_sweep, args=(self.store, self.name),
-                                               name=f"safepoint-sweep-{self.name}", daemon=True)
-                self._sweep.start()
-            step = request.step
+            self._start_sweep()
             chunks = self._chunk_index()
-            newest = seen[0] if seen is not None else self._newest()[0]
-            becomes_newest = newest is None or step >= newest
-            previous = None
-            if request.overwrite and self.store.exists(manifest_key(self.name, step)):
-                with contextlib.suppress(FileNotFoundError, CorruptCheckpoint):
-                    previous = self.store.read(manifest_key(self.name, step),
-                                               limit=knobs.MAX_MANIFEST_BYTES)
-            expect = self._expect if self.store.conditional and becomes_newest else None
-            if expect is None and self.store.conditional and becomes_newest:
-                expect = self.store.version(latest_key(self.name)) or ABSENT
-            exclusive = True  # a new step's manifest is created, never replaced
-            while True:
-                try:
-                    manifest, version = write_checkpoint(
-                        self.store, self.name, step, request.prepared,
-                        metadata=request.metadata, durable=self.durable,
-                        extra=request.manifest_extra, before_commit=self._fence,
-                        newest=becomes_newest, previous=previous, previous_latest=newest,
-                        expect=expect, exclusive=exclusive,
-                        chunks=chunks if self.incremental else None)
-                    break
-                except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
-                    self._expect = None
-                    self._take_lease().check(fresh=True)
-                    if exclusive and exc.key == manifest_key(self.name, step):
-                        # Still the holder: the manifest is a leftover of a writer of this
-                        # name that died before publishing it, so it may be replaced.
-                        exclusive = False
-                        continue
-                    raise SaveFailed(
-                        f"{self.name!r} step {step}: another writer changed the newest step of "
-                        f"{self.store.url}/{self.name} meanwhile; this save did not happen",
-                        name=self.name, step=step) from exc
-                except BaseException:
-                    self._expect = None  # a failed commit may have rolled the record back
-                    raise
-            log.debug("safepoint: %r committed step %d in %s", self.name, step, self.store.url)
-            if becomes_newest:
-                self._latest = (version, step)
-                self._expect = version if self.store.conditional else None
-            if request.overwrite:
-                referenced = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
-                folder = f"{self.name}/{step:012d}"
-                for entry in self.store.list(folder):
-                    if entry not in referenced and not entry.startswith("."):
-                        with contextlib.suppress(OSError):
-                            self.store.delete(f"{folder}/{entry}")
-            self._metrics[step] = manifest.metadata
-            if chunks is not None:  # chunks only the replaced manifest named: a save later
-                self._deferred += [f"{self.name}/{rel}" for rel in chunks.add(manifest)]
+            plan = self._plan(request, seen)
             try:
-                self._apply_retention(step)
-            except OSError as exc:
+                committed = self._commit(request, plan, self._fence, chunks=chunks)
+            except BaseException:
+                self._expect = None  # a failed commit may have rolled the record back
+                raise
+            self._committed(request.step, committed, chunks)
+
+    def _start_sweep(self) -> None:
+        """At the first save, start the sweep of old crash leftovers (in this process)."""
+        if self._sweep is None:
+            self._sweep = threading.Thread(target=_sweep, args=(self.store, self.name),
+                                           name=f"safepoint-sweep-{self.name}", daemon=True)
+            self._sweep.start()
+
+    def _plan(self, request: _SaveRequest, seen: tuple[int | None] | None) -> _Plan:
+        step = request.step
+        newest = seen[0] if seen is not None else self._newest()[0]
+        becomes_newest = newest is None or step >= newest
+        previous = None
+        if request.overwrite and self.store.exists(manifest_key(self.name, step)):
+            with contextlib.suppress(FileNotFoundError, CorruptCheckpoint):
+                previous = self.store.read(manifest_key(self.name, step),
+                                           limit=knobs.MAX_MANIFEST_BYTES)
+        expect = self._expect if self.store.conditional and becomes_newest else None
+        if expect is None and self.store.conditional and becomes_newest:
+            expect = self.store.version(latest_key(self.name)) or ABSENT
+        return _Plan(newest, becomes_newest, previous, expect)
+
+    def _commit(self, request: _SaveRequest, plan: _Plan, fence: Callable[[], None], *,
+                chunks: ChunkIndex | None = None, parallel: bool | None = None) -> _Committed:
+        """Write the data files and publish the manifest (``fence`` runs just before); an
+        overwrite then removes the files of the step it replaced. Takes no lock and logs
+        nothing: a forked snapshot process runs it too."""
+        step = request.step
+        expect, exclusive = plan.expect, True  # a new step's manifest is created, never replaced
+        while True:
+            try:
+                manifest, version = write_checkpoint(
+                    self.store, self.name, step, request.prepared,
+                    metadata=request.metadata, durable=self.durable,
+                    extra=request.manifest_extra, before_commit=fence,
+                    newest=plan.becomes_newest, previous=plan.previous,
+                    previous_latest=plan.newest, expect=expect, exclusive=exclusive,
+                    chunks=chunks if self.incremental else None, parallel=parallel)
+                break
+            except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
+                self._expect = None
+                self._take_lease().check(fresh=True)
+                if exclusive and exc.key == manifest_key(self.name, step):
+                    # Still the holder: the manifest is a leftover of a writer of this
+                    # name that died before publishing it, so it may be replaced.
+                    exclusive = False
+                    continue
                 raise SaveFailed(
-                    f"{self.name!r} step {step} was committed, but removing old steps "
-                    f"failed: {exc}; run `safepoint gc` later", name=self.name, step=step,
-                ) from exc
+                    f"{self.name!r} step {step}: another writer changed the newest step of "
+                    f"{self.store.url}/{self.name} meanwhile; this save did not happen",
+                    name=self.name, step=step) from exc
+        if request.overwrite:
+            referenced = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
+            folder = f"{self.name}/{step:012d}"
+            for entry in self.store.list(folder):
+                if entry not in referenced and not entry.startswith("."):
+                    with contextlib.suppress(OSError):
+                        self.store.delete(f"{folder}/{entry}")
+        return _Committed(plan.becomes_newest, version, manifest)
+
+    def _committed(self, step: int, committed: _Committed, chunks: ChunkIndex | None) -> None:
+        """The bookkeeping after a commit, in the saving process (after a forked commit
+        too): the newest-step record as we wrote it, the step's metrics, retention."""
+        log.debug("safepoint: %r committed step %d in %s", self.name, step, self.store.url)
+        if committed.becomes_newest:
+            self._latest = (committed.version, step)
+            self._expect = committed.version if self.store.conditional else None
+        self._metrics[step] = committed.manifest.metadata
+        if chunks is not None:  # chunks only the replaced manifest named: a save later
+            self._deferred += [f"{self.name}/{rel}" for rel in chunks.add(committed.manifest)]
+        try:
+            self._apply_retention(step)
+        except OSError as exc:
+            raise SaveFailed(
+                f"{self.name!r} step {step} was committed, but removing old steps "
+                f"failed: {exc}; run `safepoint gc` later", name=self.name, step=step,
+            ) from exc
+
+    def _save_forked(self, request: _SaveRequest, seen: tuple[int | None] | None) -> Pending:
+        """Fork a process that writes and commits ``request`` from pages shared
+        copy-on-write; the bookkeeping waits for it on the committer (one save in flight)."""
+        step = request.step
+        with self._lock:
+            self._take_lease().check()  # the parent holds the lease and its heartbeat
+            self._start_sweep()
+            chunks = self._chunk_index()  # the child reads it (its lock is free: no save runs)
+            for index in shared_blobs(request.prepared):  # not copy-on-write: copy them now
+                _copy_blob(request.prepared, index, self._snapshot)
+            alive = parent_alive(os.getpid())
+
+            def fence() -> None:  # in the child, at its commit point
+                self._fence()
+                alive()
+
+            def in_child() -> _Committed:  # runs in the forked process only
+                return self._commit(request, self._plan(request, seen), fence, chunks=chunks,
+                                    parallel=False)
+
+            child = fork_save(in_child, f"{self.name!r} step {step}")
+        request.prepared = None  # the child has the pages; let the caller's arrays go
+
+        def finish() -> None:
+            with self._lock:
+                try:
+                    committed = child.wait()
+                except BaseException:
+                    self._latest, self._expect = None, None  # look again at the next save
+                    raise
+                self._committed(step, committed, chunks)
+
+        return self._committer.submit(finish, tag=step)
 
     def _chunk_index(self) -> ChunkIndex | None:
         """The chunk files of the kept steps (read once per lease, from their manifests),
@@ -675,6 +776,13 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.name!r}, location={self.store.url!r})"
+
+
+def _copy_blob(prepared: Prepared, index: int,
+               snapshot: Callable[[int, np.ndarray], np.ndarray]) -> None:
+    """Point blob ``index`` at a copy of its bytes (a snapshot buffer)."""
+    blob = prepared.blobs[index]
+    blob.data = snapshot(index, np.frombuffer(blob.data, np.uint8)).data
 
 
 def _save_policy(policy: PolicyLike | None, steps: int | None, seconds: float | None) -> Policy | None:

@@ -52,6 +52,11 @@ class JaxArrayCodec:
             array = array.view(_CARRIERS[array.dtype.itemsize])
         return array, attrs
 
+    def device(self, obj: Any) -> str:
+        """``"cpu"`` for an array wholly on CPU devices, else its platforms (``"gpu"``)."""
+        platforms = sorted({device.platform for device in obj.devices()})
+        return "cpu" if platforms == ["cpu"] else ", ".join(platforms)
+
     def from_numpy(self, array: np.ndarray, attrs: dict[str, Any]) -> Any:
         if "prng_impl" in attrs:
             return jax.random.wrap_key_data(jnp.asarray(array), impl=attrs["prng_impl"])

@@ -97,6 +97,11 @@ class TorchTensorCodec:
             return torch.nn.Parameter(tensor, requires_grad=attrs.get("requires_grad", True))
         return tensor.requires_grad_(attrs.get("requires_grad", False))
 
+    def device(self, obj: Any) -> str:
+        """``"cpu"`` for a tensor in host memory, else its device (``"cuda:0"``, ``"meta"``)."""
+        tensor: torch.Tensor = obj
+        return "cpu" if tensor.device.type == "cpu" else str(tensor.device)
+
     def describe(self, obj: Any) -> tuple[str, tuple[int, ...]] | None:
         """The dtype name and shape of a live tensor (None for anything else)."""
         if not isinstance(obj, torch.Tensor):

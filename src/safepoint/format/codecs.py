@@ -43,6 +43,11 @@ class LeafCodec(Protocol):
 # straight into the framework's own memory.
 
 
+# A codec may also define ``device(obj) -> str``: where a live leaf's memory lives, "cpu" for
+# host memory, else a device name ("cuda:0", "meta", "gpu"); a copy-on-write snapshot
+# (snapshot="fork") refuses any other than "cpu". Without it, leaves count as host memory.
+
+
 # A codec may also define ``describe(obj) -> (dtype name, shape) | None`` for a live leaf of
 # its kind, so that a restore into it can refuse a saved leaf of another dtype or shape.
 

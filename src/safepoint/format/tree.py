@@ -188,6 +188,9 @@ class Encoder:
     array) and the array, and returns the array whose memory is written: a copy in a
     buffer reused across saves, so that the caller may change the live value while the
     write goes on.
+
+    ``host_only`` refuses a framework array held in device memory (a CUDA tensor, a jax
+    array on a GPU): a copy-on-write snapshot (``snapshot="fork"``) shares host pages only.
     """
 
     def __init__(
@@ -197,10 +200,12 @@ class Encoder:
         inline_limit: int | None = None,
         snapshot: Callable[[int, np.ndarray], np.ndarray] | None = None,
         share: bool = False,
+        host_only: bool = False,
     ) -> None:
         self.allow_pickle = allow_pickle
         self.share = share
         self._plain: dict[int, bool] = {}  # is_plain's answers for this tree's containers
+        self.host_only = host_only
         self.inline_limit = knobs.INLINE_LIMIT if inline_limit is None else inline_limit
         self.snapshot = snapshot
         self.blobs: list[BlobRef] = []
@@ -233,6 +238,8 @@ class Encoder:
             return self._npscalar(obj, path)
         for codec in self._codecs:
             if codec.matches(obj):
+                if self.host_only:
+                    _refuse_device_memory(codec, obj, path)
                 array, attrs = codec.to_numpy(obj)
                 return {"$": "leaf", "kind": codec.kind, "attrs": attrs,
                         "array": self._ndarray(np.asarray(array), path)}
@@ -330,6 +337,18 @@ class Encoder:
                 "owner state_dict()/load_state_dict()", tree_path=f"{path}{part}",
                 type_name=f"{type(culprit).__module__}.{type(culprit).__qualname__}") from exc
         return {"$": "pickle", "type": name, **self._data(memoryview(data), path, stream=True)}
+
+
+def _refuse_device_memory(codec: LeafCodec, obj: Any, path: TreePath | str) -> None:
+    """Raise ``UnsupportedType`` if ``obj`` lives outside host memory (``codec.device``)."""
+    where = getattr(codec, "device", None)
+    device = where(obj) if where is not None else "cpu"
+    if device != "cpu":
+        raise UnsupportedType(
+            f"{path}: a {codec.kind} on {device}; snapshot='fork' saves host memory only "
+            "(a forked process shares the CPU's pages, not a device's): move it to the CPU "
+            "first, or use snapshot='copy', which copies it to the host",
+            tree_path=str(path), type_name=codec.kind)
 
 
 def _unpicklable_part(obj: Any, depth: int = 4) -> tuple[str, Any]:

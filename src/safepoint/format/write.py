@@ -60,13 +60,16 @@ def prepare(
     snapshot: Callable[[int, np.ndarray], np.ndarray] | None = None,
     share: bool = False,
     plain: bool = False,
+    host_only: bool = False,
 ) -> Prepared:
-    """Encode ``tree``; raise ``UnsupportedType`` naming the path of a value it cannot store.
+    """Encode ``tree``; raise ``UnsupportedType`` naming the path of a value it cannot store
+    (``host_only``: also of a framework array held in device memory).
 
     ``share=True``: plain subtrees are their own nodes, not copies (the node is written
     before the tree may change); ``plain=True``: the caller found ``is_plain(tree)``.
     """
-    encoder = Encoder(allow_pickle=allow_pickle, snapshot=snapshot, share=share)
+    encoder = Encoder(allow_pickle=allow_pickle, snapshot=snapshot, share=share,
+                      host_only=host_only)
     node = (tree if share else plain_copy(tree)) if plain else encoder.encode(tree)
     return Prepared(node=node, blobs=encoder.blobs, pickled=encoder.pickled)
 
@@ -122,6 +125,7 @@ def write_checkpoint(
     previous_latest: int | None = None,
     exclusive: bool = True,
     chunks: ChunkIndex | None = None,
+    parallel: bool | None = None,
 ) -> tuple[Manifest, str | None]:
     """Write data files, then publish the manifest (steps 1 and 2 of the store's protocol);
     returns the manifest and the new version of ``latest.json``.
@@ -142,6 +146,8 @@ def write_checkpoint(
     :data:`~safepoint.knobs.CHUNK_BYTES` are cut into chunks; a chunk whose bytes a kept
     step's chunk file holds is named, not written; the others are written to new chunk
     files, durable before the manifest names them. Hashing runs on the writing threads.
+    ``parallel``: write on several threads (None: above :data:`~safepoint.knobs.PARALLEL_BYTES`;
+    a forked snapshot process passes False).
     """
     meta_json = json_copy(metadata, "metadata")
     extra_json = json_copy(extra, "extra")
@@ -201,8 +207,9 @@ def write_checkpoint(
         return fresh[content]
 
     try:
-        _run_all(write_one, len(files) + len(pieces),
-                 parallel=prepared.nbytes >= knobs.PARALLEL_BYTES)
+        if parallel is None:
+            parallel = prepared.nbytes >= knobs.PARALLEL_BYTES
+        _run_all(write_one, len(files) + len(pieces), parallel=parallel)
         if files and durable:
             store.sync_folder(folder)
         if fresh and durable:

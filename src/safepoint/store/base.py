@@ -126,7 +126,10 @@ class Store(ABC):
     :attr:`supports_mmap` (``map`` returns memory maps), :attr:`supports_append` (a journal
     can append in place, :meth:`open_append`), :attr:`conditional` (``publish(expect=...)``
     is atomic with the write), :attr:`cheap_metadata` (``exists`` costs microseconds, as on
-    a local file system: a writer looks at its lease before every commit).
+    a local file system: a writer looks at its lease before every commit), :attr:`fork_safe`
+    (a process forked from the one that made the store may go on using it: no client
+    thread, event loop or shared connection, as for a local directory; a copy-on-write
+    snapshot, ``snapshot="fork"``, needs it).
     """
 
     url: str
@@ -136,6 +139,7 @@ class Store(ABC):
     supports_append: bool = False
     conditional: bool = False
     cheap_metadata: bool = False
+    fork_safe: bool = False
 
     # ---------------------------------------------------------------- writing
 

@@ -107,6 +107,7 @@ class LocalStore(Store):
     supports_mmap = True
     supports_append = True
     cheap_metadata = True
+    fork_safe = True  # plain system calls on descriptors opened per operation
     conditional = True  # publish(expect=...) under a lock on the folder (one host)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
