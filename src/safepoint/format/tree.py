@@ -125,28 +125,28 @@ def is_plain(obj: Any, depth: int = 0, memo: dict[int, bool] | None = None) -> b
     check costs a few steps per container and next to nothing per leaf; a tree of 100,000
     small leaves is checked in a fraction of what building its node would cost. ``memo``
     (by ``id``, for one walk of a tree that stays alive) keeps every container's answer, so
-    that asking again at each level of a deep tree costs nothing more.
+    that asking again at each level of a mixed tree costs nothing more.
     """
-    return _plain(obj, depth, True, {} if memo is None else memo)
+    return _plain(obj, depth, True, memo)
 
 
 def is_plain_node(node: Any, depth: int = 0, memo: dict[int, bool] | None = None) -> bool:
     """Whether a node read from a manifest is plain JSON that stands for itself: lists and
     objects without a ``"$"`` key, all the way down (JSON gave its keys as strings, and any
     number it holds is one a node may hold)."""
-    return _plain(node, depth, False, {} if memo is None else memo)
+    return _plain(node, depth, False, memo)
 
 
-def _plain(obj: Any, depth: int, exact: bool, memo: dict[int, bool]) -> bool:
-    known = memo.get(id(obj))
-    if known is not None:
-        return known
+def _plain(obj: Any, depth: int, exact: bool, memo: dict[int, bool] | None) -> bool:
+    if memo is not None:
+        known = memo.get(id(obj))
+        if known is not None:
+            return known
     if depth >= knobs.MAX_DEPTH:
         return False  # too deep, or a cycle: the full encoder (decoder) says which
     kind = type(obj)
     if kind is dict:
         if "$" in obj or (exact and not set(map(type, obj)) <= {str}):
-            memo[id(obj)] = False
             return False
         values: Any = obj.values()
     elif kind is list:
@@ -162,7 +162,8 @@ def _plain(obj: Any, depth: int, exact: bool, memo: dict[int, bool]) -> bool:
             if (type(value) is dict or type(value) is list) and not _plain(value, depth + 1, exact, memo):
                 answer = False
                 break
-    memo[id(obj)] = answer
+    if memo is not None:
+        memo[id(obj)] = answer
     return answer
 
 
@@ -204,7 +205,7 @@ class Encoder:
     ) -> None:
         self.allow_pickle = allow_pickle
         self.share = share
-        self._plain: dict[int, bool] = {}  # is_plain's answers for this tree's containers
+        self._plain: dict[int, bool] | None = None  # is_plain's answers, once one was no
         self.host_only = host_only
         self.inline_limit = knobs.INLINE_LIMIT if inline_limit is None else inline_limit
         self.snapshot = snapshot
@@ -251,6 +252,8 @@ class Encoder:
     def _container(self, obj: Any, path: TreePath | str) -> Any:
         if is_plain(obj, len(self._active), self._plain):
             return obj if self.share else plain_copy(obj)
+        if self._plain is None:  # a mixed tree: remember answers, so that no subtree is walked twice more
+            self._plain = {}
         if id(obj) in self._active:
             raise UnsupportedType(f"{path}: the state tree contains itself (a cycle)",
                                   tree_path=str(path), type_name=type(obj).__name__)
@@ -451,7 +454,7 @@ class Decoder:
         self.allow_pickle = allow_pickle
         self.build = build
         self.share = share
-        self._plain: dict[int, bool] = {}
+        self._plain: dict[int, bool] | None = None  # is_plain_node's answers, once one was no
         """The nodes are the decoder's own (a manifest read for this restore alone): a plain
         subtree is returned as it is, not copied."""
 
@@ -465,6 +468,8 @@ class Decoder:
             raise _fail(path, f"nodes nested more than {knobs.MAX_DEPTH} deep")
         if target is None and is_plain_node(node, depth, self._plain):  # the value itself: no walk in Python
             return node if self.share or not self.build else plain_copy(node)
+        if self._plain is None and kind in (dict, list):
+            self._plain = {}
         if kind is list:
             return self._list(node, target, path, depth)
         if kind is not dict:
