@@ -283,14 +283,7 @@ class LocalStore(Store):
     def commit(self, key: str, data: bytes, *, durable: bool) -> None:
         with self._parent(key, create=True, durable=durable) as (parent, name):
             tmp = self._temp(parent, name, key, [data], durable)
-            try:
-                os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=parent)
-                raise
-            if durable:
-                os.fsync(parent)
+            self._replace(parent, tmp, name, key, durable=durable)
 
     def publish(
         self, key: str, data: bytes, *, alias: str, durable: bool, expect: str | None = None,
