@@ -2,6 +2,7 @@
 checkpoint, with nothing lost and nothing done twice."""
 
 from safepoint.checkpointer import Checkpointer, CorruptCheckpointWarning, Restored
+from safepoint.checkpointer.group import Group, GroupTimeout, StoreGroup
 from safepoint.consistency import CheckReport, check
 from safepoint.errors import (
     CheckpointNotFound,
@@ -22,6 +23,7 @@ from safepoint.errors import (
     UnsupportedType,
 )
 from safepoint.flow import Flow
+from safepoint.format.shards import PerRank, Shard
 from safepoint.policy import Policy, after_substep, every, manual, on_progress
 from safepoint.retention import Retention, keep_all, keep_best, keep_every, keep_last
 from safepoint.run import resume
@@ -38,21 +40,26 @@ __all__ = [
     "CorruptCheckpointWarning",
     "Flow",
     "GlobalRNG",
+    "Group",
+    "GroupTimeout",
     "InputChanged",
     "InvalidName",
     "KindMismatch",
     "LeaseHeld",
     "NotAStore",
+    "PerRank",
     "Policy",
     "Restored",
     "Retention",
     "SafepointError",
     "SaveFailed",
+    "Shard",
     "StaleAttempt",
     "StateMismatch",
     "Stateful",
     "StepExists",
     "StepMismatch",
+    "StoreGroup",
     "SubstepCompleted",
     "Task",
     "TaskContext",

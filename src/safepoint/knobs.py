@@ -24,6 +24,8 @@ MAX_DIMS = 64
 """Arrays have at most this many dimensions (numpy's own limit)."""
 MAX_SMALL_READ = 64 << 20
 """Records read whole (lease tickets, markers, part manifests) are at most this large."""
+MAX_SHARDS = 1 << 16
+"""A sharded array has at most this many blocks."""
 
 # ---------------------------------------------------------------- format
 
@@ -39,6 +41,9 @@ ALIGN = 64
 CHUNK_BYTES = 4 << 20
 """Incremental saves cut blobs of at least this many bytes into chunks of this size, each
 stored once under its content hash (``Checkpointer(..., incremental=True)``)."""
+SHARD_RANGE = 4 << 20
+"""A shard's data is written as byte ranges of about this size, each with its own checksum,
+so that a restore onto another layout reads (and verifies) little more than it needs."""
 PARALLEL_BYTES = 32 << 20
 """Blob files are written, and read, on several threads above this total size."""
 WRITE_THREADS = 4

@@ -29,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 
 from safepoint import knobs
+from safepoint.checkpointer.distributed import restore_distributed, save_distributed
+from safepoint.checkpointer.group import Group
 from safepoint.checkpointer.snapshot import (
     Snapshot,
     check_snapshot,
@@ -69,6 +71,7 @@ from safepoint.format import (
     read_manifest,
     write_checkpoint,
 )
+from safepoint.format.shards import Part
 from safepoint.lease import Lease, release_when_dropped
 from safepoint.policy import Policy, PolicyLike, Tick, as_policy, every
 from safepoint.retention import Retention, keep_all, keep_best, keep_every, keep_last
@@ -153,11 +156,12 @@ def _retention(keep: int | Retention | None, keep_every_: int | None, keep_best_
 
 
 class _SaveRequest:
-    __slots__ = ("manifest_extra", "metadata", "overwrite", "prepared", "step")
+    __slots__ = ("exchange", "manifest_extra", "metadata", "overwrite", "prepared", "step")
 
     def __init__(self, step: int, prepared: Any, metadata: Any, overwrite: bool, extra: Any) -> None:
         self.step, self.prepared, self.metadata = step, prepared, metadata
         self.overwrite, self.manifest_extra = overwrite, extra
+        self.exchange: Callable[[Part], list[Part]] | None = None  # a distributed save's round 1
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,7 @@ class Checkpointer:
         storage_options: dict[str, Any] | None = None,
         incremental: bool = False,
         snapshot: Snapshot = "copy",
+        group: Group | None = None,
     ) -> None:
         name, location = split_location(name, location)
         self.name = check_name(name)
@@ -263,6 +268,13 @@ class Checkpointer:
         self.incremental = incremental
         self._chunks: ChunkIndex | None = None  # the kept steps' chunk files, once looked at
         self._chunks_known = False
+        self.group = group
+        if group is not None:
+            if incremental or snapshot != "copy":
+                raise ValueError("a distributed Checkpointer (group=) saves neither "
+                                 "incrementally nor with snapshot='fork' yet")
+            group.bind(self.store, self.name)
+        self._preempt_agreed = False
         self._preemption: SignalGuard | None = None
         if handle_preemption:
             if threading.current_thread() is not threading.main_thread():
@@ -329,6 +341,9 @@ class Checkpointer:
         """
         step = _check_step(step)
         self.wait()
+        if self.group is not None:
+            return save_distributed(self, self.group, step, state, metadata=metadata,
+                                    blocking=blocking, overwrite=overwrite, extra=extra)
         latest = None if overwrite else self.latest_step()
         if latest is not None and step <= latest:
             if self.lease is not None:  # taken over: say so, rather than advise overwrite=True
@@ -442,7 +457,8 @@ class Checkpointer:
                     extra=request.manifest_extra, before_commit=fence,
                     newest=plan.becomes_newest, previous=plan.previous,
                     previous_latest=plan.newest, expect=expect, exclusive=exclusive,
-                    chunks=chunks if self.incremental else None, parallel=parallel)
+                    chunks=chunks if self.incremental else None, parallel=parallel,
+                    exchange=request.exchange)
                 break
             except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
                 self._expect = None
@@ -649,6 +665,9 @@ class Checkpointer:
         """
         self.wait()
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
+        if self.group is not None:
+            return restore_distributed(self, self.group, None if step is None else _check_step(step),
+                                       into, mmap, pickle_ok)
         if step is not None:
             restored = self._restore_step(_check_step(step), into, mmap, pickle_ok)
             log.debug("safepoint: %r restored step %d from %s", self.name, restored.step,
@@ -713,7 +732,8 @@ class Checkpointer:
             "`safepoint verify` lists the problems")
 
     def _restore_step(self, step: int, into: Any, mmap: bool, allow_pickle: bool,
-                      manifest: Manifest | None = None) -> Restored:
+                      manifest: Manifest | None = None, *,
+                      rank: tuple[int, int] | None = None) -> Restored:
         if manifest is None:
             try:
                 manifest = read_manifest(self.store, self.name, step)
@@ -726,7 +746,7 @@ class Checkpointer:
         target = capture(into) if into is not None else None
         # the manifest was read for this restore alone: its plain subtrees become the state
         loaded = load_tree(self.store, manifest, allow_pickle=allow_pickle, mmap=mmap, target=target,
-                           share=True)
+                           share=True, rank=rank)
         if into is None:
             return Restored(step=step, state=loaded.tree, metadata=manifest.metadata)
         state = restore_into(into, loaded.tree, before_load=loaded.fill)
@@ -736,13 +756,22 @@ class Checkpointer:
 
     @property
     def preempted(self) -> bool:
-        """A preemption signal (SIGTERM, SIGUSR1) arrived: save, and stop."""
+        """A preemption signal (SIGTERM, SIGUSR1) arrived: save, and stop. With a group:
+        one arrived at any rank, as agreed by the last :meth:`should_save`."""
+        if self.group is not None:
+            return self._preempt_agreed
         return self._preemption is not None and self._preemption.pending is not None
 
     def should_save(self, step: int) -> bool:
         """Whether the policy says ``step`` is due (``save_interval_steps``: steps divisible
         by it; ``save_interval_seconds``: that long since the last save), or a preemption
-        signal arrived (then save, and stop: check :attr:`preempted`)."""
+        signal arrived (then save, and stop: check :attr:`preempted`).
+
+        With a group and ``handle_preemption=True`` it is a collective call: the ranks vote,
+        so that a signal at any rank makes every rank save the same step. The policy is
+        asked of the coordinator only, and its answer is every rank's."""
+        if self.group is not None:
+            return self._should_save_together(step)
         if self.preempted:
             return True
         if self.policy is None:
@@ -750,6 +779,22 @@ class Checkpointer:
         since = step - self._last_step if self._last_step is not None else step
         return self.policy(Tick(items=since, last_checkpoint_at=self._last_save_time, step=step,
                                 clock=self._clock))
+
+    def _should_save_together(self, step: int) -> bool:
+        assert self.group is not None
+        mine = self._preemption is not None and self._preemption.pending is not None
+        due = False
+        if self.group.rank == 0 and self.policy is not None:
+            since = step - self._last_step if self._last_step is not None else step
+            due = self.policy(Tick(items=since, last_checkpoint_at=self._last_save_time,
+                                   step=step, clock=self._clock))
+        if self._preemption is None and self.policy is None:
+            return False
+        if self._preemption is None:  # the policy only: the coordinator's answer
+            return bool(self.group.all_gather(due)[0])
+        votes = self.group.all_gather([mine, due])
+        self._preempt_agreed = self._preempt_agreed or any(v[0] for v in votes)
+        return self._preempt_agreed or bool(votes[0][1])
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -11,6 +11,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
+from safepoint import knobs
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName, NotAStore
 from safepoint.format import (
     LATEST,
@@ -25,7 +26,7 @@ from safepoint.format import (
     step_of_manifest,
 )
 from safepoint.format.chunks import CHUNKS, chunk_references, is_chunk_file
-from safepoint.format.layout import LOCK, is_data_file, is_temp
+from safepoint.format.layout import LOCK, is_data_file, is_rank_file, is_rank_folder, is_temp
 from safepoint.lease import ticket_key, tickets
 from safepoint.store import Store, check_name
 
@@ -189,7 +190,8 @@ def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = f
         if entry.name in keep:
             left += 1
         elif entry.kind in ("file", "link") and (is_data_file(entry.name) or is_temp(entry.name)
-                                                 or is_chunk_file(entry.name)):
+                                                 or is_chunk_file(entry.name)
+                                                 or is_rank_file(entry.name)):
             if min_age and _age(store, key, now) < min_age:
                 report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
                 left += 1
@@ -271,6 +273,12 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
             continue
         if entry.name == CHUNKS and entry.kind == "dir":
             _collect_chunks(store, name, report, dropped, min_age=min_age)
+            continue
+        if is_rank_folder(entry.name) and entry.kind == "dir":  # a live job may still read it
+            exchange = Cleanup(dry_run=dry_run)  # a young one is not news: not reported
+            _clear_folder(store, key, exchange, min_age=max(min_age, knobs.LEFTOVER_MIN_AGE),
+                          now=now)
+            report.removed += exchange.removed
             continue
         step = step_of_folder(entry.name)
         if step is None or entry.kind != "dir":

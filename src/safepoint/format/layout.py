@@ -10,6 +10,7 @@
     <store>/<name>/run-<gen>.journal          a run's log, one per writer (local stores)
     <store>/<name>/log-<gen>/<seq>.rec|.snap  a run's log, one per writer (object stores)
     <store>/<name>/lease/<gen>[.released]     the writers' lease tickets
+    <store>/<name>/ranks-<run>/<seq>-<rank>.json  a distributed job's exchange (StoreGroup)
     <store>/<name>/.<...>.tmp, .lock          temporary files and the folder's lock
 
 ``gc``, ``rm`` and retention delete only entries that match these names; anything else in a
@@ -28,6 +29,8 @@ _STEP_MANIFEST = re.compile(r"(\d{12,20})\.json")
 _STEP_FOLDER = re.compile(r"\d{12,20}")
 _DATA_FILE = re.compile(r"[0-9a-f]{12}-\d{1,9}\.bin")
 _TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+_RANK_FOLDER = re.compile(r"ranks-[0-9a-f]{12}")
+_RANK_FILE = re.compile(r"\d{8}-\d{1,6}\.json")
 _JOURNAL = re.compile(r"run-(\d{8})\.journal")
 _SEGMENT = re.compile(r"log-(\d{8})")
 
@@ -65,6 +68,21 @@ def is_data_file(entry: str) -> bool:
     return _DATA_FILE.fullmatch(entry) is not None
 
 
+def rank_folder(run: str) -> str:
+    """The folder where the ranks of launch ``run`` (12 hex digits) exchange their parts
+    of a distributed save (``safepoint.StoreGroup``)."""
+    return f"ranks-{run}"
+
+
+def is_rank_folder(entry: str) -> bool:
+    return _RANK_FOLDER.fullmatch(entry) is not None
+
+
+def is_rank_file(entry: str) -> bool:
+    """A file of a rank exchange folder (``<seq>-<rank>.json``)."""
+    return _RANK_FILE.fullmatch(entry) is not None
+
+
 def journal_name(generation: int) -> str:
     """The local log file of writer ``generation``."""
     return f"run-{generation:08d}.journal"
@@ -87,5 +105,5 @@ def is_temp(entry: str) -> bool:
 
 
 __all__ = ["LATEST", "LEASE", "LOCK", "data_folder", "generation_of_segment", "is_data_file",
-           "is_temp", "journal_name", "latest_key", "manifest_key", "segment_name",
+           "is_rank_file", "is_rank_folder", "is_temp", "journal_name", "latest_key", "manifest_key", "rank_folder", "segment_name",
            "step_of_folder", "step_of_manifest", "step_text"]

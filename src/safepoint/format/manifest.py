@@ -30,10 +30,12 @@ from safepoint.format.tree import Encoder, decode_inline
 from safepoint.store import Store, check_key
 
 FORMAT = "safepoint"
-VERSION = 3
+VERSION = 4
 """The newest format version this safepoint reads and writes. Version 3 adds chunk files
-(``chunks/<sha256>-<save id>.bin``, incremental saves); a manifest without any is still
-written as version 2, which safepoint 0.2 reads."""
+(``chunks/<sha256>-<save id>.bin``, incremental saves), version 4 sharded arrays and
+per-rank values (distributed saves); a manifest is written with the lowest version that
+holds it (2 without either), so that older readers read what they can."""
+CHUNK_VERSION = 3
 BASE_VERSION = 2
 _CHUNK_FILE = re.compile(r"chunks/[0-9a-f]{64}-[0-9a-f]{12}\.bin")
 _PREFIX = b'{"crc32c":"'
@@ -162,7 +164,7 @@ def check_body(body: Any, where: str, *, name: str | None = None, step: int | No
 
 def _problem(body: dict[str, Any], name: str | None, step: int | None) -> str | None:
     version = body.get("version")
-    if type(version) is not int or version not in (BASE_VERSION, VERSION):
+    if type(version) is not int or not BASE_VERSION <= version <= VERSION:
         return "no valid format version"
     if type(body.get("step")) is not int or body["step"] < 0:
         return "no valid step"
@@ -294,6 +296,6 @@ def untag_floats(value: Any) -> Any:
     return value
 
 
-__all__ = ["BASE_VERSION", "BODY_KEYS", "FORMAT", "VERSION", "Manifest", "check_body", "checksum",
+__all__ = ["BASE_VERSION", "BODY_KEYS", "CHUNK_VERSION", "FORMAT", "VERSION", "Manifest", "check_body", "checksum",
            "decode_manifest", "describe_os_error", "encode_manifest", "json_copy",
            "read_manifest", "untag_floats"]

@@ -83,6 +83,7 @@ class FileSet:
         self._wanted: list[int] = []  # blob indexes to verify at load()
         self._multi: list[tuple[int, np.ndarray]] = []  # blobs of several ranges: own buffer
         self._fills: list[tuple[np.ndarray, int | None, bytes | None, str]] = []
+        self._parts: list[_PartFill] = []  # parts of blobs (a restore onto another layout)
 
     def _where(self, key: str) -> str:
         return f"{self.store.url}/{key}"
@@ -167,6 +168,20 @@ class FileSet:
             self._wanted.append(index)
         self._fills.append((target, index, data, order))
 
+    def fill_part(self, target: np.ndarray, index: int | None, data: bytes | None, first: int,
+                  end: int, view: Callable[[np.ndarray], np.ndarray], *, own: bool) -> None:
+        part = _PartFill(target, index, data, first, end, view, own)
+        if index is not None:
+            ranges, at = self._blob(index)["ranges"], 0
+            for fi, offset, length, crc in ranges:  # only the ranges that hold first..end
+                if at < end and first < at + length:
+                    part.ranges.append((self._file(fi), offset, length, crc, at))
+                at += length
+            if at != self.size(index) or (end > first and not part.ranges):
+                raise CorruptCheckpoint(f"{self.manifest.key}: the ranges of blob {index} do not "
+                                        "add up to its size", path=self.manifest.key)
+        self._parts.append(part)
+
     # ------------------------------------------------ loading
 
     def load(self) -> None:
@@ -188,6 +203,18 @@ class FileSet:
         for index, out in self._multi:
             self._read_ranges(index, out)
         self._multi.clear()
+        parts = [p for p in self._parts if p.ranges and p.buffer is None]
+        if len(parts) > 1 and sum(p.end - p.first for p in parts) >= knobs.PARALLEL_BYTES:
+            with ThreadPoolExecutor(knobs.READ_THREADS) as pool:
+                for future in [pool.submit(self._read_part, p) for p in parts]:
+                    future.result()
+        else:
+            for part in parts:
+                self._read_part(part)
+        for part in self._parts:
+            if part.own:
+                part.copy()
+        self._parts = [p for p in self._parts if not p.own]
         for index in self._wanted:
             if index not in self._verified:
                 self._verify(index)
@@ -224,6 +251,23 @@ class FileSet:
             self._check(file.key, view, expected, blob)
             at += length
         self._verified.add(index)
+
+    def _read_part(self, part: _PartFill) -> None:
+        """Read the ranges that hold ``part`` into one buffer, checking each range."""
+        base = part.ranges[0][4]
+        buffer = read_buffer(part.ranges[-1][4] + part.ranges[-1][2] - base)
+        for file, offset, length, expected, at in part.ranges:
+            view = buffer[at - base : at - base + length]
+            try:
+                got = self.store.read_range(file.key, offset, view.data)
+            except FileNotFoundError:
+                raise self._missing(file.key) from None
+            if got != length:
+                raise CorruptCheckpoint(f"{self._where(file.key)}: data file is shorter than "
+                                        "its manifest says", path=self._where(file.key))
+            assert part.index is not None
+            self._check(file.key, view, expected, self._blob(part.index))
+        part.buffer, part.base = buffer, base
 
     def _verify(self, index: int) -> None:
         blob = self._blob(index)
@@ -272,12 +316,40 @@ class FileSet:
                 saved = raw.view(target.dtype).reshape(target.shape)
             np.copyto(target, saved, casting="no")
         self._fills.clear()
+        for part in self._parts:
+            part.copy()
+        self._parts.clear()
 
     def release(self) -> None:
         """Drop maps that only served fills (arrays handed out keep their own buffers)."""
         for file in self._files.values():
             if not file.private and file.buffer is not None and not self.mmap:
                 file.buffer = None
+
+
+@dataclass
+class _PartFill:
+    """Bytes ``first..end`` of a blob (or of inline ``data``), bound for ``target``."""
+
+    target: np.ndarray
+    index: int | None
+    data: bytes | None
+    first: int
+    end: int
+    view: Callable[[np.ndarray], np.ndarray]
+    own: bool
+    ranges: list[tuple[_File, int, int, str, int]] = field(default_factory=list)
+    buffer: np.ndarray | None = None  # the ranges' bytes, read and verified
+    base: int = 0  # the blob offset of buffer[0]
+
+    def copy(self) -> None:
+        if self.index is None:
+            raw = np.frombuffer(self.data or b"", np.uint8)[self.first : self.end]
+        else:
+            assert self.buffer is not None
+            raw = self.buffer[self.first - self.base : self.end - self.base]
+        if self.target.size:
+            np.copyto(self.target, self.view(raw), casting="no")
 
 
 @dataclass
@@ -301,6 +373,7 @@ def load_tree(
     target: Any = None,
     node: Any = None,
     share: bool = False,
+    rank: tuple[int, int] | None = None,
 ) -> Loaded:
     """Read (part of) the state tree of a validated manifest, checking every blob's checksum.
 
@@ -309,7 +382,8 @@ def load_tree(
     when :meth:`Loaded.fill` is called (shapes and dtypes must match). ``node``: a subtree of
     the manifest's tree to read instead of the whole (only its blobs are read).
     ``share=True``: the manifest was read for this load alone, so that the value may hold
-    its plain subtrees rather than copies.
+    its plain subtrees rather than copies. ``rank``: (rank, world size) of a distributed
+    restore, whose PerRank values are this rank's own.
     """
     pickled = manifest.body.get("pickled") or []
     if pickled and not allow_pickle and node is None:
@@ -320,7 +394,7 @@ def load_tree(
             path=manifest.key, leaves=list(pickled))
     source = FileSet(store, manifest, mmap=mmap)
     try:
-        tree = Decoder(source, allow_pickle=allow_pickle, share=share).decode(
+        tree = Decoder(source, allow_pickle=allow_pickle, share=share, rank=rank).decode(
             manifest.body["tree"] if node is None else node, target)
         source.load()
     except CorruptCheckpoint as exc:
@@ -381,6 +455,10 @@ class _SizesOnly:
         raise AssertionError("validation reads no blob")
 
     def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
+        raise AssertionError("validation fills nothing")
+
+    def fill_part(self, target: np.ndarray, index: int | None, data: bytes | None, first: int,
+                  end: int, view: Callable[[np.ndarray], np.ndarray], *, own: bool) -> None:
         raise AssertionError("validation fills nothing")
 
 

@@ -43,6 +43,14 @@ from safepoint import knobs
 from safepoint.errors import CorruptCheckpoint, StateMismatch, UnsafeCheckpoint, UnsupportedType
 from safepoint.format.codecs import KNOWN_KINDS, LeafCodec, active_codecs, codec_for_kind
 from safepoint.format.dtypes import decode_dtype, encode_dtype, itemsize_of
+from safepoint.format.shards import (
+    PerRank,
+    Shard,
+    block_view,
+    check_sharded,
+    local_view,
+    plan_region,
+)
 
 _HEX_INT = re.compile(r"-?0x[0-9a-f]+")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -59,6 +67,9 @@ class BlobRef:
     stream: bool = False
     """Bytes rather than an array (bytes, bytearray, a pickle): where insertions are likely,
     incremental saves cut it at content-defined boundaries."""
+    ranged: int = 0
+    """A shard's blob: written as byte ranges of this many bytes, each with its checksum,
+    so that a restore onto another layout reads (and verifies) only the ranges it needs."""
 
 
 def _b64(data: bytes | memoryview) -> str:
@@ -202,8 +213,15 @@ class Encoder:
         snapshot: Callable[[int, np.ndarray], np.ndarray] | None = None,
         share: bool = False,
         host_only: bool = False,
+        shards_only: bool = False,
     ) -> None:
         self.allow_pickle = allow_pickle
+        self.shards_only = shards_only
+        """Encode only Shard and PerRank leaves (a distributed save's other ranks: the
+        coordinator saves the replicated values); the rest become None."""
+        self.shards: list[list[Any]] = []  # [tree path, shard node] of every Shard
+        self.per_rank: list[list[Any]] = []  # [tree path, node] of every PerRank value
+        self._in_per_rank = False
         self.share = share
         self._plain: dict[int, bool] | None = None  # is_plain's answers, once one was no
         self.host_only = host_only
@@ -233,6 +251,10 @@ class Encoder:
             return {"$": "bytearray", **self._data(data, path, stream=True)}
         if kind in (list, tuple, dict, OrderedDict):
             return self._container(obj, path)
+        if kind is Shard or kind is PerRank:
+            return self._distributed(obj, path)
+        if self.shards_only:
+            return None
         if isinstance(obj, np.ndarray) and (kind is np.ndarray or isinstance(obj, np.memmap)):
             return self._ndarray(obj, path)
         if isinstance(obj, np.generic):
@@ -251,7 +273,7 @@ class Encoder:
 
     def _container(self, obj: Any, path: TreePath | str) -> Any:
         if is_plain(obj, len(self._active), self._plain):
-            return obj if self.share else plain_copy(obj)
+            return None if self.shards_only else obj if self.share else plain_copy(obj)
         if self._plain is None:  # a mixed tree: remember answers, so that no subtree is walked twice more
             self._plain = {}
         if id(obj) in self._active:
@@ -275,6 +297,48 @@ class Encoder:
             return {"$": "odict" if type(obj) is OrderedDict else "dict", "items": items}
         finally:
             self._active.discard(id(obj))
+
+    def _distributed(self, obj: Shard | PerRank, path: TreePath | str) -> dict[str, Any]:
+        """A Shard's node (its block as a ranged blob) or a PerRank value's node, noted for
+        the merge of the ranks' parts (:func:`~safepoint.format.shards.merge_parts`)."""
+        if self._in_per_rank:
+            raise UnsupportedType(f"{path}: a {type(obj).__name__} inside a PerRank value; a "
+                                  "PerRank value is saved whole by each rank",
+                                  tree_path=str(path), type_name=type(obj).__name__)
+        if isinstance(obj, PerRank):
+            self._in_per_rank, only = True, self.shards_only
+            self.shards_only = False
+            try:
+                placeholder = {"$": "perrank", "value": self.encode(obj.value, path)}
+            finally:
+                self._in_per_rank, self.shards_only = False, only
+            self.per_rank.append([str(path), placeholder])
+            return placeholder
+        data, kind, attrs = obj.data, None, None
+        if not isinstance(data, np.ndarray):
+            codec = next((c for c in self._codecs if c.matches(data)), None)
+            if codec is None:
+                raise UnsupportedType(f"{path}: a Shard holds {_describe_type(data)}; a shard is "
+                                      "a numpy, torch or jax array", tree_path=str(path),
+                                      type_name=type(data).__name__)
+            if self.host_only:
+                _refuse_device_memory(codec, data, path)
+            data, attrs = codec.to_numpy(data)
+            kind = codec.kind
+        array = np.ascontiguousarray(data)
+        array_node = self._ndarray(array, path)
+        if array_node.get("$") != "ndarray":
+            raise UnsupportedType(f"{path}: a Shard of dtype {array.dtype} cannot be stored",
+                                  tree_path=str(path), type_name=str(array.dtype))
+        if "blob" in array_node:
+            step = max(1, knobs.SHARD_RANGE // max(array.dtype.itemsize, 1)) * array.dtype.itemsize
+            self.blobs[array_node["blob"]].ranged = step
+        node: dict[str, Any] = {"$": "shard", "shape": list(obj.global_shape),
+                                "at": list(obj.offsets), "array": array_node}
+        if kind is not None:
+            node["kind"], node["attrs"] = kind, attrs
+        self.shards.append([str(path), node])
+        return node
 
     def _key(self, key: Any, path: TreePath | str) -> Any:
         if type(key) in (str, int, float, bool, bytes, tuple) or key is None or isinstance(key, np.generic):
@@ -405,6 +469,12 @@ class BlobSource(Protocol):
         """Copy blob ``index`` (or ``data``), stored in ``order``, into ``target`` once
         everything is verified."""
 
+    def fill_part(self, target: np.ndarray, index: int | None, data: bytes | None, first: int,
+                  end: int, view: Callable[[np.ndarray], np.ndarray], *, own: bool) -> None:
+        """Copy ``view(bytes first..end of blob index or data)`` into ``target`` once those
+        bytes are read and verified (reading only the byte ranges that hold them); ``own``:
+        the target is the decoder's own array, filled when the source loads."""
+
 
 class NoBlobs:
     """The source of a tree that must be inline (metadata, run journals): any blob
@@ -424,6 +494,12 @@ class NoBlobs:
         saved: np.ndarray = np.frombuffer(data or b"", target.dtype)
         saved = saved.reshape(target.shape[::-1]).T if order == "F" else saved.reshape(target.shape)
         np.copyto(target, saved)
+
+    def fill_part(self, target: np.ndarray, index: int | None, data: bytes | None, first: int,
+                  end: int, view: Callable[[np.ndarray], np.ndarray], *, own: bool) -> None:
+        if index is not None:
+            self._refuse(index)
+        np.copyto(target, view(np.frombuffer(data or b"", np.uint8)[first:end]))
 
 
 def _path_text(path: Any) -> str:
@@ -449,8 +525,10 @@ class Decoder:
     """
 
     def __init__(self, source: BlobSource, *, allow_pickle: bool = False, build: bool = True,
-                 share: bool = False) -> None:
+                 share: bool = False, rank: tuple[int, int] | None = None) -> None:
         self.source = source
+        self.rank = rank
+        """(rank, world size) of the restoring process: which PerRank value is its own."""
         self.allow_pickle = allow_pickle
         self.build = build
         self.share = share
@@ -491,7 +569,7 @@ class Decoder:
         if handler is None:
             raise _fail(path, f"unknown node type {key_text(tag)}; a newer safepoint may have "
                               "written it")
-        if target is not None and isinstance(target, np.ndarray) and tag not in ("ndarray",):
+        if target is not None and isinstance(target, np.ndarray) and tag not in ("ndarray", "sharded"):
             raise _mismatch(path, target, f"a {tag}")
         try:
             return handler(self, node, target, path, depth)
@@ -669,6 +747,58 @@ class Decoder:
             return target
         return codec.from_numpy(array, attrs)
 
+    def _sharded(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
+        """A global array saved as shards: the whole array, or (into a :class:`Shard`
+        target) just the target's block, reading only the byte ranges that hold it."""
+        where = _path_text(path)
+        dtype, shape, blocks = check_sharded(node, where, lambda entry, i: self._data(entry, (path, i)))
+        if not self.build:
+            return None
+        kind, attrs = node.get("kind"), node.get("attrs") or {}
+        region: tuple[int, ...] = (0,) * len(shape)
+        own = False
+        if isinstance(target, Shard):
+            view, result = local_view(target, dtype, shape, kind, attrs, where)
+            region, own = target.offsets, result is not target
+        elif isinstance(target, np.ndarray):
+            if target.dtype != dtype or target.shape != shape:
+                raise _mismatch(path, target, f"a {dtype} array of shape {shape}")
+            if not target.flags.writeable:
+                raise StateMismatch(f"{where}: the target array is read-only; pass a writable "
+                                    "array, or restore without into=", tree_path=where)
+            view = result = target
+        else:
+            view, own = np.empty(shape, dtype), True
+            result = codec_for_kind(kind).from_numpy(view, attrs) if kind is not None else view
+
+        def fill_part(dest: np.ndarray, block: Any, first: int, end: int,
+                      start: tuple[int, ...], stop: tuple[int, ...]) -> None:
+            self.source.fill_part(dest, block.index, block.data, first, end,
+                                  lambda raw: block_view(raw, dtype, block, start, stop), own=own)
+
+        plan_region(view, region, blocks, fill_part)
+        return result
+
+    def _perrank(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
+        """This rank's own value (saved by every rank), or all ranks' in a list."""
+        ranks = node["ranks"]
+        if type(ranks) is not list or not ranks:
+            raise _fail(path, "a perrank node needs the list of every rank's value")
+        if self.rank is None or not self.build or (
+                self.rank[1] != len(ranks) and not isinstance(target, PerRank)):
+            return [self.decode(v, None, (path, i), depth + 1) for i, v in enumerate(ranks)]
+        rank, world = self.rank
+        if world != len(ranks):  # the caller asked for its own: there is none
+            where = _path_text(path)
+            raise StateMismatch(
+                f"{where}: a PerRank value saved by {len(ranks)} ranks cannot be restored on "
+                f"{world}: there is no rank to take each one's from. Save it replicated (or "
+                "derive it, e.g. an RNG from a seed and the step), or restore on "
+                f"{len(ranks)} ranks", tree_path=where)
+        sub = target.value if isinstance(target, PerRank) else target
+        value = self.decode(ranks[rank], sub, (path, rank), depth + 1)
+        return target if isinstance(target, PerRank) and value is sub else value
+
     def _pickle(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
         if not self.build:
             self._data(node, path)
@@ -686,6 +816,7 @@ _HANDLERS: dict[str, Callable[[Decoder, dict[str, Any], Any, Any, int], Any]] = 
     "float": Decoder._float, "int": Decoder._int, "complex": Decoder._complex,
     "bytes": Decoder._bytes, "bytearray": Decoder._bytes, "ndarray": Decoder._ndarray,
     "npscalar": Decoder._npscalar, "leaf": Decoder._leaf, "pickle": Decoder._pickle,
+    "sharded": Decoder._sharded, "perrank": Decoder._perrank,
 }
 
 

@@ -15,18 +15,26 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from safepoint import knobs
 from safepoint.errors import SaveFailed, WriteConflict
-from safepoint.format.chunks import CHUNKS, ChunkIndex, chunk_file, content_cuts, digest
+from safepoint.format.chunks import (
+    CHUNKS,
+    ChunkIndex,
+    chunk_file,
+    content_cuts,
+    digest,
+    is_chunk_key,
+)
 from safepoint.format.layout import data_folder, latest_key, manifest_key, step_text
 from safepoint.format.manifest import (
     BASE_VERSION,
     BODY_KEYS,
+    CHUNK_VERSION,
     FORMAT,
     VERSION,
     Manifest,
@@ -35,6 +43,7 @@ from safepoint.format.manifest import (
     encode_manifest,
     json_copy,
 )
+from safepoint.format.shards import Part, merge_parts
 from safepoint.format.tree import BlobRef, Encoder, plain_copy
 from safepoint.store import Store
 
@@ -47,6 +56,8 @@ class Prepared:
     node: Any
     blobs: list[BlobRef]
     pickled: list[str]
+    shards: list[list[Any]] = field(default_factory=list)  # [tree path, node] of each Shard
+    per_rank: list[list[Any]] = field(default_factory=list)  # [tree path, node] of each PerRank
 
     @property
     def nbytes(self) -> int:
@@ -61,17 +72,24 @@ def prepare(
     share: bool = False,
     plain: bool = False,
     host_only: bool = False,
+    shards_only: bool = False,
 ) -> Prepared:
     """Encode ``tree``; raise ``UnsupportedType`` naming the path of a value it cannot store
     (``host_only``: also of a framework array held in device memory).
 
     ``share=True``: plain subtrees are their own nodes, not copies (the node is written
     before the tree may change); ``plain=True``: the caller found ``is_plain(tree)``.
+    ``shards_only``: a distributed save's other ranks encode only their shards and
+    per-rank values (the coordinator saves the replicated rest).
     """
     encoder = Encoder(allow_pickle=allow_pickle, snapshot=snapshot, share=share,
-                      host_only=host_only)
-    node = (tree if share else plain_copy(tree)) if plain else encoder.encode(tree)
-    return Prepared(node=node, blobs=encoder.blobs, pickled=encoder.pickled)
+                      host_only=host_only, shards_only=shards_only)
+    if plain:
+        node = None if shards_only else tree if share else plain_copy(tree)
+    else:
+        node = encoder.encode(tree)
+    return Prepared(node=node, blobs=encoder.blobs, pickled=encoder.pickled,
+                    shards=encoder.shards, per_rank=encoder.per_rank)
 
 
 @dataclass
@@ -126,6 +144,7 @@ def write_checkpoint(
     exclusive: bool = True,
     chunks: ChunkIndex | None = None,
     parallel: bool | None = None,
+    exchange: Callable[[Part], list[Part]] | None = None,
 ) -> tuple[Manifest, str | None]:
     """Write data files, then publish the manifest (steps 1 and 2 of the store's protocol);
     returns the manifest and the new version of ``latest.json``.
@@ -148,20 +167,100 @@ def write_checkpoint(
     files, durable before the manifest names them. Hashing runs on the writing threads.
     ``parallel``: write on several threads (None: above :data:`~safepoint.knobs.PARALLEL_BYTES`;
     a forked snapshot process passes False).
+
+    ``exchange``: a distributed save's coordinator: given this process's part once its data
+    is durable, it returns every rank's (this one's first), which the manifest merges
+    (:func:`~safepoint.format.shards.merge_parts`); raising there publishes nothing.
     """
     meta_json = json_copy(metadata, "metadata")
     extra_json = json_copy(extra, "extra")
     clash = sorted(set(extra_json) & BODY_KEYS)
     if clash:
         raise ValueError(f"extra may not set the manifest's own keys {clash}")
+    written: list[str] = []  # data files this save created (or began to)
+    published = False
+    try:
+        own = write_part(store, name, step, prepared, durable=durable, chunks=chunks,
+                         parallel=parallel, written=written)
+        parts = exchange(own) if exchange is not None else [own]
+        sharded = exchange is not None or bool(prepared.shards or prepared.per_rank)
+        if sharded:
+            table, blobs, pickled = merge_parts(parts)
+        else:
+            table, blobs, pickled = own.files, own.blobs, own.pickled
+        chunked = any(is_chunk_key(rel) for rel, _ in table)
+        body = {
+            "format": FORMAT,
+            "version": VERSION if sharded else CHUNK_VERSION if chunked else BASE_VERSION,
+            "name": name,
+            "step": step,
+            "created": time.time(),
+            "save_id": own.save_id,
+            "metadata": meta_json,
+            **extra_json,
+            "pickled": pickled,
+            "files": table,
+            "blobs": blobs,
+            "tree": prepared.node,
+        }
+        data = encode_manifest(body)
+        if before_commit is not None:
+            before_commit()
+        published = True
+        exclusive = exclusive and previous is None  # a new step never replaces another's
+        if newest:
+            version = store.publish(manifest_key(name, step), data, alias=latest_key(name),
+                                    durable=durable, expect=expect, exclusive=exclusive)
+        else:
+            store.put_manifest(manifest_key(name, step), data, durable=durable,
+                               exclusive=exclusive)
+            version = None
+    except BaseException as exc:
+        if isinstance(exc, WriteConflict) and exc.key == manifest_key(name, step):
+            published = False  # the step's manifest is someone else's: only our files go
+        if published:
+            published = _roll_back(store, name, step, data, previous, previous_latest, durable)
+        if not published:
+            remove_files(store, written)
+        if isinstance(exc, OSError):
+            raise SaveFailed(
+                f"could not save {name!r} step {step} to {store.url}: {describe_os_error(exc)}. "
+                + ("The step was committed but may not be durable." if published else
+                   "The previous checkpoints are untouched."),
+                name=name, step=step, errno=exc.errno) from exc
+        raise
+    return Manifest(key=manifest_key(name, step), body=body, size=len(data)), version
+
+
+def remove_files(store: Store, keys: list[str]) -> None:
+    """Remove the data files of a save that did not happen (best effort: gc does the rest)."""
+    for key in keys:
+        with contextlib.suppress(OSError):
+            store.delete(key)
+
+
+def write_part(
+    store: Store,
+    name: str,
+    step: int,
+    prepared: Prepared,
+    *,
+    durable: bool = True,
+    chunks: ChunkIndex | None = None,
+    parallel: bool | None = None,
+    written: list[str],
+    rank: int = 0,
+) -> Part:
+    """Write (and make durable) the data files of one process's part of a save: blobs,
+    packed or alone, into ``<step>/<save id>-<k>.bin``, and new chunks; returns the part
+    (its file table and byte ranges). Every key it creates is appended to ``written``
+    first, so that a caller can remove them after a failure."""
     save_id = uuid.uuid4().hex[:12]
     chunked = _chunk_plan(prepared.blobs) if chunks is not None else {}
     files = layout(prepared.blobs, frozenset(chunked))
     folder = data_folder(name, step)
     keys = [f"{folder}/{save_id}-{i}.bin" for i in range(len(files))]
-    ranges: list[list[Any]] = [[]] * len(prepared.blobs)
-    written: list[str] = []  # data files this save created (or began to)
-    published = False
+    ranges: list[list[Any]] = [[] for _ in prepared.blobs]
     pieces = [(index, start, stop) for index, spans in chunked.items() for start, stop in spans]
     named: list[tuple[str, int, str]] = [("", 0, "")] * len(pieces)  # (chunk file, size, crc)
     claimed: dict[str, threading.Event] = {}  # chunks this save writes, by content
@@ -174,7 +273,7 @@ def write_checkpoint(
         file = files[i]
         for index, offset in file.blobs:
             blob = prepared.blobs[index]
-            ranges[index] = [i, offset, blob.data.nbytes, checksum(blob.data)]
+            ranges[index] = _ranges(i, offset, blob)
         written.append(keys[i])
         store.write_blob(keys[i], file.parts, durable=durable)
 
@@ -206,68 +305,33 @@ def write_checkpoint(
             claimed[content].set()
         return fresh[content]
 
-    try:
-        if parallel is None:
-            parallel = prepared.nbytes >= knobs.PARALLEL_BYTES
-        _run_all(write_one, len(files) + len(pieces), parallel=parallel)
-        if files and durable:
-            store.sync_folder(folder)
-        if fresh and durable:
-            store.sync_folder(f"{name}/{CHUNKS}")
-        table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
-        file_of: dict[str, int] = {}
-        for index in chunked:
-            ranges[index] = []
-        for (index, _, _), (rel, size, crc) in zip(pieces, named, strict=True):
-            if rel not in file_of:
-                file_of[rel] = len(table)
-                table.append([rel, size])
-            ranges[index].append([file_of[rel], 0, size, crc])
-        body = {
-            "format": FORMAT,
-            "version": VERSION if file_of else BASE_VERSION,
-            "name": name,
-            "step": step,
-            "created": time.time(),
-            "save_id": save_id,
-            "metadata": meta_json,
-            **extra_json,
-            "pickled": prepared.pickled,
-            "files": table,
-            "blobs": [{"size": b.data.nbytes, "path": b.tree_path,
-                       "ranges": ranges[i] if i in chunked else [ranges[i]]}
-                      for i, b in enumerate(prepared.blobs)],
-            "tree": prepared.node,
-        }
-        data = encode_manifest(body)
-        if before_commit is not None:
-            before_commit()
-        published = True
-        exclusive = exclusive and previous is None  # a new step never replaces another's
-        if newest:
-            version = store.publish(manifest_key(name, step), data, alias=latest_key(name),
-                                    durable=durable, expect=expect, exclusive=exclusive)
-        else:
-            store.put_manifest(manifest_key(name, step), data, durable=durable,
-                               exclusive=exclusive)
-            version = None
-    except BaseException as exc:
-        if isinstance(exc, WriteConflict) and exc.key == manifest_key(name, step):
-            published = False  # the step's manifest is someone else's: only our files go
-        if published:
-            published = _roll_back(store, name, step, data, previous, previous_latest, durable)
-        if not published:
-            for key in written:
-                with contextlib.suppress(OSError):
-                    store.delete(key)
-        if isinstance(exc, OSError):
-            raise SaveFailed(
-                f"could not save {name!r} step {step} to {store.url}: {describe_os_error(exc)}. "
-                + ("The step was committed but may not be durable." if published else
-                   "The previous checkpoints are untouched."),
-                name=name, step=step, errno=exc.errno) from exc
-        raise
-    return Manifest(key=manifest_key(name, step), body=body, size=len(data)), version
+    if parallel is None:
+        parallel = prepared.nbytes >= knobs.PARALLEL_BYTES
+    _run_all(write_one, len(files) + len(pieces), parallel=parallel)
+    if files and durable:
+        store.sync_folder(folder)
+    if fresh and durable:
+        store.sync_folder(f"{name}/{CHUNKS}")
+    table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
+    file_of: dict[str, int] = {}
+    for (index, _, _), (rel, size, crc) in zip(pieces, named, strict=True):
+        if rel not in file_of:
+            file_of[rel] = len(table)
+            table.append([rel, size])
+        ranges[index].append([file_of[rel], 0, size, crc])
+    blobs = [{"size": b.data.nbytes, "path": b.tree_path, "ranges": ranges[i]}
+             for i, b in enumerate(prepared.blobs)]
+    return Part(rank, table, blobs, prepared.shards, prepared.per_rank, prepared.pickled,
+                save_id=save_id)
+
+
+def _ranges(file: int, offset: int, blob: BlobRef) -> list[list[Any]]:
+    """The byte ranges of a blob written at ``offset`` of data file ``file``: one, or for a
+    shard one per :attr:`~safepoint.format.tree.BlobRef.ranged` bytes."""
+    size = blob.data.nbytes
+    step = blob.ranged or size or 1
+    return [[file, offset + at, min(step, size - at), checksum(blob.data[at : at + step])]
+            for at in range(0, size, step)] or [[file, offset, 0, checksum(b"")]]
 
 
 def _chunk_plan(blobs: list[BlobRef]) -> dict[int, list[tuple[int, int]]]:
@@ -338,4 +402,4 @@ def _roll_back(store: Store, name: str, step: int, ours: bytes, previous: bytes 
         return True  # cannot tell: keep its data files
 
 
-__all__ = ["Prepared", "layout", "prepare", "write_checkpoint"]
+__all__ = ["Prepared", "layout", "prepare", "remove_files", "write_checkpoint", "write_part"]

@@ -1,0 +1,202 @@
+"""Distributed checkpoints: every rank writes its own shards, one commit, agreed restores.
+
+With ``Checkpointer(name, group=...)`` a save is collective (every rank calls it with its
+own state, in the same order):
+
+1. Each rank encodes its state: the coordinator (rank 0) all of it, the other ranks only
+   their :class:`~safepoint.format.shards.Shard` leaves and
+   :class:`~safepoint.format.shards.PerRank` values (replicated values are saved once).
+   Each writes its own data files into the step's folder, in parallel with the others,
+   and makes them durable: no gather of data to one rank.
+2. **Round 1**: the ranks' parts (their file tables, byte ranges and checksums; or the
+   error a rank met) go to every rank. The coordinator merges them into one manifest
+   (:func:`~safepoint.format.shards.merge_parts`) and commits it under the name's lease,
+   exactly like a one-process save: until then there is no new checkpoint, and if any rank
+   failed (or died: the group's collective fails or times out) nothing is committed.
+3. **Round 2**: the coordinator's outcome goes to every rank, so that every rank returns,
+   or raises the same clear error; a rank removes its files if the step was not committed.
+
+A restore is collective too: the ranks agree on a step, each reads only the byte ranges
+of its own blocks, and if any rank finds damage they all fall back to the same older step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from safepoint.checkpointer.group import Group
+from safepoint.committer import Pending
+from safepoint.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    SafepointError,
+    SaveFailed,
+    StepExists,
+    warn_caller,
+)
+from safepoint.format import json_copy, prepare, read_manifest
+from safepoint.format.shards import Part
+from safepoint.format.write import remove_files, write_part
+from safepoint.stateful import capture
+
+if TYPE_CHECKING:
+    from safepoint.checkpointer.core import Checkpointer, Restored
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def save_distributed(ckpt: Checkpointer, group: Group, step: int, state: Any, *,
+                     metadata: dict[str, Any] | None, blocking: bool, overwrite: bool,
+                     extra: dict[str, Any] | None) -> Pending:
+    """One rank's part of a collective save (see the module's docstring)."""
+    coordinator = group.rank == 0
+    prepared, error = None, None
+    try:
+        prepared = prepare(capture(state), allow_pickle=ckpt.allow_pickle,
+                           snapshot=None if blocking else ckpt._snapshot, share=blocking,
+                           shards_only=not coordinator)
+        metadata, extra = json_copy(metadata, "metadata"), json_copy(extra, "extra")
+    except Exception as exc:  # told to every rank in round 1, raised here after round 2
+        error = exc
+    ckpt._last_save_time, ckpt._last_step = ckpt._clock(), step
+
+    def work() -> None:
+        if coordinator:
+            _coordinate(ckpt, group, step, prepared, metadata, extra, overwrite, error)
+        else:
+            _contribute(ckpt, group, step, prepared, error)
+
+    if blocking:
+        work()
+        done = Pending(step)
+        done._finish()
+        return done
+    return ckpt._committer.submit(work, tag=step)
+
+
+def _coordinate(ckpt: Checkpointer, group: Group, step: int, prepared: Any,
+                metadata: Any, extra: Any, overwrite: bool, error: BaseException | None) -> None:
+    from safepoint.checkpointer.core import _SaveRequest
+
+    gathered: list[Part] | None = None
+    own_ids: list[str] = []
+
+    def exchange(own: Part) -> list[Part]:  # round 1, once (a retried commit reuses it)
+        nonlocal gathered
+        own_ids.append(own.save_id)
+        if gathered is None:
+            values = group.all_gather({"part": own.to_json()})
+            gathered = []
+            problems = [f"rank {r}: {v['error']}" for r, v in enumerate(values) if "error" in v]
+            if problems:
+                raise SaveFailed(f"{ckpt.name!r} step {step} was not saved: "
+                                 + "; ".join(problems), name=ckpt.name, step=step)
+            gathered = [Part.from_json(v["part"]) for v in values[1:]]
+        return [own, *gathered]
+
+    failure: BaseException | None = None
+    try:
+        if error is not None:
+            raise error
+        latest = None if overwrite else ckpt.latest_step()
+        if latest is not None and step <= latest:
+            raise StepExists(f"{ckpt.name!r} step {step} already exists or is older than the "
+                             f"newest step {latest} in {ckpt.store.url}; pass overwrite=True "
+                             "or save a newer step", name=ckpt.name, step=step)
+        request = _SaveRequest(step, prepared, metadata, overwrite, extra)
+        request.exchange = exchange
+        ckpt._write(request)
+    except BaseException as exc:
+        failure = exc
+    if gathered is None:  # failed before round 1: the others still wait for it
+        group.all_gather({"error": f"rank 0: {_text(failure or SafepointError('no part'))}"})
+    committed = failure is None or _committed_by(ckpt, step, own_ids)
+    group.all_gather({"committed": committed,
+                      "error": None if failure is None else _text(failure)})
+    if failure is not None:
+        raise failure
+
+
+def _committed_by(ckpt: Checkpointer, step: int, save_ids: list[str]) -> bool:
+    """Whether the step's manifest is this save's (a failure after the commit: retention)."""
+    try:
+        return read_manifest(ckpt.store, ckpt.name, step).body.get("save_id") in save_ids
+    except (CheckpointNotFound, CorruptCheckpoint, OSError):
+        return False
+
+
+def _contribute(ckpt: Checkpointer, group: Group, step: int, prepared: Any,
+                error: BaseException | None) -> None:
+    written: list[str] = []
+    if error is None:
+        try:
+            part = write_part(ckpt.store, ckpt.name, step, prepared, durable=ckpt.durable,
+                              written=written, rank=group.rank)
+        except Exception as exc:
+            remove_files(ckpt.store, written)
+            error = exc
+    value = {"error": _text(error)} if error is not None else {"part": part.to_json()}
+    group.all_gather(value)
+    outcome = group.all_gather({"committed": False, "error": _text(error) if error else None})[0]
+    if outcome.get("committed"):
+        return
+    remove_files(ckpt.store, written)
+    if error is not None:
+        raise error
+    raise SaveFailed(f"{ckpt.name!r} step {step} was not saved (rank 0: {outcome.get('error')}); "
+                     "the previous checkpoints are untouched", name=ckpt.name, step=step)
+
+
+def restore_distributed(ckpt: Checkpointer, group: Group, step: int | None, into: Any,
+                        mmap: bool, allow_pickle: bool) -> Restored:
+    """A collective restore: the ranks agree on a step that every rank can read."""
+    from safepoint.checkpointer.core import CorruptCheckpointWarning
+    from safepoint.checkpointer.steps import committed_steps
+
+    candidate = step if step is not None else ckpt.latest_step()
+    fell_back = False
+    while True:
+        proposals = group.all_gather(candidate)
+        if any(p is None for p in proposals):
+            if fell_back:
+                raise CorruptCheckpoint(f"no checkpoint of {ckpt.name!r} in {ckpt.store.url} "
+                                        "is intact on every rank; `safepoint verify` lists "
+                                        "the problems")
+            raise CheckpointNotFound(f"no checkpoint named {ckpt.name!r} in {ckpt.store.url} "
+                                     "(seen by every rank)", name=ckpt.name)
+        agreed = min(proposals)
+        restored, fatal = None, False
+        problem: Exception | None = None
+        try:
+            restored = ckpt._restore_step(agreed, into, mmap, allow_pickle,
+                                          rank=(group.rank, group.size))
+        except (CorruptCheckpoint, CheckpointNotFound) as exc:
+            problem = exc
+        except Exception as exc:
+            problem, fatal = exc, True
+        votes = group.all_gather(None if problem is None else [_text(problem), fatal])
+        bad = [(r, v) for r, v in enumerate(votes) if v is not None]
+        if not bad:
+            assert restored is not None
+            return restored
+        if problem is not None and (fatal or step is not None):
+            raise problem
+        where = "; ".join(f"rank {r}: {v[0]}" for r, v in bad)
+        if step is not None or any(v[1] for _, v in bad):
+            raise SafepointError(f"{ckpt.name!r} step {agreed} could not be restored on every "
+                                 f"rank ({where})")
+        warn_caller(f"skipping damaged checkpoint {ckpt.name!r} step {agreed} ({where})",
+                    CorruptCheckpointWarning)
+        older = [s for s in committed_steps(ckpt.store, ckpt.name, None) if s < agreed]
+        candidate, fell_back = (older[-1] if older else None), True
+
+
+def agree(group: Group, flag: bool) -> bool:
+    """Whether any rank's ``flag`` is set (a collective call: every rank gets the same)."""
+    fast = getattr(group, "any", None)
+    return bool(fast(flag)) if fast is not None else any(group.all_gather(bool(flag)))
+
+
+__all__ = ["agree", "restore_distributed", "save_distributed"]
