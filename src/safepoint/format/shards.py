@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from safepoint import knobs
-from safepoint.errors import CorruptCheckpoint, SaveFailed, StateMismatch
+from safepoint.errors import CorruptCheckpoint, StateMismatch
 from safepoint.format.codecs import KNOWN_KINDS, codec_for_kind
 from safepoint.format.dtypes import decode_dtype
 
@@ -143,7 +143,7 @@ def _remap(node: Any, offset: int) -> Any:
 def merge_parts(parts: list[Part]) -> tuple[list[list[Any]], list[dict[str, Any]], list[str]]:
     """Merge every rank's part into the coordinator's (``parts[0]``, whose tree is changed in
     place: its shard and per-rank nodes become global ones); returns the global file table,
-    blob list and pickled paths. Raises :class:`SaveFailed` when the ranks' states do not
+    blob list and pickled paths. Raises :class:`StateMismatch` when the ranks' states do not
     fit together (a shard path one rank lacks, shapes that differ, blocks that overlap or
     leave part of a global array uncovered)."""
     files: list[list[Any]] = []
@@ -165,7 +165,7 @@ def merge_parts(parts: list[Part]) -> tuple[list[list[Any]], list[dict[str, Any]
     own = {path: node for path, node in coordinator.shards}
     for path, found in shard_nodes.items():
         if path not in own:
-            raise SaveFailed(f"rank {found[0][0]} saved a Shard at {path}, which rank 0's state "
+            raise StateMismatch(f"rank {found[0][0]} saved a Shard at {path}, which rank 0's state "
                              "does not have; every rank must save the same tree structure")
         node = own[path]
         merged = _merge_shards(path, found, len(parts))
@@ -174,7 +174,7 @@ def merge_parts(parts: list[Part]) -> tuple[list[list[Any]], list[dict[str, Any]
     own_values = {path: node for path, node in coordinator.per_rank}
     for path, nodes in values.items():
         if path not in own_values or len(nodes) != len(parts):
-            raise SaveFailed(f"{path}: a PerRank value is saved by {len(nodes)} of {len(parts)} "
+            raise StateMismatch(f"{path}: a PerRank value is saved by {len(nodes)} of {len(parts)} "
                              "ranks; every rank must save the same tree structure")
         node = own_values[path]
         node.clear()
@@ -190,7 +190,7 @@ def _merge_shards(path: str, found: list[tuple[int, dict[str, Any]]], ranks: int
     for rank, node in found:
         here = {k: node.get(k) for k in ("shape", "kind", "attrs")}
         if here != head or node["array"]["dtype"] != dtype:
-            raise SaveFailed(
+            raise StateMismatch(
                 f"{path}: rank {rank} saved a shard of a {node['array']['dtype']} array of "
                 f"global shape {node['shape']}, rank {found[0][0]} of a {dtype} array of global "
                 f"shape {first['shape']}; every rank must describe the same global array")
@@ -203,7 +203,7 @@ def _merge_shards(path: str, found: list[tuple[int, dict[str, Any]]], ranks: int
     shards = list(seen.values())
     problem = coverage_problem(first["shape"], [(s["at"], s["shape"]) for s in shards])
     if problem:
-        raise SaveFailed(f"{path}: the {ranks} ranks' shards {problem}; each element of the "
+        raise StateMismatch(f"{path}: the {ranks} ranks' shards {problem}; each element of the "
                          "global array must be in exactly one block (identical blocks count once)")
     out: dict[str, Any] = {"$": "sharded", "dtype": dtype, "shape": first["shape"], "shards": shards}
     if first.get("kind") is not None:
