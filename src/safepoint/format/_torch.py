@@ -13,6 +13,7 @@ recorded in the attributes for reference): restoring into a live model with
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,27 @@ class TorchTensorCodec:
             return None
         return _dtype_name(obj.dtype), tuple(obj.shape)
 
+    def as_shard(self, obj: Any) -> Any:
+        """A DTensor as this rank's :class:`~safepoint.format.shards.Shard` of its global
+        tensor (None for any other tensor); a Partial placement (pending reduction) is
+        refused, since no rank holds its value."""
+        dtensor = _dtensor_type()
+        if dtensor is None or not isinstance(obj, dtensor):
+            return None
+        from torch.distributed.tensor import Partial
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        from safepoint.format.shards import Shard
+
+        if any(isinstance(p, Partial) for p in obj.placements):
+            raise UnsupportedType(
+                f"a DTensor with a Partial placement ({obj.placements}) holds no value on any "
+                "one rank; reduce it (.redistribute to Replicate or Shard) before saving",
+                type_name="DTensor")
+        _, offsets = compute_local_shape_and_global_offset(obj.shape, obj.device_mesh,
+                                                           obj.placements)
+        return Shard(obj.to_local(), tuple(offsets), tuple(obj.shape))
+
     def writable_view(self, obj: Any, attrs: dict[str, Any]) -> np.ndarray | None:
         """A numpy view of a CPU tensor's memory, when it can be filled in place."""
         if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
@@ -120,6 +142,12 @@ class TorchTensorCodec:
         if tensor.dtype not in _NUMPY_DTYPES:
             tensor = tensor.view(_CARRIERS[tensor.dtype.itemsize])
         return tensor.numpy()
+
+
+def _dtensor_type() -> Any:
+    """torch's DTensor class, if torch.distributed is built in (and already imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 CODECS: list[LeafCodec] = [TorchTensorCodec()]

@@ -254,13 +254,16 @@ class Encoder:
         if kind is Shard or kind is PerRank:
             return self._distributed(obj, path)
         if self.shards_only:
-            return None
+            return self._framework_shard(obj, path)
         if isinstance(obj, np.ndarray) and (kind is np.ndarray or isinstance(obj, np.memmap)):
             return self._ndarray(obj, path)
         if isinstance(obj, np.generic):
             return self._npscalar(obj, path)
         for codec in self._codecs:
             if codec.matches(obj):
+                shard = self._framework_shard(obj, path, codec)
+                if shard is not None:
+                    return shard
                 if self.host_only:
                     _refuse_device_memory(codec, obj, path)
                 array, attrs = codec.to_numpy(obj)
@@ -297,6 +300,17 @@ class Encoder:
             return {"$": "odict" if type(obj) is OrderedDict else "dict", "items": items}
         finally:
             self._active.discard(id(obj))
+
+    def _framework_shard(self, obj: Any, path: TreePath | str,
+                         codec: LeafCodec | None = None) -> dict[str, Any] | None:
+        """The node of a framework's distributed array (a DTensor) as a Shard, else None."""
+        codecs = [codec] if codec is not None else [c for c in self._codecs if c.matches(obj)]
+        for found in codecs:
+            as_shard = getattr(found, "as_shard", None)
+            shard = as_shard(obj) if as_shard is not None else None
+            if shard is not None:
+                return self._distributed(shard, path)
+        return None
 
     def _distributed(self, obj: Shard | PerRank, path: TreePath | str) -> dict[str, Any]:
         """A Shard's node (its block as a ranged blob) or a PerRank value's node, noted for
@@ -757,6 +771,18 @@ class Decoder:
         kind, attrs = node.get("kind"), node.get("attrs") or {}
         region: tuple[int, ...] = (0,) * len(shape)
         own = False
+        if target is not None and kind is not None and not isinstance(target, (Shard, np.ndarray)):
+            as_shard = getattr(codec_for_kind(kind), "as_shard", None)
+            shard = as_shard(target) if as_shard is not None else None
+            if shard is not None:  # into a DTensor: its local tensor, in place
+                view, filled = local_view(shard, dtype, shape, kind, attrs, where)
+                if filled is not shard:
+                    raise StateMismatch(f"{where}: the target DTensor's local tensor cannot be "
+                                        "filled in place (not on the CPU, or not contiguous)",
+                                        tree_path=where)
+                target, result, region = None, target, shard.offsets
+                plan_region(view, region, blocks, self._fill_part(dtype, own))
+                return result
         if isinstance(target, Shard):
             view, result = local_view(target, dtype, shape, kind, attrs, where)
             region, own = target.offsets, result is not target
@@ -771,13 +797,15 @@ class Decoder:
             view, own = np.empty(shape, dtype), True
             result = codec_for_kind(kind).from_numpy(view, attrs) if kind is not None else view
 
+        plan_region(view, region, blocks, self._fill_part(dtype, own))
+        return result
+
+    def _fill_part(self, dtype: np.dtype[Any], own: bool) -> Callable[..., None]:
         def fill_part(dest: np.ndarray, block: Any, first: int, end: int,
                       start: tuple[int, ...], stop: tuple[int, ...]) -> None:
             self.source.fill_part(dest, block.index, block.data, first, end,
                                   lambda raw: block_view(raw, dtype, block, start, stop), own=own)
-
-        plan_region(view, region, blocks, fill_part)
-        return result
+        return fill_part
 
     def _perrank(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
         """This rank's own value (saved by every rank), or all ranks' in a list."""
