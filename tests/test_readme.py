@@ -41,6 +41,9 @@ def _stand_ins(tmp_path: Path) -> dict[str, Any]:
         "steps": 20,
         "train_step": lambda batch: None,
         "loss": 0.5,
+        # one rank of a distributed job
+        "rank": 0, "world_size": 1, "launch_id": "readme", "local_rows": np.ones((8, 4)),
+        "first_row": 0, "vocab": 8, "dim": 4, "batches": _Counter(), "step": 1,
     }
 
 

@@ -39,8 +39,9 @@ class JaxArrayCodec:
         if not obj.is_fully_addressable:
             raise UnsupportedType(
                 f"cannot store a jax array of shape {obj.shape} sharded across processes: this "
-                "process holds only part of it; gather it (e.g. with "
-                "jax.experimental.multihost_utils.process_allgather) before saving",
+                "process holds only part of it; save its addressable part as a safepoint.Shard "
+                "with a distributed Checkpointer (group=, see docs/distributed.md), or gather "
+                "it (jax.experimental.multihost_utils.process_allgather) before saving",
                 type_name="jax.Array",
             )
         if jnp.issubdtype(obj.dtype, jax.dtypes.prng_key):
