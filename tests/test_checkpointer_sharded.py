@@ -296,7 +296,7 @@ def test_torch_tensors_as_shards(tmp_path: Path) -> None:
 
 
 def test_tools_understand_sharded_checkpoints(tmp_path: Path) -> None:
-    save_sharded(tmp_path, 3, "grid")
+    save_sharded(tmp_path, 4, "grid")
     report = safepoint.check(tmp_path)
     assert report.ok and report.checked and report.checked[0].checked_bytes >= FULL.nbytes
     from typer.testing import CliRunner
@@ -305,7 +305,15 @@ def test_tools_understand_sharded_checkpoints(tmp_path: Path) -> None:
     shown = CliRunner().invoke(app, ["show", "job", "--location", str(tmp_path), "--json"])
     assert shown.exit_code == 0, shown.output
     body = json.loads(shown.output)
-    assert body["step"] == 1
+    assert body["step"] == 1 and body["format_version"] == 4
+    rows = {row["path"]: row for row in body["tree"]}
+    assert rows["state['w']"]["type"] == "ndarray in 4 shards"
+    assert rows["state['w']"]["shape"] == list(SHAPE)
+    assert rows["state['seen']<rank 2>"]["value"] == "201"
+    exported = CliRunner().invoke(app, ["export", "job", "--to", str(tmp_path / "out.npz"),
+                                        "--location", str(tmp_path)])
+    assert exported.exit_code == 0, exported.output
+    assert np.array_equal(np.load(tmp_path / "out.npz")["w"], FULL)
     listed = CliRunner().invoke(app, ["verify", "--location", str(tmp_path)])
     assert listed.exit_code == 0, listed.output
 

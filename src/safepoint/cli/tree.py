@@ -25,7 +25,7 @@ MAPPING_LIMIT = 50
 """A dict with more keys than this is one row, unless its values are all arrays (a model's
 state dict: each one is worth its row)."""
 
-_ARRAYS = ("ndarray", "leaf")
+_ARRAYS = ("ndarray", "leaf", "sharded")
 _CONTAINER_TYPES = {"tuple": "tuple", "dict": "dict", "odict": "OrderedDict"}
 
 
@@ -40,6 +40,8 @@ def _children(node: Any, path: str) -> tuple[str, list[tuple[str, Any]]] | None:
         return "dict", [(f"{path}[{key_text(k)}]", v) for k, v in node.items()]
     if tag == "tuple":
         return "tuple", [(f"{path}[{i}]", v) for i, v in enumerate(node["items"])]
+    if tag == "perrank":  # a distributed save's per-rank value: one child per rank
+        return "per rank", [(f"{path}<rank {i}>", v) for i, v in enumerate(node["ranks"])]
     if tag in ("dict", "odict"):
         pairs = []
         for k, v in node["items"]:
@@ -65,6 +67,8 @@ def _leaf_row(node: Any, path: str, blobs: list[dict[str, Any]] | None) -> dict[
         shape = [int(n) for n in node["shape"]]
     elif tag == "leaf":
         shape = [int(n) for n in node["array"]["shape"]]
+    elif tag == "sharded":
+        shape = [int(n) for n in node["shape"]]
     elif tag == "npscalar":
         shape = []
         try:

@@ -80,6 +80,15 @@ def iter_tree_summary(
         label, itemsize = dtype_label(inner["dtype"])
         dname = str((node.get("attrs") or {}).get("dtype") or label)
         yield path, node["kind"], dname, str(shape), _count(shape) * itemsize
+    elif tag == "sharded":  # a global array in blocks (a distributed save)
+        shape = tuple(node["shape"])
+        label, itemsize = dtype_label(node["dtype"])
+        dname = str((node.get("attrs") or {}).get("dtype") or label)
+        kind = f"{node.get('kind') or 'ndarray'} in {len(node['shards'])} shards"
+        yield path, kind, dname, str(shape), _count(shape) * itemsize
+    elif tag == "perrank":
+        for rank, value in enumerate(node["ranks"]):
+            yield from iter_tree_summary(value, f"{path}<rank {rank}>", blobs=blobs)
     elif tag in ("bytes", "bytearray", "pickle"):
         yield path, str(node.get("type", tag)), "", "", _data_size(node, blobs)
     elif tag in ("int", "float", "complex"):
