@@ -352,3 +352,16 @@ def test_every_layout_pair_tiles() -> None:
             _, where = block(layout, ranks, rank)
             seen[where] += 1
         assert (seen == 1).all(), (layout, ranks)
+
+
+def test_a_leftover_manifest_of_the_step_is_replaced_by_the_holder(tmp_path: Path) -> None:
+    """A coordinator that died after writing its step's manifest, before the newest-step
+    record: the next launch's save of that step retries its commit, merging again."""
+    save_sharded(tmp_path, 3, "rows", step=1)
+    (tmp_path / "job" / "000000000002.json").write_bytes(
+        (tmp_path / "job" / "000000000001.json").read_bytes())
+    save_sharded(tmp_path, 3, "columns", step=2, scale=2.0)
+    restored = Checkpointer("job", location=tmp_path).restore()
+    assert restored.step == 2 and np.array_equal(restored.state["w"], FULL * 2)
+    assert restored.state["seen"] == [2, 102, 202]
+    assert safepoint.check(tmp_path).ok

@@ -116,6 +116,12 @@ class Part:
     pickled: list[str]
     save_id: str = ""
 
+    @staticmethod
+    def nodes(entries: list[list[Any]]) -> list[list[Any]]:
+        """Copies of a tree's shard or per-rank nodes as they are before a merge (which
+        changes the tree's own in place)."""
+        return [[path, dict(node)] for path, node in entries]
+
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "files": self.files, "blobs": self.blobs,
                 "shards": self.shards, "per_rank": self.per_rank, "pickled": self.pickled,
@@ -140,9 +146,11 @@ def _remap(node: Any, offset: int) -> Any:
     return out
 
 
-def merge_parts(parts: list[Part]) -> tuple[list[list[Any]], list[dict[str, Any]], list[str]]:
-    """Merge every rank's part into the coordinator's (``parts[0]``, whose tree is changed in
-    place: its shard and per-rank nodes become global ones); returns the global file table,
+def merge_parts(parts: list[Part], shards: list[list[Any]], per_rank: list[list[Any]],
+                ) -> tuple[list[list[Any]], list[dict[str, Any]], list[str]]:
+    """Merge every rank's part (the coordinator's first); ``shards`` and ``per_rank``: the
+    coordinator's own nodes in its tree (``[path, node]``), changed in place into global
+    ones (again identically, when a commit is retried); returns the global file table,
     blob list and pickled paths. Raises :class:`StateMismatch` when the ranks' states do not
     fit together (a shard path one rank lacks, shapes that differ, blocks that overlap or
     leave part of a global array uncovered)."""
@@ -161,8 +169,7 @@ def merge_parts(parts: list[Part]) -> tuple[list[list[Any]], list[dict[str, Any]
             shard_nodes.setdefault(path, []).append((part.rank, _remap(node, blob_base)))
         for path, node in part.per_rank:
             values.setdefault(path, []).append(_remap(node["value"], blob_base))
-    coordinator = parts[0]
-    own = {path: node for path, node in coordinator.shards}
+    own = {path: node for path, node in shards}
     for path, found in shard_nodes.items():
         if path not in own:
             raise StateMismatch(f"rank {found[0][0]} saved a Shard at {path}, which rank 0's state "
@@ -171,7 +178,7 @@ def merge_parts(parts: list[Part]) -> tuple[list[list[Any]], list[dict[str, Any]
         merged = _merge_shards(path, found, len(parts))
         node.clear()
         node.update(merged)
-    own_values = {path: node for path, node in coordinator.per_rank}
+    own_values = {path: node for path, node in per_rank}
     for path, nodes in values.items():
         if path not in own_values or len(nodes) != len(parts):
             raise StateMismatch(f"{path}: a PerRank value is saved by {len(nodes)} of {len(parts)} "

@@ -58,6 +58,9 @@ class Prepared:
     pickled: list[str]
     shards: list[list[Any]] = field(default_factory=list)  # [tree path, node] of each Shard
     per_rank: list[list[Any]] = field(default_factory=list)  # [tree path, node] of each PerRank
+    parts: tuple[list[list[Any]], list[list[Any]]] = ([], [])
+    """Copies of ``shards`` and ``per_rank`` as encoded, for this process's part (a merge
+    changes the tree's own nodes in place, and a retried commit merges again)."""
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +92,8 @@ def prepare(
     else:
         node = encoder.encode(tree)
     return Prepared(node=node, blobs=encoder.blobs, pickled=encoder.pickled,
-                    shards=encoder.shards, per_rank=encoder.per_rank)
+                    shards=encoder.shards, per_rank=encoder.per_rank,
+                    parts=(Part.nodes(encoder.shards), Part.nodes(encoder.per_rank)))
 
 
 @dataclass
@@ -185,7 +189,7 @@ def write_checkpoint(
         parts = exchange(own) if exchange is not None else [own]
         sharded = exchange is not None or bool(prepared.shards or prepared.per_rank)
         if sharded:
-            table, blobs, pickled = merge_parts(parts)
+            table, blobs, pickled = merge_parts(parts, prepared.shards, prepared.per_rank)
         else:
             table, blobs, pickled = own.files, own.blobs, own.pickled
         chunked = any(is_chunk_key(rel) for rel, _ in table)
@@ -321,8 +325,7 @@ def write_part(
         ranges[index].append([file_of[rel], 0, size, crc])
     blobs = [{"size": b.data.nbytes, "path": b.tree_path, "ranges": ranges[i]}
              for i, b in enumerate(prepared.blobs)]
-    return Part(rank, table, blobs, prepared.shards, prepared.per_rank, prepared.pickled,
-                save_id=save_id)
+    return Part(rank, table, blobs, *prepared.parts, prepared.pickled, save_id=save_id)
 
 
 def _ranges(file: int, offset: int, blob: BlobRef) -> list[list[Any]]:
