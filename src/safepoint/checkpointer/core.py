@@ -29,7 +29,11 @@ from typing import Any, Literal
 import numpy as np
 
 from safepoint import knobs
-from safepoint.checkpointer.distributed import restore_distributed, save_distributed
+from safepoint.checkpointer.distributed import (
+    restore_distributed,
+    save_distributed,
+    should_save_together,
+)
 from safepoint.checkpointer.group import Group
 from safepoint.checkpointer.snapshot import (
     Snapshot,
@@ -771,7 +775,7 @@ class Checkpointer:
         so that a signal at any rank makes every rank save the same step. The policy is
         asked of the coordinator only, and its answer is every rank's."""
         if self.group is not None:
-            return self._should_save_together(step)
+            return should_save_together(self, self.group, step)
         if self.preempted:
             return True
         if self.policy is None:
@@ -779,22 +783,6 @@ class Checkpointer:
         since = step - self._last_step if self._last_step is not None else step
         return self.policy(Tick(items=since, last_checkpoint_at=self._last_save_time, step=step,
                                 clock=self._clock))
-
-    def _should_save_together(self, step: int) -> bool:
-        assert self.group is not None
-        mine = self._preemption is not None and self._preemption.pending is not None
-        due = False
-        if self.group.rank == 0 and self.policy is not None:
-            since = step - self._last_step if self._last_step is not None else step
-            due = self.policy(Tick(items=since, last_checkpoint_at=self._last_save_time,
-                                   step=step, clock=self._clock))
-        if self._preemption is None and self.policy is None:
-            return False
-        if self._preemption is None:  # the policy only: the coordinator's answer
-            return bool(self.group.all_gather(due)[0])
-        votes = self.group.all_gather([mine, due])
-        self._preempt_agreed = self._preempt_agreed or any(v[0] for v in votes)
-        return self._preempt_agreed or bool(votes[0][1])
 
     # ---------------------------------------------------------------- lifecycle
 

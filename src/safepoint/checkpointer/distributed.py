@@ -37,6 +37,7 @@ from safepoint.errors import (
 from safepoint.format import json_copy, prepare, read_manifest
 from safepoint.format.shards import Part
 from safepoint.format.write import remove_files, write_part
+from safepoint.policy import Tick
 from safepoint.stateful import capture
 
 if TYPE_CHECKING:
@@ -193,10 +194,25 @@ def restore_distributed(ckpt: Checkpointer, group: Group, step: int | None, into
         candidate, fell_back = (older[-1] if older else None), True
 
 
-def agree(group: Group, flag: bool) -> bool:
-    """Whether any rank's ``flag`` is set (a collective call: every rank gets the same)."""
+def should_save_together(ckpt: Checkpointer, group: Group, step: int) -> bool:
+    """``should_save`` across ranks: the coordinator's policy, and a preemption vote (a
+    signal at any rank makes every rank save this step); a collective call."""
+    preemption, policy = ckpt._preemption, ckpt.policy
+    due = False
+    if group.rank == 0 and policy is not None:
+        since = step - ckpt._last_step if ckpt._last_step is not None else step
+        due = policy(Tick(items=since, last_checkpoint_at=ckpt._last_save_time, step=step,
+                          clock=ckpt._clock))
+    if preemption is None:
+        return policy is not None and bool(group.all_gather(due)[0])
+    signalled = preemption.pending is not None
     fast = getattr(group, "any", None)
-    return bool(fast(flag)) if fast is not None else any(group.all_gather(bool(flag)))
+    if fast is not None and policy is None:  # a vote only: one small all-reduce
+        ckpt._preempt_agreed = ckpt._preempt_agreed or bool(fast(signalled))
+        return ckpt._preempt_agreed
+    votes = group.all_gather([signalled, due])
+    ckpt._preempt_agreed = ckpt._preempt_agreed or any(v[0] for v in votes)
+    return ckpt._preempt_agreed or bool(votes[0][1])
 
 
-__all__ = ["agree", "restore_distributed", "save_distributed"]
+__all__ = ["restore_distributed", "save_distributed", "should_save_together"]

@@ -43,14 +43,7 @@ from safepoint import knobs
 from safepoint.errors import CorruptCheckpoint, StateMismatch, UnsafeCheckpoint, UnsupportedType
 from safepoint.format.codecs import KNOWN_KINDS, LeafCodec, active_codecs, codec_for_kind
 from safepoint.format.dtypes import decode_dtype, encode_dtype, itemsize_of
-from safepoint.format.shards import (
-    PerRank,
-    Shard,
-    block_view,
-    check_sharded,
-    local_view,
-    plan_region,
-)
+from safepoint.format.shards import PerRank, Shard
 
 _HEX_INT = re.compile(r"-?0x[0-9a-f]+")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -303,56 +296,14 @@ class Encoder:
 
     def _framework_shard(self, obj: Any, path: TreePath | str,
                          codec: LeafCodec | None = None) -> dict[str, Any] | None:
-        """The node of a framework's distributed array (a DTensor) as a Shard, else None."""
-        codecs = [codec] if codec is not None else [c for c in self._codecs if c.matches(obj)]
-        for found in codecs:
-            as_shard = getattr(found, "as_shard", None)
-            shard = as_shard(obj) if as_shard is not None else None
-            if shard is not None:
-                return self._distributed(shard, path)
-        return None
+        """A framework's distributed array (a DTensor) as a Shard's node, else None."""
+        from safepoint.format.sharded_nodes import encode_framework_shard
+        return encode_framework_shard(self, obj, path, codec)
 
     def _distributed(self, obj: Shard | PerRank, path: TreePath | str) -> dict[str, Any]:
-        """A Shard's node (its block as a ranged blob) or a PerRank value's node, noted for
-        the merge of the ranks' parts (:func:`~safepoint.format.shards.merge_parts`)."""
-        if self._in_per_rank:
-            raise UnsupportedType(f"{path}: a {type(obj).__name__} inside a PerRank value; a "
-                                  "PerRank value is saved whole by each rank",
-                                  tree_path=str(path), type_name=type(obj).__name__)
-        if isinstance(obj, PerRank):
-            self._in_per_rank, only = True, self.shards_only
-            self.shards_only = False
-            try:
-                placeholder = {"$": "perrank", "value": self.encode(obj.value, path)}
-            finally:
-                self._in_per_rank, self.shards_only = False, only
-            self.per_rank.append([str(path), placeholder])
-            return placeholder
-        data, kind, attrs = obj.data, None, None
-        if not isinstance(data, np.ndarray):
-            codec = next((c for c in self._codecs if c.matches(data)), None)
-            if codec is None:
-                raise UnsupportedType(f"{path}: a Shard holds {_describe_type(data)}; a shard is "
-                                      "a numpy, torch or jax array", tree_path=str(path),
-                                      type_name=type(data).__name__)
-            if self.host_only:
-                _refuse_device_memory(codec, data, path)
-            data, attrs = codec.to_numpy(data)
-            kind = codec.kind
-        array = np.ascontiguousarray(data)
-        array_node = self._ndarray(array, path)
-        if array_node.get("$") != "ndarray":
-            raise UnsupportedType(f"{path}: a Shard of dtype {array.dtype} cannot be stored",
-                                  tree_path=str(path), type_name=str(array.dtype))
-        if "blob" in array_node:
-            step = max(1, knobs.SHARD_RANGE // max(array.dtype.itemsize, 1)) * array.dtype.itemsize
-            self.blobs[array_node["blob"]].ranged = step
-        node: dict[str, Any] = {"$": "shard", "shape": list(obj.global_shape),
-                                "at": list(obj.offsets), "array": array_node}
-        if kind is not None:
-            node["kind"], node["attrs"] = kind, attrs
-        self.shards.append([str(path), node])
-        return node
+        """A Shard's or a PerRank value's node (:mod:`safepoint.format.sharded_nodes`)."""
+        from safepoint.format.sharded_nodes import encode_distributed
+        return encode_distributed(self, obj, path)
 
     def _key(self, key: Any, path: TreePath | str) -> Any:
         if type(key) in (str, int, float, bool, bytes, tuple) or key is None or isinstance(key, np.generic):
@@ -762,70 +713,14 @@ class Decoder:
         return codec.from_numpy(array, attrs)
 
     def _sharded(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
-        """A global array saved as shards: the whole array, or (into a :class:`Shard`
-        target) just the target's block, reading only the byte ranges that hold it."""
-        where = _path_text(path)
-        dtype, shape, blocks = check_sharded(node, where, lambda entry, i: self._data(entry, (path, i)))
-        if not self.build:
-            return None
-        kind, attrs = node.get("kind"), node.get("attrs") or {}
-        region: tuple[int, ...] = (0,) * len(shape)
-        own = False
-        if target is not None and kind is not None and not isinstance(target, (Shard, np.ndarray)):
-            as_shard = getattr(codec_for_kind(kind), "as_shard", None)
-            shard = as_shard(target) if as_shard is not None else None
-            if shard is not None:  # into a DTensor: its local tensor, in place
-                view, filled = local_view(shard, dtype, shape, kind, attrs, where)
-                if filled is not shard:
-                    raise StateMismatch(f"{where}: the target DTensor's local tensor cannot be "
-                                        "filled in place (not on the CPU, or not contiguous)",
-                                        tree_path=where)
-                target, result, region = None, target, shard.offsets
-                plan_region(view, region, blocks, self._fill_part(dtype, own))
-                return result
-        if isinstance(target, Shard):
-            view, result = local_view(target, dtype, shape, kind, attrs, where)
-            region, own = target.offsets, result is not target
-        elif isinstance(target, np.ndarray):
-            if target.dtype != dtype or target.shape != shape:
-                raise _mismatch(path, target, f"a {dtype} array of shape {shape}")
-            if not target.flags.writeable:
-                raise StateMismatch(f"{where}: the target array is read-only; pass a writable "
-                                    "array, or restore without into=", tree_path=where)
-            view = result = target
-        else:
-            view, own = np.empty(shape, dtype), True
-            result = codec_for_kind(kind).from_numpy(view, attrs) if kind is not None else view
-
-        plan_region(view, region, blocks, self._fill_part(dtype, own))
-        return result
-
-    def _fill_part(self, dtype: np.dtype[Any], own: bool) -> Callable[..., None]:
-        def fill_part(dest: np.ndarray, block: Any, first: int, end: int,
-                      start: tuple[int, ...], stop: tuple[int, ...]) -> None:
-            self.source.fill_part(dest, block.index, block.data, first, end,
-                                  lambda raw: block_view(raw, dtype, block, start, stop), own=own)
-        return fill_part
+        """A global array saved as shards (:mod:`safepoint.format.sharded_nodes`)."""
+        from safepoint.format.sharded_nodes import decode_sharded
+        return decode_sharded(self, node, target, path, depth)
 
     def _perrank(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
-        """This rank's own value (saved by every rank), or all ranks' in a list."""
-        ranks = node["ranks"]
-        if type(ranks) is not list or not ranks:
-            raise _fail(path, "a perrank node needs the list of every rank's value")
-        if self.rank is None or not self.build or (
-                self.rank[1] != len(ranks) and not isinstance(target, PerRank)):
-            return [self.decode(v, None, (path, i), depth + 1) for i, v in enumerate(ranks)]
-        rank, world = self.rank
-        if world != len(ranks):  # the caller asked for its own: there is none
-            where = _path_text(path)
-            raise StateMismatch(
-                f"{where}: a PerRank value saved by {len(ranks)} ranks cannot be restored on "
-                f"{world}: there is no rank to take each one's from. Save it replicated (or "
-                "derive it, e.g. an RNG from a seed and the step), or restore on "
-                f"{len(ranks)} ranks", tree_path=where)
-        sub = target.value if isinstance(target, PerRank) else target
-        value = self.decode(ranks[rank], sub, (path, rank), depth + 1)
-        return target if isinstance(target, PerRank) and value is sub else value
+        """This rank's own value, or all ranks' (:mod:`safepoint.format.sharded_nodes`)."""
+        from safepoint.format.sharded_nodes import decode_perrank
+        return decode_perrank(self, node, target, path, depth)
 
     def _pickle(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
         if not self.build:
