@@ -65,6 +65,39 @@ def test_quick_torch_run_compares_with_torch_save_and_dcp(tmp_path: Path) -> Non
     assert any(t["name"].startswith("torch: async save") for t in results["targets"])
 
 
+def test_quick_distributed_run_compares_with_dcp_on_2_and_4_ranks(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch.distributed.checkpoint")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no torch.distributed with gloo")
+    done = run_bench(tmp_path, "--only", "distributed")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["errors"] == {} and results["skipped"] == {}
+    sections = {s["title"]: s for s in results["sections"]}
+    expected = {
+        "Distributed: sharded durable save, {} ranks": {"safepoint", "dcp.save"},
+        "Distributed: asynchronous save, caller blocking time, {} ranks": {
+            "safepoint save(blocking=False)", "dcp.async_save", "dcp.async_save, cached staging"},
+    }
+    for world in (2, 4):
+        for title, methods in expected.items():
+            section = sections[title.format(world)]
+            rows = {r["method"]: r for r in section["rows"]}
+            assert set(rows) == methods, title
+            assert rows[section["reference"]]["ratio_to_reference"] == 1.0
+            assert all(r["ratio_to_reference"] > 0 and len(r["samples_s"]) == 1 for r in rows.values())
+    restore = sections["Distributed: resharded restore, 4 → 2 ranks (warm page cache)"]
+    assert {r["method"] for r in restore["rows"]} == {
+        "safepoint restore(into=Shard)", "safepoint restore(into=DTensor)", "dcp.load into DTensor"}
+    assert "checked bit-exact" in restore["description"]
+    targets = {t["name"]: t for t in results["targets"]}
+    judged = [t for t in targets.values() if t["met"] is not None]
+    assert len(judged) == 6 and all(t["met"] in (True, False) for t in judged)
+    assert "distributed restore 4 → 2 ranks: faster than dcp.load (ratio < 1)" in targets
+    assert not list((tmp_path / "scratch").glob("tmp-*")), "scratch folders were left behind"
+
+
 def test_unknown_module_name_is_refused_with_the_list(tmp_path: Path) -> None:
     done = run_bench(tmp_path, "--only", "nosuch")
     assert done.returncode != 0
