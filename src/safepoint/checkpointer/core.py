@@ -800,6 +800,8 @@ class Checkpointer:
             self.lease = None
         if self._preemption is not None:
             self._preemption.restore()
+        if self.group is not None:
+            self.group.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from safepoint.checkpointer.group import Group
+from safepoint.checkpointer.group import Group, GroupTimeout
 from safepoint.committer import Pending
 from safepoint.errors import (
     CheckpointNotFound,
@@ -34,7 +34,7 @@ from safepoint.errors import (
     StepExists,
     warn_caller,
 )
-from safepoint.format import json_copy, prepare, read_manifest
+from safepoint.format import describe_os_error, json_copy, prepare, read_manifest
 from safepoint.format.shards import Part
 from safepoint.format.write import remove_files, write_part
 from safepoint.policy import Tick
@@ -98,6 +98,7 @@ def _coordinate(ckpt: Checkpointer, group: Group, step: int, prepared: Any,
         return [own, *gathered]
 
     failure: BaseException | None = None
+    cut_off = False  # round 1 timed out: a rank is gone, so is round 2
     try:
         if error is not None:
             raise error
@@ -109,15 +110,33 @@ def _coordinate(ckpt: Checkpointer, group: Group, step: int, prepared: Any,
         request = _SaveRequest(step, prepared, metadata, overwrite, extra)
         request.exchange = exchange
         ckpt._write(request)
+    except GroupTimeout as exc:
+        failure, cut_off = _timed_out(ckpt, step, exc), True
     except BaseException as exc:
         failure = exc
-    if gathered is None:  # failed before round 1: the others still wait for it
-        group.all_gather({"error": f"rank 0: {_text(failure or SafepointError('no part'))}"})
+    if cut_off:
+        assert failure is not None
+        raise failure
     committed = failure is None or _committed_by(ckpt, step, own_ids)
-    group.all_gather({"committed": committed,
-                      "error": None if failure is None else _text(failure)})
+    try:
+        if gathered is None:  # failed before round 1: the others still wait for it
+            group.all_gather({"error": f"rank 0: {_text(failure or SafepointError('no part'))}"})
+        group.all_gather({"committed": committed,
+                          "error": None if failure is None else _text(failure)})
+    except GroupTimeout as exc:
+        raise GroupTimeout(
+            f"{ckpt.name!r} step {step} was {'' if committed else 'not '}committed, but ranks "
+            f"{exc.missing} did not hear it (dead or hung): {exc}", missing=exc.missing) from exc
     if failure is not None:
         raise failure
+
+
+def _timed_out(ckpt: Checkpointer, step: int, exc: GroupTimeout) -> GroupTimeout:
+    """A timeout in round 1: nothing was committed, and the ranks left go no further."""
+    out = GroupTimeout(f"{ckpt.name!r} step {step} was not saved: {exc}; the previous "
+                       "checkpoints are untouched", missing=exc.missing)
+    out.__cause__ = exc
+    return out
 
 
 def _committed_by(ckpt: Checkpointer, step: int, save_ids: list[str]) -> bool:
@@ -135,12 +154,30 @@ def _contribute(ckpt: Checkpointer, group: Group, step: int, prepared: Any,
         try:
             part = write_part(ckpt.store, ckpt.name, step, prepared, durable=ckpt.durable,
                               written=written, rank=group.rank)
+        except OSError as exc:  # a full disk, say: as a one-process save reports it
+            remove_files(ckpt.store, written)
+            error = SaveFailed(
+                f"could not save {ckpt.name!r} step {step} to {ckpt.store.url} (rank "
+                f"{group.rank}): {describe_os_error(exc)}. The previous checkpoints are "
+                "untouched.", name=ckpt.name, step=step, errno=exc.errno)
+            error.__cause__ = exc
         except Exception as exc:
             remove_files(ckpt.store, written)
             error = exc
     value = {"error": _text(error)} if error is not None else {"part": part.to_json()}
-    group.all_gather(value)
-    outcome = group.all_gather({"committed": False, "error": _text(error) if error else None})[0]
+    try:
+        group.all_gather(value)
+    except GroupTimeout as exc:
+        remove_files(ckpt.store, written)
+        raise _timed_out(ckpt, step, exc) from exc
+    try:
+        outcome = group.all_gather({"committed": False,
+                                    "error": _text(error) if error else None})[0]
+    except GroupTimeout as exc:  # the step may be committed: our files stay (gc knows)
+        raise GroupTimeout(
+            f"{ckpt.name!r} step {step}: rank 0 did not say whether it committed the step "
+            f"({exc}); it may have (latest_step() tells); this rank's files are kept, and gc "
+            "removes them if the step was not committed", missing=exc.missing) from exc
     if outcome.get("committed"):
         return
     remove_files(ckpt.store, written)

@@ -33,7 +33,12 @@ __all__ = ["Group", "GroupTimeout", "StoreGroup"]
 
 
 class GroupTimeout(SafepointError):
-    """A rank did not take part in a collective step in time (it died, or hangs)."""
+    """A rank did not take part in a collective step in time (it died, or hangs);
+    ``missing``: the ranks that did not."""
+
+    def __init__(self, message: str, *, missing: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
 
 
 @runtime_checkable
@@ -81,7 +86,12 @@ class StoreGroup:
 
     def bind(self, store: Store, name: str) -> None:
         run = hashlib.sha256(self.run_id.encode()).hexdigest()[:12]
-        self._store, self._folder = store, f"{name}/{rank_folder(run)}"
+        folder = f"{name}/{rank_folder(run)}"
+        if self._store is not None and (self._store.url, self._folder) != (store.url, folder):
+            raise SafepointError(f"{self!r} already serves {self._store.url}/{self._folder}; "
+                                 "give each distributed Checkpointer a StoreGroup of its own "
+                                 "(a run id each)")
+        self._store, self._folder = store, folder
 
     def _key(self, seq: int, rank: int) -> str:
         return f"{self._folder}/{seq:08d}-{rank}.json"
@@ -112,7 +122,7 @@ class StoreGroup:
                 raise GroupTimeout(
                     f"ranks {missing} of {self.size} did not reach step {seq} of the group's "
                     f"exchange in {store.url}/{self._folder} within {self.timeout:g} s (dead or "
-                    "hung); nothing was committed by this step")
+                    "hung)", missing=missing)
             time.sleep(self.poll)
 
     def _read(self, seq: int, rank: int) -> Any:

@@ -359,9 +359,9 @@ def local_view(target: Shard, dtype: np.dtype[Any], shape: tuple[int, ...], kind
     data = target.data
     view = data if isinstance(data, np.ndarray) else None
     codec = None
-    if kind is not None:
+    if kind is not None and view is None:  # a numpy target needs no framework
         codec = codec_for_kind(kind)
-        if view is None and getattr(codec, "writable_view", None) is not None:
+        if getattr(codec, "writable_view", None) is not None:
             view = codec.writable_view(data, attrs)  # type: ignore[attr-defined]
     if view is not None:
         if view.dtype != dtype:

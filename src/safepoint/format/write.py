@@ -226,7 +226,7 @@ def write_checkpoint(
             published = _roll_back(store, name, step, data, previous, previous_latest, durable)
         if not published:
             remove_files(store, written)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not isinstance(exc, SaveFailed):
             raise SaveFailed(
                 f"could not save {name!r} step {step} to {store.url}: {describe_os_error(exc)}. "
                 + ("The step was committed but may not be durable." if published else
