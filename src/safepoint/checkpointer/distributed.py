@@ -13,7 +13,8 @@ own state, in the same order):
    (:func:`~safepoint.format.shards.merge_parts`) and commits it under the name's lease,
    exactly like a one-process save: until then there is no new checkpoint, and if any rank
    failed (or died: the group's collective fails or times out) nothing is committed.
-3. **Round 2**: the coordinator's outcome goes to every rank, so that every rank returns,
+3. **Round 2**: the coordinator's outcome goes to every rank (a broadcast: no rank waits
+   for another but the coordinator), so that every rank returns,
    or raises the same clear error; a rank removes its files if the step was not committed.
 
 A restore is collective too: the ranks agree on a step, each reads only the byte ranges
@@ -121,8 +122,8 @@ def _coordinate(ckpt: Checkpointer, group: Group, step: int, prepared: Any,
     try:
         if gathered is None:  # failed before round 1: the others still wait for it
             group.all_gather({"error": f"rank 0: {_text(failure or SafepointError('no part'))}"})
-        group.all_gather({"committed": committed,
-                          "error": None if failure is None else _text(failure)})
+        group.broadcast({"committed": committed,
+                         "error": None if failure is None else _text(failure)})
     except GroupTimeout as exc:
         raise GroupTimeout(
             f"{ckpt.name!r} step {step} was {'' if committed else 'not '}committed, but ranks "
@@ -171,8 +172,7 @@ def _contribute(ckpt: Checkpointer, group: Group, step: int, prepared: Any,
         remove_files(ckpt.store, written)
         raise _timed_out(ckpt, step, exc) from exc
     try:
-        outcome = group.all_gather({"committed": False,
-                                    "error": _text(error) if error else None})[0]
+        outcome = group.broadcast(None)
     except GroupTimeout as exc:  # the step may be committed: our files stay (gc knows)
         raise GroupTimeout(
             f"{ckpt.name!r} step {step}: rank 0 did not say whether it committed the step "

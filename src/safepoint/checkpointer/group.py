@@ -54,6 +54,10 @@ class Group(Protocol):
     def all_gather(self, value: Any) -> list[Any]:
         """Every rank's JSON-able ``value``, in rank order; a collective call."""
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` (the others pass None), on every rank; a collective call that
+        waits for rank 0 only."""
+
     def close(self) -> None:
         """Let go of what the group holds."""
 
@@ -83,6 +87,7 @@ class StoreGroup:
         self._folder: str | None = None
         self._store: Store | None = None
         self._seq = 0
+        self._mine: list[int] = []  # exchange steps whose file this rank wrote, not yet removed
 
     def bind(self, store: Store, name: str) -> None:
         run = hashlib.sha256(self.run_id.encode()).hexdigest()[:12]
@@ -99,26 +104,52 @@ class StoreGroup:
     def all_gather(self, value: Any) -> list[Any]:
         if self._store is None:
             raise SafepointError("a StoreGroup is used through a Checkpointer(group=...)")
-        store, seq = self._store, self._seq
+        seq = self._put(value)
+        found = self._wait(seq, range(self.size))
+        # every rank has written this step, so every rank has read all earlier ones
+        for old in [s for s in self._mine if s < seq]:
+            with contextlib.suppress(OSError):
+                self._store.delete(self._key(old, self.rank))
+            self._mine.remove(old)
+        return [found[r] for r in range(self.size)]
+
+    def broadcast(self, value: Any) -> Any:
+        if self._store is None:
+            raise SafepointError("a StoreGroup is used through a Checkpointer(group=...)")
+        if self.rank == 0:
+            self._put(value)
+            return value
+        seq = self._seq
+        self._seq += 1
+        return self._wait(seq, [0])[0]
+
+    def _put(self, value: Any) -> int:
+        """Write this rank's value of the next exchange step; returns the step."""
+        assert self._store is not None
+        seq = self._seq
         self._seq += 1
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
         crc = _crc32c.crc32c(text.encode()) & 0xFFFFFFFF
-        store.commit(self._key(seq, self.rank), f"{crc:08x}{text}".encode(), durable=False)
-        if seq >= 2:  # every rank has read step seq-2 (each wrote seq-1): ours goes
-            with contextlib.suppress(OSError):
-                store.delete(self._key(seq - 2, self.rank))
+        self._store.commit(self._key(seq, self.rank), f"{crc:08x}{text}".encode(), durable=False)
+        self._mine.append(seq)
+        return seq
+
+    def _wait(self, seq: int, ranks: Any) -> dict[int, Any]:
+        """The values of ``ranks`` at exchange step ``seq``, once all are there."""
+        store = self._store
+        assert store is not None
         found: dict[int, Any] = {}
         deadline = time.monotonic() + self.timeout
         while True:
-            for rank in range(self.size):
+            for rank in ranks:
                 if rank not in found:
                     got = self._read(seq, rank)
                     if got is not _MISSING:
                         found[rank] = got
-            if len(found) == self.size:
-                return [found[r] for r in range(self.size)]
+            if len(found) == len(ranks):
+                return found
             if time.monotonic() > deadline:
-                missing = sorted(set(range(self.size)) - set(found))
+                missing = sorted(set(ranks) - set(found))
                 raise GroupTimeout(
                     f"ranks {missing} of {self.size} did not reach step {seq} of the group's "
                     f"exchange in {store.url}/{self._folder} within {self.timeout:g} s (dead or "
@@ -138,11 +169,9 @@ class StoreGroup:
         return json.loads(text)
 
     def close(self) -> None:
-        """Remove this rank's exchange file that every rank has read (the newest may still
-        be read by a slower rank: ``gc`` removes it an hour later)."""
-        if self._store is not None and self._seq >= 2:
-            with contextlib.suppress(OSError):
-                self._store.delete(self._key(self._seq - 2, self.rank))
+        """Nothing to let go: this rank's newest exchange files may still be read by a slower
+        rank (each is removed at the next completed step, and ``gc`` removes a launch's last
+        ones an hour later)."""
 
     def __repr__(self) -> str:
         return f"StoreGroup(rank={self.rank}, world_size={self.size}, run_id={self.run_id!r})"

@@ -45,6 +45,11 @@ class TorchGroup:
         dist.all_gather_object(out, value, group=self._group)
         return out
 
+    def broadcast(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, group=self._group, group_src=0)
+        return box[0]
+
     def any(self, flag: bool) -> bool:
         """Whether any rank's ``flag`` is set: one small all-reduce."""
         vote = torch.tensor([1 if flag else 0], dtype=torch.int32)

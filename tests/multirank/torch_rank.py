@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import torch.distributed as dist
-from distributed_support import NAME, outcome_of, rank_state, spoil
+from multirank_support import NAME, outcome_of, rank_state, spoil
 
 from safepoint import Checkpointer
 from safepoint.integrations.torch_distributed import TorchGroup

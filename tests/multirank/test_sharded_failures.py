@@ -15,13 +15,8 @@ with a fault on one rank:
   ``StoreGroup(timeout=2)``: each survivor raises ``GroupTimeout`` naming it, nothing is
   committed, ``check`` finds no damage, and ``gc`` leaves nothing.
 - a rank dies after round 1 (or the coordinator right after its commit): the step is
-  committed and whole (the survivors keep their files on a round-2 timeout). Marked xfail
-  (strict) for one thing only: the survivors' ``GroupTimeout`` says "nothing was committed
-  by this step" although it was (a known bug, reported).
-
-Two known bugs are marked xfail(strict=True) with the exception they must raise today:
-the one above, and a non-coordinator rank's ``OSError`` (full disk) re-raised bare rather
-than as ``SaveFailed(errno=ENOSPC)``.
+  committed and whole (the survivors keep their files on a round-2 timeout), and no rank's
+  error says that nothing was committed.
 
 The same with ``TorchGroup`` (gloo, two processes, see ``torch_rank.py``): a rank that fails
 makes every rank raise, and a dead rank makes the survivor raise at once (not hang).
@@ -44,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from distributed_support import (
+from multirank_support import (
     NAME,
     assert_clean_after_gc,
     assert_identical,
@@ -151,13 +146,7 @@ def _raising_cases() -> list[Any]:
     cases = []
     for scenario in RAISING:
         for faulty in (0, 1) if scenario in ("unsupported", "disk full") else (1,):
-            marks = []
-            if scenario == "disk full" and faulty != 0:
-                marks.append(pytest.mark.xfail(strict=True, raises=BareOSError, reason=(
-                    "a non-coordinator rank whose store raises OSError re-raises it bare, not as "
-                    "SaveFailed(errno=ENOSPC) like the coordinator and one-process saves "
-                    "(distributed._contribute)")))
-            cases.append(pytest.param(scenario, faulty, marks=marks,
+            cases.append(pytest.param(scenario, faulty,
                                       id=f"{scenario.replace(' ', '-')}-rank{faulty}"))
     return cases
 
@@ -190,6 +179,9 @@ def test_a_rank_that_raises_fails_the_save_on_every_rank(scenario: str, faulty: 
             bare = outcome  # the known bug: raised last, so that the rest is still checked
         elif rank == faulty:
             assert outcome["raised"] == own_type, (rank, outcome)
+        elif rank == 0 and scenario in ("dtype", "global shape"):  # found by the merge
+            assert outcome["raised"] == "StateMismatch", (rank, outcome)
+            assert f"rank {faulty}" in message, (rank, outcome)
         else:
             assert outcome["raised"] == "SaveFailed", (rank, outcome)
             assert f"rank {faulty}" in message, (rank, outcome)  # names the failing rank
@@ -243,10 +235,6 @@ class MisleadingError(Exception):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("victim", [1, 0], ids=["rank1-after-round-1", "coordinator-after-commit"])
-@pytest.mark.xfail(strict=True, raises=MisleadingError, reason=(
-    "after round 1 the step can be committed, yet a round-2 timeout raises GroupTimeout "
-    "saying 'nothing was committed by this step' (group.py), on the coordinator that just "
-    "committed it too; reported with a reproduction"))
 def test_a_rank_that_dies_after_round_1_leaves_the_committed_step_whole(victim: int,
                                                                         tmp_path: Path) -> None:
     """Rank 1 dies after its part of round 1 (the coordinator has every part: it commits), or
@@ -315,7 +303,9 @@ def test_torch_group_a_rank_that_raises_or_dies(victim: int, tmp_path: Path) -> 
     assert results[survivor]["code"] == 0, results[survivor]["stderr"][-3000:]
     for rank, result in enumerate(results):
         by = {line["case"]: line for line in result["lines"]}
-        assert by["dtype"]["raised"] == "SaveFailed" and "rank 1" in by["dtype"]["message"], by
+        # the coordinator finds the mismatch when it merges the parts: StateMismatch there
+        assert by["dtype"]["raised"] == ("StateMismatch" if rank == 0 else "SaveFailed"), by
+        assert "rank 1" in by["dtype"]["message"], by
         assert by["unsupported"]["raised"] == ("UnsupportedType" if rank == 1 else "SaveFailed"), by
         if rank == 0:
             assert "rank 1" in by["unsupported"]["message"], by

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from distributed_support import (
+from multirank_support import (
     B_ROWS,
     COLS,
     NAME,

@@ -1,4 +1,4 @@
-"""Helpers of the distributed tests (tests/distributed/): the state every rank saves as a
+"""Helpers of the distributed tests (tests/multirank/): the state every rank saves as a
 function of the step, bit-exact comparisons, and the store's shape after ``gc``.
 
 Every value a rank saves is a function of (step, rank, world size), so that the test can
@@ -177,8 +177,7 @@ def spoil(scenario: str, state: dict[str, Any], ckpt: Checkpointer, world: int) 
         ckpt.store.write_blob = half_then(ckpt.store, die)  # type: ignore[method-assign]
     elif scenario == "dies after round 1":  # before it takes part in round 2
         group: Any = ckpt.group
-        gather = group.all_gather
-        group.all_gather = lambda value: die() if "committed" in value else gather(value)
+        group.broadcast = lambda value: die()  # round 2: the coordinator's outcome
     else:
         raise AssertionError(scenario)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from distributed_support import assert_clean_after_gc
+from multirank_support import assert_clean_after_gc
 
 from safepoint import Checkpointer
 
