@@ -241,7 +241,7 @@ def should_save_together(ckpt: Checkpointer, group: Group, step: int) -> bool:
         due = policy(Tick(items=since, last_checkpoint_at=ckpt._last_save_time, step=step,
                           clock=ckpt._clock))
     if preemption is None:
-        return policy is not None and bool(group.all_gather(due)[0])
+        return policy is not None and bool(group.broadcast(due))
     signalled = preemption.pending is not None
     fast = getattr(group, "any", None)
     if fast is not None and policy is None:  # a vote only: one small all-reduce
