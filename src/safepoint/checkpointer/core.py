@@ -75,7 +75,6 @@ from safepoint.format import (
     read_manifest,
     write_checkpoint,
 )
-from safepoint.format.read import read_buffer
 from safepoint.format.shards import Part
 from safepoint.lease import Lease, release_when_dropped
 from safepoint.policy import Policy, PolicyLike, Tick, as_policy, every
@@ -384,9 +383,7 @@ class Checkpointer:
     def _snapshot(self, index: int, array: np.ndarray) -> np.ndarray:
         buffer = self._buffers.get(index)
         if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
-            # populated up front, without huge pages (see read_buffer): numpy's own large
-            # allocation made the first copy into it 5-10x slower than the next ones
-            buffer = read_buffer(array.nbytes).view(array.dtype).reshape(array.shape)
+            buffer = np.empty_like(array, order="C")
             self._buffers[index] = buffer
         np.copyto(buffer, array, casting="no")
         return buffer
