@@ -33,7 +33,7 @@ def launch(mode: str, world: int, store: Path) -> None:
         assert proc.returncode == 0 and f"rank {rank} ok" in out, out[-3000:]
 
 
-@pytest.mark.parametrize("saved, restored", [(3, 2)])  # 2 -> 3 too in the example's tests
+@pytest.mark.parametrize("saved, restored", [(3, 2)])  # other pairs: the store-group tests
 def test_torch_ranks_reshard_plain_tensors_and_dtensors(tmp_path: Path, saved: int,
                                                         restored: int) -> None:
     launch("save", saved, tmp_path)
