@@ -100,3 +100,17 @@ def test_end_to_end_through_the_checkpointer(tmp_path: Path) -> None:
             assert_bit_equal(restored["params"][name], params[name])
         key = restored["params"]["key"]
         assert jnp.array_equal(jax.random.normal(key, (3,)), jax.random.normal(params["key"], (3,)))
+
+
+def test_jax_arrays_as_shards_restore_into_jax_blocks(tmp_path: Path) -> None:
+    """A jax array copies what it is made from: the block is filled before it is made."""
+    from safepoint import Checkpointer, Shard
+
+    whole = jnp.arange(40.0).reshape(8, 5)
+    ckpt = Checkpointer("j", location=tmp_path)
+    ckpt.save(1, {"w": Shard(whole[:8], (0, 0), (8, 5))})
+    got = ckpt.restore(into={"w": Shard(jnp.zeros((4, 5)), (2, 0), (8, 5))}).state["w"]
+    assert isinstance(got.data, jax.Array) and got.offsets == (2, 0)
+    assert np.array_equal(np.asarray(got.data), np.asarray(whole)[2:6])
+    full = ckpt.restore().state["w"]
+    assert isinstance(full, jax.Array) and np.array_equal(np.asarray(full), np.asarray(whole))

@@ -203,6 +203,15 @@ class FileSet:
         for index, out in self._multi:
             self._read_ranges(index, out)
         self._multi.clear()
+        self.flush()
+        for index in self._wanted:
+            if index not in self._verified:
+                self._verify(index)
+        self._wanted.clear()
+
+    def flush(self) -> None:
+        """Read (and verify) the parts asked for so far; fill those bound for the
+        decoder's own arrays."""
         parts = [p for p in self._parts if p.ranges and p.buffer is None]
         if len(parts) > 1 and sum(p.end - p.first for p in parts) >= knobs.PARALLEL_BYTES:
             with ThreadPoolExecutor(knobs.READ_THREADS) as pool:
@@ -215,10 +224,6 @@ class FileSet:
             if part.own:
                 part.copy()
         self._parts = [p for p in self._parts if not p.own]
-        for index in self._wanted:
-            if index not in self._verified:
-                self._verify(index)
-        self._wanted.clear()
 
     def _missing(self, key: str) -> CorruptCheckpoint:
         return CorruptCheckpoint(
@@ -455,6 +460,9 @@ class _SizesOnly:
         raise AssertionError("validation reads no blob")
 
     def fill(self, target: np.ndarray, index: int | None, data: bytes | None, order: str) -> None:
+        raise AssertionError("validation fills nothing")
+
+    def flush(self) -> None:
         raise AssertionError("validation fills nothing")
 
     def fill_part(self, target: np.ndarray, index: int | None, data: bytes | None, first: int,

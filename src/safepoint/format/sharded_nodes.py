@@ -121,9 +121,17 @@ def decode_sharded(decoder: Decoder, node: dict[str, Any], target: Any, path: An
         view = result = target
     else:
         view, own = np.empty(shape, dtype), True
-        result = codec_for_kind(kind).from_numpy(view, attrs) if kind is not None else view
-
+        result = view
     plan_region(view, region, blocks, _fill_part(decoder, dtype, own))
+    if own and kind is not None:  # our own array: the framework's array of it
+        codec = codec_for_kind(kind)
+        if getattr(codec, "writable_view", None) is None:
+            decoder.source.flush()  # a framework that copies (jax): fill the array first
+        value = codec.from_numpy(view, attrs)
+        if isinstance(result, Shard):
+            result.data = value
+        else:
+            result = value
     return result
 
 def _fill_part(decoder: Decoder, dtype: np.dtype[Any], own: bool) -> Callable[..., None]:

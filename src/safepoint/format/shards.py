@@ -350,7 +350,8 @@ def block_view(raw: np.ndarray, dtype: np.dtype[Any], block: Block, start: tuple
 def local_view(target: Shard, dtype: np.dtype[Any], shape: tuple[int, ...], kind: str | None,
                attrs: dict[str, Any], path: str) -> tuple[np.ndarray, Any]:
     """A writable numpy array to fill with ``target``'s block, and the value the restore
-    returns (``target`` itself when filled in place, else a new Shard)."""
+    returns: ``target`` itself when filled in place, else a new Shard of that array (whose
+    data the caller turns into the framework's array once it is filled)."""
     if target.global_shape != shape:
         raise StateMismatch(
             f"{path}: the target Shard is a block of a global array of shape "
@@ -371,9 +372,8 @@ def local_view(target: Shard, dtype: np.dtype[Any], shape: tuple[int, ...], kind
             raise StateMismatch(f"{path}: the target Shard's array is read-only; pass a "
                                 "writable one", tree_path=path)
         return view, target
-    fresh = np.empty(target.shape, dtype)
-    value = codec.from_numpy(fresh, attrs) if codec is not None else fresh
-    return fresh, Shard(value, target.offsets, target.global_shape)
+    fresh = np.empty(target.shape, dtype)  # the caller makes the framework's array of it
+    return fresh, Shard(fresh, target.offsets, target.global_shape)
 
 
 __all__ = ["Block", "Part", "PerRank", "Shard", "block_view", "check_sharded",

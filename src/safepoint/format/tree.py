@@ -440,6 +440,9 @@ class BlobSource(Protocol):
         bytes are read and verified (reading only the byte ranges that hold them); ``own``:
         the target is the decoder's own array, filled when the source loads."""
 
+    def flush(self) -> None:
+        """Fill the decoder's own arrays now (a framework that copies them needs them)."""
+
 
 class NoBlobs:
     """The source of a tree that must be inline (metadata, run journals): any blob
@@ -465,6 +468,9 @@ class NoBlobs:
         if index is not None:
             self._refuse(index)
         np.copyto(target, view(np.frombuffer(data or b"", np.uint8)[first:end]))
+
+    def flush(self) -> None:
+        """Inline data is copied at once: nothing waits."""
 
 
 def _path_text(path: Any) -> str:
