@@ -39,6 +39,7 @@ from safepoint import Checkpointer, CorruptCheckpointWarning
 from safepoint.checkpointer import collect_garbage
 from safepoint.format import read_manifest, step_of_folder, step_of_manifest, verify_checkpoint
 from safepoint.store import LocalStore
+from state_checks import assert_identical
 
 NAME = "torture"
 KEEP = 2  # retention deletes old steps while the child may be killed
@@ -111,24 +112,6 @@ def large_state(step: int) -> dict[str, Any]:
 
 def expected_state(variant: Variant, step: int) -> dict[str, Any]:
     return large_state(step) if variant.large else small_state(step)
-
-
-def assert_identical(actual: Any, expected: Any, path: str = "state") -> None:
-    """Same types, same structure, same values bit for bit."""
-    assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-    if isinstance(expected, dict):
-        assert list(actual) == list(expected), f"{path}: keys {list(actual)} != {list(expected)}"
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{path}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_identical(a, e, f"{path}[{i}]")
-    elif isinstance(expected, np.ndarray):
-        assert (actual.dtype, actual.shape) == (expected.dtype, expected.shape), path
-        assert actual.tobytes() == expected.tobytes(), f"{path}: contents differ"
-    else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
 # ------------------------------------------------------------------- child

@@ -71,29 +71,6 @@ def global_state(step: int, world: int) -> dict[str, Any]:
     }
 
 
-def assert_identical(actual: Any, expected: Any, path: str = "state") -> None:
-    """Same types, same structure, same values bit for bit."""
-    if isinstance(expected, Shard):
-        assert isinstance(actual, Shard), f"{path}: {type(actual)} is not a Shard"
-        assert (actual.offsets, actual.global_shape) == (expected.offsets, expected.global_shape), path
-        assert_identical(np.asarray(actual.data), np.asarray(expected.data), f"{path}.data")
-        return
-    assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-    if isinstance(expected, dict):
-        assert list(actual) == list(expected), f"{path}: keys {list(actual)} != {list(expected)}"
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{path}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_identical(a, e, f"{path}[{i}]")
-    elif isinstance(expected, np.ndarray):
-        assert (actual.dtype, actual.shape) == (expected.dtype, expected.shape), path
-        assert actual.tobytes() == expected.tobytes(), f"{path}: contents differ"
-    else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
-
-
 def assert_tidy(store: Path, name: str = NAME) -> None:
     """After ``gc(min_age=0)`` with no job running, the name's folder holds the committed
     steps (each step folder exactly the files its manifest names), the newest-step record,

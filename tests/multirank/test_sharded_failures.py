@@ -42,7 +42,6 @@ import pytest
 from multirank_support import (
     NAME,
     assert_clean_after_gc,
-    assert_identical,
     data_files,
     global_state,
     outcome_of,
@@ -54,6 +53,7 @@ import child_processes
 import safepoint
 from child_processes import CONTEXT
 from safepoint import Checkpointer, StoreGroup
+from state_checks import assert_identical
 
 WORLD = 3
 HERE = Path(__file__).resolve().parent

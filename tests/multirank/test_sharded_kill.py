@@ -57,7 +57,6 @@ from multirank_support import (
     ROWS,
     TINY,
     assert_clean_after_gc,
-    assert_identical,
     global_state,
     rank_state,
 )
@@ -72,6 +71,7 @@ from safepoint import (
     Shard,
     StoreGroup,
 )
+from state_checks import assert_identical
 
 KEEP = 2  # retention removes the step before k while ranks are killed
 LONG = 60.0  # the group timeout when the test tears the job down itself

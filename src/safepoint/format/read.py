@@ -246,16 +246,20 @@ class FileSet:
         for fi, offset, length, expected in blob["ranges"]:
             file = self._files[fi]
             view = out[at : at + length]
-            try:
-                got = self.store.read_range(file.key, offset, view.data)
-            except FileNotFoundError:
-                raise self._missing(file.key) from None
-            if got != length:
-                raise CorruptCheckpoint(f"{self._where(file.key)}: data file is shorter than "
-                                        "its manifest says", path=self._where(file.key))
+            self._read_range(file, offset, view)
             self._check(file.key, view, expected, blob)
             at += length
         self._verified.add(index)
+
+    def _read_range(self, file: _File, offset: int, view: np.ndarray) -> None:
+        """Fill ``view`` from ``offset`` of ``file``; a short read is damage."""
+        try:
+            got = self.store.read_range(file.key, offset, view.data)
+        except FileNotFoundError:
+            raise self._missing(file.key) from None
+        if got != view.nbytes:
+            raise CorruptCheckpoint(f"{self._where(file.key)}: data file is shorter than "
+                                    "its manifest says", path=self._where(file.key))
 
     def _read_part(self, part: _PartFill) -> None:
         """Read the ranges that hold ``part`` into one buffer, checking each range."""
@@ -263,13 +267,7 @@ class FileSet:
         buffer = read_buffer(part.ranges[-1][4] + part.ranges[-1][2] - base)
         for file, offset, length, expected, at in part.ranges:
             view = buffer[at - base : at - base + length]
-            try:
-                got = self.store.read_range(file.key, offset, view.data)
-            except FileNotFoundError:
-                raise self._missing(file.key) from None
-            if got != length:
-                raise CorruptCheckpoint(f"{self._where(file.key)}: data file is shorter than "
-                                        "its manifest says", path=self._where(file.key))
+            self._read_range(file, offset, view)
             assert part.index is not None
             self._check(file.key, view, expected, self._blob(part.index))
         part.buffer, part.base = buffer, base
