@@ -365,3 +365,27 @@ def test_a_leftover_manifest_of_the_step_is_replaced_by_the_holder(tmp_path: Pat
     assert restored.step == 2 and np.array_equal(restored.state["w"], FULL * 2)
     assert restored.state["seen"] == [2, 102, 202]
     assert safepoint.check(tmp_path).ok
+
+
+def test_sharded_checkpoints_on_an_fsspec_store() -> None:
+    """memory:// through the fsspec backend: the ranks' files, the exchange and the range
+    reads of a restore onto another layout go through fsspec."""
+    location = f"memory://sharded-{uuid.uuid4().hex}"
+
+    def save(rank: int, group: StoreGroup) -> None:
+        offsets, where = block("rows", 3, rank)
+        with Checkpointer("job", location=location, group=group) as ckpt:
+            ckpt.save(1, {"w": Shard(FULL[where].copy(), offsets, SHAPE), "lr": 0.5})
+
+    ok(run_ranks(3, save))
+
+    def restore(rank: int, group: StoreGroup) -> bool:
+        offsets, where = block("columns", 2, rank)
+        local = np.zeros(FULL[where].shape, np.float32)
+        with Checkpointer("job", location=location, group=group) as ckpt:
+            ckpt.restore(into={"w": Shard(local, offsets, SHAPE), "lr": 0.0})
+        return bool(np.array_equal(local, FULL[where]))
+
+    assert ok(run_ranks(2, restore)) == [True, True]
+    assert np.array_equal(Checkpointer("job", location=location).restore().state["w"], FULL)
+    assert safepoint.check(location).ok
