@@ -199,6 +199,18 @@ def test_a_rank_that_raises_fails_the_save_on_every_rank(scenario: str, faulty: 
         raise BareOSError(f"rank {faulty} raised {bare}")
 
 
+def survivors_of(launch: Launch, victim: int) -> dict[int, Any]:
+    """The answers of every rank but ``victim``, which must have died by SIGKILL."""
+    try:
+        survivors = [r for r in range(WORLD) if r != victim]
+        got = launch.answers(survivors)
+        launch.tell("stop", survivors)
+    finally:
+        launch.close()
+    assert launch.children[victim].exitcode == -signal.SIGKILL
+    return got
+
+
 _MISSING = re.compile(r"ranks \[([0-9, ]*)\] of (\d+) did not reach")
 
 
@@ -207,21 +219,14 @@ _MISSING = re.compile(r"ranks \[([0-9, ]*)\] of (\d+) did not reach")
 def test_a_rank_that_dies_before_round_1_times_the_others_out(victim: int, tmp_path: Path) -> None:
     store = tmp_path / "store"
     timeout = 2.0
-    launch = Launch(store, WORLD, "dies", victim, timeout=timeout)
-    try:
-        survivors = [r for r in range(WORLD) if r != victim]
-        got = launch.answers(survivors)
-        launch.tell("stop", survivors)
-    finally:
-        launch.close()
-    assert launch.children[victim].exitcode == -signal.SIGKILL
+    got = survivors_of(Launch(store, WORLD, "dies", victim, timeout=timeout), victim)
     for rank, outcome in got.items():
         assert outcome["raised"] == "GroupTimeout", (rank, outcome)
         found = _MISSING.search(outcome["message"])
         assert found, outcome["message"]
         missing = [int(r) for r in found.group(1).split(",")]
         assert victim in missing and int(found.group(2)) == WORLD, (rank, outcome)
-        # one timeout (the coordinator: two, its round-1 wait and then its word of failure)
+        # one timeout: a round-1 timeout ends the save on every rank
         assert timeout <= outcome["seconds"] < 2 * timeout + 20, (rank, outcome)
     assert_only_step_1(store, WORLD)
     assert safepoint.check(store).ok
@@ -241,14 +246,7 @@ def test_a_rank_that_dies_after_round_1_leaves_the_committed_step_whole(victim: 
     the coordinator dies right after its commit, before round 2. The step is committed and
     whole: the survivors must keep their files on a round-2 timeout (they cannot know)."""
     store = tmp_path / "store"
-    launch = Launch(store, WORLD, "dies after round 1", victim, timeout=1.0)
-    try:
-        survivors = [r for r in range(WORLD) if r != victim]
-        got = launch.answers(survivors)
-        launch.tell("stop", survivors)
-    finally:
-        launch.close()
-    assert launch.children[victim].exitcode == -signal.SIGKILL
+    got = survivors_of(Launch(store, WORLD, "dies after round 1", victim, timeout=1.0), victim)
     ckpt = Checkpointer(NAME, location=store)
     assert ckpt.steps() == [1, 2]
     assert_identical(ckpt.restore().state, global_state(2, WORLD))
