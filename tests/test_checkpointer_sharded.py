@@ -17,6 +17,7 @@ import pytest
 import safepoint
 from safepoint import Checkpointer, PerRank, SaveFailed, Shard, StateMismatch, StoreGroup, knobs
 from safepoint.format import read_manifest
+from safepoint.format.read import FileSet
 
 SHAPE = (301, 77)  # neither dimension divides evenly
 FULL = np.arange(SHAPE[0] * SHAPE[1], dtype=np.float32).reshape(SHAPE) * 0.5
@@ -177,7 +178,11 @@ def test_async_sharded_save_and_retention(tmp_path: Path) -> None:
     assert not list((tmp_path / "job").glob("000000000001*"))
 
 
-def test_restore_reads_only_the_byte_ranges_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_restore_reads_only_the_byte_ranges_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     mapped: bool) -> None:
+    """Every byte a restore takes from a data file is verified first, so the bytes checked
+    are the bytes read, whether a map of the file serves them or a read into a buffer."""
     monkeypatch.setattr(knobs, "SHARD_RANGE", 64 << 10)
     big = (4096, 512)  # 8 MiB of float32 over 4 ranks
     data = np.random.default_rng(0).standard_normal(big).astype(np.float32)
@@ -187,30 +192,49 @@ def test_restore_reads_only_the_byte_ranges_it_needs(tmp_path: Path, monkeypatch
         Checkpointer("big", location=tmp_path, group=group).save(1, {"w": Shard(data[a:b].copy(), (a, 0), big)})
 
     ok(run_ranks(4, save))
-    counted: dict[int, int] = {}
+    store_type = type(safepoint.checkpointer.core.open_store(tmp_path))
+    monkeypatch.setattr(store_type, "supports_mmap", mapped)
+    checked: dict[int, int] = {}  # bytes verified, by rank (its parts are small: no pool)
+    reads: list[int] = []
     lock = threading.Lock()
-    original = type(safepoint.checkpointer.core.open_store(tmp_path)).read_range
+    ranks = threading.local()  # counts only the ranks' own calls, never another thread's
+    original_check, original_read = FileSet._check, store_type.read_range
 
-    def counting(self: Any, key: str, offset: int, out: Any) -> int:
-        got = original(self, key, offset, out)
-        with lock:
-            counted[threading.get_ident()] = counted.get(threading.get_ident(), 0) + got
+    def counting_check(self: FileSet, key: str, data: Any, expected: str, blob: dict[str, Any]) -> None:
+        rank = getattr(ranks, "rank", None)
+        if rank is not None:
+            with lock:
+                checked[rank] = checked.get(rank, 0) + memoryview(data).nbytes
+        original_check(self, key, data, expected, blob)
+
+    def counting_read(self: Any, key: str, offset: int, out: Any) -> int:
+        got = original_read(self, key, offset, out)
+        if getattr(ranks, "rank", None) is not None:
+            with lock:
+                reads.append(got)
         return got
 
-    monkeypatch.setattr(type(safepoint.checkpointer.core.open_store(tmp_path)), "read_range", counting)
+    monkeypatch.setattr(FileSet, "_check", counting_check)
+    monkeypatch.setattr(store_type, "read_range", counting_read)
 
     def restore(rank: int, group: StoreGroup) -> int:
         a, b = bounds(big[0], 3, rank)  # 4 -> 3: every rank straddles saved blocks
         local = np.empty((b - a, big[1]), np.float32)
-        Checkpointer("big", location=tmp_path, group=group).restore(into={"w": Shard(local, (a, 0), big)})
+        ranks.rank = rank
+        try:
+            Checkpointer("big", location=tmp_path, group=group).restore(into={"w": Shard(local, (a, 0), big)})
+        finally:
+            ranks.rank = None
         assert np.array_equal(local, data[a:b])
         return local.nbytes
 
     needed = ok(run_ranks(3, restore))
-    read = sorted(counted.values())
-    assert len(read) == 3
-    for nbytes, got in zip(sorted(needed), read, strict=True):
-        assert got <= nbytes + 2 * 2 * (64 << 10)  # at most one range too many at each edge
+    got = [checked.get(rank, 0) for rank in range(3)]
+    assert len(checked) == 3
+    for nbytes, verified in zip(needed, got, strict=True):
+        assert nbytes <= verified <= nbytes + 2 * 2 * (64 << 10)  # at most one range too many at each edge
+    big_reads = sum(n for n in reads if n >= 64 << 10)
+    assert big_reads == (0 if mapped else sum(got))  # a map copies nothing before the fill
 
 
 def test_a_failing_rank_leaves_no_checkpoint_and_every_rank_raises(tmp_path: Path) -> None:
