@@ -39,14 +39,16 @@ def _crc(data: bytes) -> str:
     return f"{_crc32c.crc32c(data) & 0xFFFFFFFF:08x}"
 
 
-_OTHER_BREAKS = ("\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+_ASCII_BREAKS = ("\x0b", "\x0c", "\x1c", "\x1d", "\x1e")
+_OTHER_BREAKS = (*_ASCII_BREAKS, "\x85", "\u2028", "\u2029")
 """What ``str.splitlines`` splits on besides \n and \r."""
 
 
 def _only_newlines(text: str) -> bool:
     """Whether ``text.splitlines(keepends=True)`` splits exactly at each \n: no other line
-    break than \n and \r\n occurs (each test is a fast scan for one character)."""
-    if any(mark in text for mark in _OTHER_BREAKS):
+    break than \n and \r\n occurs (each test is a fast scan for one character; an ASCII
+    text, known in constant time, cannot hold the others)."""
+    if any(mark in text for mark in (_ASCII_BREAKS if text.isascii() else _OTHER_BREAKS)):
         return False
     return "\r" not in text or text.count("\r") == text.count("\r\n")
 
@@ -187,7 +189,10 @@ class LineSource:
             pieces = text.splitlines(keepends=True)  # fast, and equal to a split on \n here
         else:
             pieces = [piece + "\n" for piece in text.split("\n")[:-1]]
-        sizes = None if block.isascii() else [len(line) + 1 for line in block.split(b"\n")[:-1]]
+        # a byte per character: an ASCII text (a flag of the str, read in constant time) as
+        # long as its bytes (a codec that skips bytes, as a byte order mark, makes it shorter)
+        one_byte_each = text.isascii() and len(text) == len(block)
+        sizes = None if one_byte_each else [len(line) + 1 for line in block.split(b"\n")[:-1]]
         return pieces, sizes
 
     def _set_block(
