@@ -75,10 +75,10 @@ def test_a_failed_create_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest
     assert store.create("c/lock", b"attempt 2", durable=True) is True
 
 
-def test_durable_writes_fsync_files_and_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the descriptors the local store fsyncs from now on, in order."""
     if not os.path.exists("/proc/self/fd"):
         pytest.skip("needs /proc to name the descriptors that were synced")
-    store = LocalStore(tmp_path)
     synced: list[str] = []
     real = os.fsync
 
@@ -87,6 +87,12 @@ def test_durable_writes_fsync_files_and_directories(tmp_path: Path, monkeypatch:
         real(fd)
 
     monkeypatch.setattr(local_module.os, "fsync", record)
+    return synced
+
+
+def test_durable_writes_fsync_files_and_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path)
+    synced = _record_fsyncs(monkeypatch)
     store.write_blob("job/000000000001/a.bin", [b"x"], durable=True)
     store.commit("job/000000000001/manifest.json", b"m", durable=True)
     assert str(tmp_path / "job/000000000001/a.bin") in synced  # the blob's data
@@ -99,6 +105,22 @@ def test_durable_writes_fsync_files_and_directories(tmp_path: Path, monkeypatch:
     store.commit("job/000000000002/manifest.json", b"m", durable=False)
     store.create("job/lock", b"1", durable=False)
     assert synced == []
+
+
+def test_a_durable_lease_ticket_syncs_its_name_not_its_contents(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a power loss a ticket is judged by its name and age alone, so only the folder
+    that names it is synced (create, by contrast, syncs the data before linking it)."""
+    store = LocalStore(tmp_path)
+    store.create("job/lease/00000000", b"0", durable=True)  # the folders exist already
+    synced = _record_fsyncs(monkeypatch)
+    created, lock = store.create_locked("job/lease/00000001", b"ticket", durable=True)
+    assert created and lock is not None
+    lock.close()
+    assert synced == [str(tmp_path / "job/lease")]
+    synced.clear()
+    assert store.create("job/lease/00000002", b"ticket", durable=True)
+    assert len(synced) == 2 and synced[-1] == str(tmp_path / "job/lease")  # data, then the name
 
 
 def test_map_of_an_empty_file(tmp_path: Path) -> None:

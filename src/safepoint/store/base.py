@@ -199,7 +199,12 @@ class Store(ABC):
 
     def create_locked(self, key: str, data: bytes, *, durable: bool) -> tuple[bool, Any]:
         """:meth:`create`, holding the OS lock of ``key`` (see :meth:`hold_lock`) from the
-        moment it exists, so that nobody sees it unlocked; (False, None) if it existed."""
+        moment it exists, so that nobody sees it unlocked; (False, None) if it existed.
+
+        For lease tickets, judged after a power loss by their name and age alone (the holder
+        is gone, and another boot of its host looks like another host): ``durable`` makes
+        the name survive a power loss, and a store may leave the contents unsynced (the
+        local store does: one ``fsync`` less for every writer that starts)."""
         if not self.create(key, data, durable=durable):
             return False, None
         return True, self.hold_lock(key)

@@ -345,15 +345,16 @@ class LocalStore(Store):
         return self._create(key, data, durable=durable, lock=False)[0]
 
     def create_locked(self, key: str, data: bytes, *, durable: bool) -> tuple[bool, Any]:
-        return self._create(key, data, durable=durable,
+        return self._create(key, data, durable=durable, sync_data=False,
                             lock=os.environ.get("SAFEPOINT_OS_LOCKS", "1") != "0")
 
-    def _create(self, key: str, data: bytes, *, durable: bool, lock: bool) -> tuple[bool, Any]:
+    def _create(self, key: str, data: bytes, *, durable: bool, lock: bool,
+                sync_data: bool = True) -> tuple[bool, Any]:
         with self._parent(key, create=True, durable=durable) as (parent, name):
             # Write a temp file, then link() it into place: link fails if the name exists,
             # so the value appears complete or not at all, and only one creator wins. The
             # lock is taken on the temp file: the linked name is locked from its first instant.
-            tmp = self._temp(parent, name, key, [data], durable)
+            tmp = self._temp(parent, name, key, [data], durable and sync_data)
             held = None
             try:
                 if lock:
