@@ -239,6 +239,7 @@ def test_version_2_steps_read_and_continued_incrementally(make_store: Callable[[
     plain.save(4, state_of(4))
     plain.save(5, state_of(5))
     assert plain.steps() == [5]
+    plain.wait()  # the data of removed steps goes in the background, a save later
     safepoint.check(store, fix=True)
     assert chunk_files_in_store(store, NAME) == []
     assert safepoint.check(store).clean
@@ -312,3 +313,34 @@ def test_check_reads_a_shared_chunk_once(tmp_path: Any) -> None:
     assert report.checked_bytes == 5 * per_step  # each step's data counts as checked
     chunked = sum(size for size, _ in chunk_entries(read_manifest(store, NAME, 1)).values())
     assert sum(read) == 5 * per_step - 4 * chunked  # but shared chunks were read once
+
+
+def test_chunks_are_named_by_the_blake3_of_their_bytes_and_sha256_ones_still_read(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """safepoint 0.1 named chunks by their SHA-256: such a step restores, and a newer save
+    writes its chunks afresh (no hash of one function matches the other's)."""
+    import hashlib
+
+    from blake3 import blake3
+
+    from safepoint.format import chunks as chunks_module
+    from safepoint.format import write as write_module
+
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    monkeypatch.setattr(write_module, "digest", lambda data: hashlib.sha256(data).hexdigest())
+    Checkpointer(NAME, location=store, incremental=True).save(1, state_of(1))
+    monkeypatch.undo()
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", CHUNK)
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    counting = Counting(store)
+    ckpt.save(2, state_of(1))  # the same bytes: every chunk written again, under new names
+    assert counting.take() >= state_of(1)["big"].nbytes
+    for step, hashed in ((1, hashlib.sha256), (2, blake3)):
+        assert_same(ckpt.restore(step).state, state_of(1))
+        for rel in chunk_entries(read_manifest(store, NAME, step)):
+            data = store.read(f"{NAME}/{rel}")
+            assert chunks_module.content_of(rel) == hashed(data).hexdigest()
+    ckpt.save(3, state_of(1))  # now reused
+    assert counting.take() < CHUNK
+    ckpt.close()
+    assert safepoint.check(store).clean

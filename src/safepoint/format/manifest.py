@@ -32,7 +32,7 @@ from safepoint.store import Store, check_key
 FORMAT = "safepoint"
 VERSION = 4
 """The newest format version this safepoint reads and writes. Version 3 adds chunk files
-(``chunks/<sha256>-<save id>.bin``, incremental saves), version 4 sharded arrays and
+(``chunks/<content hash>-<save id>.bin``, incremental saves), version 4 sharded arrays and
 per-rank values (distributed saves); a manifest is written with the lowest version that
 holds it (2 without either), so that older readers read what they can."""
 CHUNK_VERSION = 3
