@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import safepoint
 from safepoint import knobs
 from safepoint.checkpointer import (
     Checkpointer,
@@ -20,7 +22,7 @@ from safepoint.checkpointer import (
     committed_steps,
     list_names,
 )
-from safepoint.errors import CheckpointNotFound, InvalidName, StepExists
+from safepoint.errors import CheckpointNotFound, InvalidName, StaleAttempt, StepExists
 from safepoint.format import verify_checkpoint
 from safepoint.store import LocalStore, Store
 from safepoint.store import local as local_module
@@ -165,6 +167,71 @@ def test_keep_last_n(store: Store) -> None:
     assert ckpt.steps() == [5, 6, 7]
     assert [e for e in store.list("job") if e not in (".lock", "lease")] == [
         "000000000005.json", "000000000006.json", "000000000007.json", "latest.json"]
+
+
+def test_removed_steps_data_goes_a_save_later_in_the_background(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removed step's manifest goes at once; its data a save later (a reader may hold the
+    manifest), on a thread of its own that the save does not wait for; wait() does."""
+    ckpt = Checkpointer("job", location=tmp_path, keep=1)
+    state = {"w": np.arange(1 << 18, dtype=np.float64)}  # 2 MiB: a data file of its own
+    ckpt.save(1, state)
+    ckpt.save(2, state)
+    first = tmp_path / "job" / "000000000001"
+    assert ckpt.steps() == [2] and first.exists()  # a reader of step 1 can still read it
+    gate, entered = threading.Event(), threading.Event()
+    real_delete = LocalStore.delete
+
+    def gated(self: LocalStore, key: str) -> None:
+        if key.startswith("job/000000000001"):
+            entered.set()
+            assert gate.wait(30)
+        real_delete(self, key)
+
+    monkeypatch.setattr(LocalStore, "delete", gated)
+    ckpt.save(3, state)  # returns while the removal of step 1's data is held at the gate
+    assert entered.wait(30) and first.exists() and ckpt.steps() == [3]
+    gate.set()
+    ckpt.wait()
+    assert not first.exists() and (tmp_path / "job" / "000000000002").exists()
+    ckpt.close()
+    assert safepoint.check(tmp_path).ok
+
+
+def test_a_step_saved_again_over_a_removed_one_keeps_its_data(tmp_path: Path) -> None:
+    """Step 2 is removed (its data deferred), then saved again with overwrite=True and a
+    better metric, so retention keeps it: the deferred removal must not take its data."""
+    ckpt = Checkpointer("job", location=tmp_path, keep=1, keep_best=1, best_metric="loss")
+    data = {n: {"w": np.full(1 << 18, float(n))} for n in (1, 2, 3)}
+    for step, loss in ((1, 1.0), (2, 2.0), (3, 3.0)):
+        ckpt.save(step, data[step], metadata={"loss": loss})
+    assert ckpt.steps() == [1, 3]  # step 2's data goes a save later
+    again = {"w": np.full(1 << 18, 22.0)}
+    ckpt.save(2, again, metadata={"loss": 0.5}, overwrite=True)
+    ckpt.save(4, data[3], metadata={"loss": 4.0})
+    ckpt.wait()
+    assert ckpt.steps() == [2, 4]
+    assert (ckpt.restore(2).state["w"] == 22.0).all()
+    ckpt.close()
+    assert safepoint.check(tmp_path).ok
+
+
+def test_a_writer_fenced_with_removals_pending_leaves_the_newer_ones_steps_whole(tmp_path: Path) -> None:
+    old = Checkpointer("job", location=tmp_path, keep=1)
+    state = {"w": np.arange(1 << 18, dtype=np.float64)}
+    old.save(1, state)
+    old.save(2, state)  # step 1's data is deferred to old's next save
+    new = Checkpointer("job", location=tmp_path, takeover=True)  # keeps every step
+    new.save(3, state)  # takes the lease over: old is fenced
+    new.save(1, {"w": state["w"] + 1}, overwrite=True)  # into the folder old would remove
+    with pytest.raises(StaleAttempt):
+        old.save(4, state)
+    old.wait()
+    assert new.steps() == [1, 2, 3]
+    assert (new.restore(1).state["w"] == state["w"] + 1).all()
+    new.close()
+    old.close()
+    assert safepoint.check(tmp_path).ok
 
 
 def test_keep_every_k_and_last_n_is_a_union(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ from safepoint.errors import (
     InvalidName,
     SafepointError,
     SaveFailed,
+    StaleAttempt,
     StepExists,
     WriteConflict,
     logger,
@@ -66,6 +67,7 @@ from safepoint.format import (
     ChunkIndex,
     Manifest,
     Prepared,
+    data_folder,
     is_plain,
     json_copy,
     latest_key,
@@ -269,6 +271,8 @@ class Checkpointer:
         self._latest: tuple[str | None, int | None] | None = None  # (version, step) seen last
         self._expect: str | None = None  # the newest-step record's version, as we wrote it
         self._deferred: list[str] = []  # data of removed steps, deleted a save later
+        self._removal: threading.Thread | None = None  # deleting the data deferred until now
+        self._removing: list[str] = []  # what it deletes
         self.incremental = incremental
         self._chunks: ChunkIndex | None = None  # the kept steps' chunk files, once looked at
         self._chunks_known = False
@@ -344,7 +348,7 @@ class Checkpointer:
         than the newest, is refused unless ``overwrite=True``. Returns a handle to the save (done at once when blocking).
         """
         step = _check_step(step)
-        self.wait()
+        self._committer.flush()  # the removal of old data may go on meanwhile
         if self.group is not None:
             return save_distributed(self, self.group, step, state, metadata=metadata,
                                     blocking=blocking, overwrite=overwrite, extra=extra)
@@ -416,6 +420,7 @@ class Checkpointer:
         with self._lock:
             self._take_lease()
             self._start_sweep()
+            self._claim_folder(request.step)
             chunks = self._chunk_index()
             plan = self._plan(request, seen)
             try:
@@ -510,6 +515,7 @@ class Checkpointer:
         with self._lock:
             self._take_lease().check()  # the parent holds the lease and its heartbeat
             self._start_sweep()
+            self._claim_folder(step)
             chunks = self._chunk_index()  # the child reads it (its lock is free: no save runs)
             for index in shared_blobs(request.prepared):  # not copy-on-write: copy them now
                 _copy_blob(request.prepared, index, self._snapshot)
@@ -548,8 +554,10 @@ class Checkpointer:
         return self._chunks
 
     def wait(self) -> None:
-        """Wait for the save in flight, if any; raise its error if it failed."""
+        """Wait for the save in flight, if any, and for the removal of old steps' data that
+        the last save started; raise the save's error if it failed."""
         self._committer.flush()
+        self._join_removal()
 
     # --------------------------------------------------------------- retention
 
@@ -572,9 +580,7 @@ class Checkpointer:
 
     def _apply_retention(self, newest: int) -> None:
         deferred, self._deferred = self._deferred, []
-        for folder in deferred:  # data of steps removed a save ago: no reader needs it now
-            with contextlib.suppress(OSError):  # housekeeping: gc removes what is left
-                self.store.delete(folder)
+        self._remove_later(deferred)
         if self.retention.keeps_everything:
             return  # keep everything: no need to list
         steps = self.steps()
@@ -588,6 +594,51 @@ class Checkpointer:
                 self._deferred += remove_step(self.store, self.name, step)
                 self._deferred += self._forget_chunks(step)
                 self._metrics.pop(step, None)
+
+    def _remove_later(self, keys: list[str]) -> None:
+        """Delete the data of steps removed a save ago (no reader needs it now) in a thread
+        of its own: it is housekeeping that no save waits for (an incremental save that
+        changed every chunk leaves hundreds of chunk files), and gc removes whatever it
+        leaves. The one before it is joined first; a fenced writer deletes nothing."""
+        self._join_removal()
+        if not keys:
+            return
+        lease = self.lease
+
+        def remove() -> None:
+            try:
+                if lease is not None:
+                    lease.check()
+                for key in keys:
+                    with contextlib.suppress(OSError):
+                        self.store.delete(key)
+            except StaleAttempt:
+                pass
+            except Exception as exc:  # housekeeping, never a save's failure: gc removes the rest
+                log.debug("safepoint: %r: removing old data failed: %s", self.name, exc)
+
+        if self.group is not None:  # the other ranks may write into these folders as soon
+            remove()                 # as they next save: the coordinator cannot claim them
+            return
+        # not a daemon: a process that exits without close() still finishes the deletion
+        self._removal = threading.Thread(target=remove, name=f"safepoint-remove-{self.name}")
+        self._removing = keys
+        self._removal.start()
+
+    def _join_removal(self) -> None:
+        if self._removal is not None:
+            self._removal.join()
+            self._removal = None
+            self._removing = []
+
+    def _claim_folder(self, step: int) -> None:
+        """A save is about to write into ``step``'s data folder: the data of a removed
+        step of that number must not be deleted from under it (``overwrite=True`` saves
+        again a step removed a save ago)."""
+        folder = data_folder(self.name, step)
+        self._deferred = [key for key in self._deferred if key != folder]
+        if folder in self._removing:
+            self._join_removal()
 
     def _forget_chunks(self, step: int) -> list[str]:
         """The chunk files only the removed ``step`` named (to delete)."""
