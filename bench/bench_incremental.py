@@ -5,8 +5,10 @@ durably, by four Checkpointers (keep=1, so every save also removes the one befor
 full save, and incremental saves after nothing, 5% of the chunks, or every chunk changed
 (one value per changed chunk, changed before each timed save, untimed). Reported: the save
 time and the bytes written, each as a ratio to the full save, with spreads over the
-rounds; then the storage that keep=10 steps use when 5% of the chunks change per step,
-against one full step.
+rounds. A save deletes the data of the step removed a save before on a thread of its own,
+as it does in a training loop while the next steps compute; that is awaited outside the
+timing, so that it never falls into another case's time. Then the storage that keep=10
+steps use when 5% of the chunks change per step, against one full step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ FULL = "full save"
 NOTHING = "incremental, nothing changed"
 SOME = "incremental, 5% of chunks changed"
 ALL = "incremental, every chunk changed"
-HASH = "SHA-256 of every chunk, one thread"
+HASH = "BLAKE3 of every chunk, one thread"
 
 
 def count_writes(store: Store, tally: list[int]) -> None:
@@ -56,7 +58,8 @@ def change(state: dict[str, np.ndarray], fraction: float, rng: np.random.Generat
 
 
 def hash_all(state: dict[str, np.ndarray]) -> None:
-    """SHA-256 of every chunk on one thread: what an incremental save adds to the work."""
+    """The content hash (BLAKE3) of every chunk on one thread: what an incremental save
+    adds to the work."""
     for array in state.values():
         data = memoryview(array).cast("B")
         for at in range(0, data.nbytes, knobs.CHUNK_BYTES):
@@ -76,7 +79,7 @@ def run(report: Report, quick: bool) -> None:
         section = report.section(
             "Incremental save: durable, 8 arrays", reference=FULL, nbytes=nbytes,
             description=f"{nbytes // MiB} MiB in 8 float32 arrays, chunks of "
-                        f"{knobs.CHUNK_BYTES // MiB} MiB (SHA-256); keep=1.")
+                        f"{knobs.CHUNK_BYTES // MiB} MiB (BLAKE3); keep=1.")
         written: dict[str, list[int]] = {}
         cases: dict[str, Case] = {}
         for label, fraction in ((FULL, 1.0), (NOTHING, 0.0), (SOME, 0.05), (ALL, 1.0)):
@@ -99,7 +102,9 @@ def run(report: Report, quick: bool) -> None:
                      steps: Any = steps) -> None:
                 ckpt.save(next(steps), state)
 
-            def after(_: Any, label: str = label, tally: list[int] = tally) -> None:
+            def after(_: Any, label: str = label, tally: list[int] = tally,
+                      ckpt: Checkpointer = ckpt) -> None:
+                ckpt.wait()  # the old step's data, deleted in the background: not in another case's time
                 written[label].append(tally[0])
 
             cases[label] = Case(save, before, after)
@@ -112,7 +117,7 @@ def run(report: Report, quick: bool) -> None:
             ratios = Spread.of([w / f for w, f in zip(written[label], full, strict=True)])
             report.target(f"bytes written, {label.removeprefix('incremental, ')} ≤ {goal}× full",
                           ratios.median, at_most=goal, spread=ratios)
-        for label, goal in ((NOTHING, 0.25), (SOME, 0.25), (ALL, 1.1)):
+        for label, goal in ((NOTHING, 0.1), (SOME, 0.25), (ALL, 1.1)):  # the issue's targets
             report.target(f"save time, {label.removeprefix('incremental, ')} ≤ {goal}× full",
                           section.ratio(label), at_most=goal, spread=section.spread(label))
 
