@@ -344,3 +344,46 @@ def test_chunks_are_named_by_the_blake3_of_their_bytes_and_sha256_ones_still_rea
     assert counting.take() < CHUNK
     ckpt.close()
     assert safepoint.check(store).clean
+
+
+def test_unchanged_chunks_are_known_at_their_place_without_blake3(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk whose XXH3 matches the one its place had at the last save is named without
+    its BLAKE3; a changed chunk is hashed; bytes remembered but no longer kept are written
+    again under their remembered name; a new writer (a new index) hashes everything."""
+    from safepoint.format import write as write_module
+
+    hashed: list[int] = []
+    real = write_module.digest
+
+    def counted(data: Any) -> str:
+        hashed.append(memoryview(data).nbytes)
+        return real(data)
+
+    monkeypatch.setattr(write_module, "digest", counted)
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    counting = Counting(store)
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    chunked = ("big", "ints", "fortran")
+    ckpt.save(1, state_of(1))
+    assert sum(hashed) >= sum(state_of(1)[key].nbytes for key in chunked)
+    hashed.clear()
+    counting.take()
+    ckpt.save(2, state_of(1))  # nothing changed
+    assert hashed == [] and counting.take() == 0
+    ckpt.save(3, state_of(1, changed=2))  # two chunks of big changed
+    assert hashed == [CHUNK, CHUNK] and counting.take() == 2 * CHUNK
+    hashed.clear()
+    for step in (1, 2, 3):
+        ckpt.delete(step)
+    ckpt.save(4, state_of(1, changed=2))  # no kept step holds these bytes: written again
+    assert hashed == [] and counting.take() >= state_of(1)["big"].nbytes
+    assert_same(ckpt.restore(4).state, state_of(1, changed=2))
+    ckpt.close()
+    other = Checkpointer(NAME, location=store, incremental=True)
+    other.save(5, state_of(1, changed=2))  # a new index: hashed, and reused by content
+    assert sum(hashed) >= state_of(1)["big"].nbytes and counting.take() == 0
+    assert_same(other.restore(5).state, state_of(1, changed=2))
+    other.close()
+    report = safepoint.check(store)
+    assert report.clean, report.findings

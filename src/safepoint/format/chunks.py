@@ -21,10 +21,19 @@ unique), never over an existing one. Hence the gc rule: a chunk file no manifest
 can be deleted, because no save can start to rely on it: a save relies only on files that
 a kept manifest names, and such a manifest was in the pass or is newer than its listing
 (and then names only files it wrote after the listing, or that a kept manifest named).
+
+**Unchanged bytes are known without their BLAKE3.** The index remembers, for each place a
+chunk was cut at (blob path and byte offsets), a 128-bit XXH3 of its bytes (seeded at random
+per index) and the BLAKE3 that names them. A save first takes the XXH3, four times as fast;
+where it matches the remembered one at that place, the bytes are the same (the odds against
+are 2**-128 for any change a program makes; only bytes crafted against the seed could
+collide, and they would be the caller's own) and the remembered chunk is named, if a kept
+step still holds it. Any other chunk is hashed with BLAKE3 as above.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Iterable
@@ -32,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import xxhash
 from blake3 import blake3
 
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint
@@ -50,6 +60,16 @@ def digest(data: Any) -> str:
     as fast as SHA-256 with SHA extensions on one core, and it releases the GIL), as 64 hex
     digits."""
     return blake3(data).hexdigest()
+
+
+def quick_digest(data: Any, seed: int) -> int:
+    """The 128-bit XXH3 of ``data`` that tells a chunk unchanged at its place (about four
+    times as fast as :func:`digest`); never a chunk's name."""
+    return xxhash.xxh3_128_intdigest(data, seed=seed)
+
+
+Place = tuple[str, int, int]
+"""Where a chunk was cut: its blob's tree path and its byte offsets in the blob."""
 
 
 _WINDOW = 48  # bytes: the rolling hash's window
@@ -177,6 +197,9 @@ class ChunkIndex:
     steps: dict[int, dict[str, tuple[int, str]]] = field(default_factory=dict)
     _count: dict[str, int] = field(default_factory=dict)  # kept steps naming each file
     _by_content: dict[str, dict[str, Chunk]] = field(default_factory=dict)
+    _seen: dict[Place, tuple[int, str]] = field(default_factory=dict)  # place: (XXH3, BLAKE3)
+    _seeing: dict[Place, tuple[int, str]] = field(default_factory=dict)  # those of this save
+    seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little"))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -195,6 +218,24 @@ class ChunkIndex:
         """A kept chunk file holding bytes of hash ``content``, if any."""
         files = self._by_content.get(content)
         return next(iter(files.values())) if files else None
+
+    def recall(self, place: Place, quick: int) -> tuple[str, Chunk | None]:
+        """The BLAKE3 of the bytes last seen at ``place`` and a kept chunk holding them,
+        if their XXH3 was ``quick``; else ("", None)."""
+        seen = self._seen.get(place)
+        if seen is None or seen[0] != quick:
+            return "", None
+        return seen[1], self.find(seen[1])
+
+    def note(self, place: Place, quick: int, content: str) -> None:
+        """Remember, for the next save, that the bytes at ``place`` had XXH3 ``quick`` and
+        BLAKE3 ``content``."""
+        self._seeing[place] = (quick, content)
+
+    def turn(self) -> None:
+        """A save is over: the places it noted are the ones the next save looks up (only
+        those, so that what is remembered stays the size of one state)."""
+        self._seen, self._seeing = self._seeing, {}
 
     def add(self, manifest: Manifest) -> list[str]:
         """Record a committed step (replacing an earlier manifest of that step); returns

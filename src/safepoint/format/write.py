@@ -29,6 +29,7 @@ from safepoint.format.chunks import (
     content_cuts,
     digest,
     is_chunk_key,
+    quick_digest,
 )
 from safepoint.format.layout import data_folder, latest_key, manifest_key, step_text
 from safepoint.format.manifest import (
@@ -284,9 +285,17 @@ def write_part(
     def write_piece(index: int, start: int, stop: int) -> tuple[str, int, str]:
         assert chunks is not None
         data = prepared.blobs[index].data[start:stop]
-        content = digest(data)
+        place = (prepared.blobs[index].tree_path, start, stop)
+        quick = quick_digest(data, chunks.seed)
+        with chunks.lock:
+            content, known = chunks.recall(place, quick)
+            if known is not None:  # the bytes this place held at the last save, still kept
+                chunks.note(place, quick, content)
+                return known.rel, known.size, known.crc
+        content = content or digest(data)
         done: threading.Event | None = None
         with chunks.lock:
+            chunks.note(place, quick, content)
             known = chunks.find(content)
             if known is None:
                 done = claimed.get(content)
@@ -311,7 +320,12 @@ def write_part(
 
     if parallel is None:
         parallel = prepared.nbytes >= knobs.PARALLEL_BYTES
-    _run_all(write_one, len(files) + len(pieces), parallel=parallel)
+    try:
+        _run_all(write_one, len(files) + len(pieces), parallel=parallel)
+    finally:
+        if chunks is not None:
+            with chunks.lock:
+                chunks.turn()
     if files and durable:
         store.sync_folder(folder)
     if fresh and durable:
