@@ -41,6 +41,11 @@ ALIGN = 64
 CHUNK_BYTES = 4 << 20
 """Incremental saves cut blobs of at least this many bytes into chunks of this size, each
 stored once under its content hash (``Checkpointer(..., incremental=True)``)."""
+CHUNKS_PER_FILE = 8
+"""An incremental save writes the new chunks among this many consecutive chunks of a blob
+into one chunk file (one write and one fsync for them), so that a save that changed
+everything costs few more fsyncs than a full one. A chunk file stays while any kept step
+names one of its chunks."""
 SHARD_RANGE = 4 << 20
 """A shard's data is written as byte ranges of about this size, each with its own checksum,
 so that a restore onto another layout reads (and verifies) little more than it needs."""

@@ -50,21 +50,32 @@ CHILD_LIFETIME_LIMIT = 20.0
 EVENT_TIMEOUT = 30.0
 
 
+PER_FILE = 4
+"""knobs.CHUNKS_PER_FILE in the children: ``hot`` is one segment."""
+
+
 def state_of(step: int) -> dict[str, Any]:
     """Chunk ``i`` of ``big`` holds one of three contents, chosen by the step: a few change
-    per step, and earlier contents come back."""
+    per step, and earlier contents come back. ``hot`` (one segment of four chunks) changes
+    whole at every step for six steps, so that its chunks share a file, then for six steps
+    its last chunk only every other step, so that a step names part of such a file."""
     words = CHUNK // 8
     big = np.empty(PIECES * words, np.float64)
     for i in range(PIECES):
         version = (step // (i % 7 + 1)) % 3
         big[i * words : (i + 1) * words] = np.arange(words) * 1e-3 + i * 10 + version
-    return {"big": big, "tail": bytes([step % 256]) * (CHUNK + 100), "step": step}
+    hot = np.empty(PER_FILE * words, np.float64)
+    for i in range(PER_FILE):
+        version = step // 2 if i == PER_FILE - 1 and (step // 6) % 2 else step
+        hot[i * words : (i + 1) * words] = np.arange(words) * 1e-3 + i * 10 + version
+    return {"big": big, "hot": hot, "tail": bytes([step % 256]) * (CHUNK + 100), "step": step}
 
 
 def assert_state(actual: dict[str, Any], step: int) -> None:
     expected = state_of(step)
     assert list(actual) == list(expected)
     assert actual["big"].tobytes() == expected["big"].tobytes(), f"step {step}: big differs"
+    assert actual["hot"].tobytes() == expected["hot"].tobytes(), f"step {step}: hot differs"
     assert actual["tail"] == expected["tail"] and actual["step"] == step
 
 
@@ -72,7 +83,7 @@ def child_main(store: Path, log: Path, events: Any, error_file: Path) -> None:
     """Continue from the newest step; save, confirm, collect garbage, until killed."""
     events_fd = events.fileno()
     try:
-        knobs.CHUNK_BYTES = CHUNK
+        knobs.CHUNK_BYTES, knobs.CHUNKS_PER_FILE = CHUNK, PER_FILE
         deadline = time.monotonic() + CHILD_LIFETIME_LIMIT
         ckpt = Checkpointer(NAME, location=store, keep=KEEP, incremental=True)
         latest = ckpt.latest_step()
@@ -123,6 +134,28 @@ def check_after_kill(store: Path, log: Path) -> None:
     report = safepoint.check(local)
     assert report.clean, report.findings
     assert ckpt.steps() == steps
+
+
+def test_the_states_share_chunk_files_and_name_parts_of_them(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the kills below land in: steps whose chunks share a file, and steps that name
+    only part of such a file, while retention removes the steps that named all of it."""
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(knobs, "CHUNKS_PER_FILE", PER_FILE)
+    store = LocalStore(tmp_path / "s")
+    ckpt = Checkpointer(NAME, location=store, keep=KEEP, incremental=True)
+    shared, partly = set(), set()
+    for step in range(14):
+        ckpt.save(step, state_of(step))
+        for _, (_, chunks) in chunk_entries(read_manifest(store, NAME, step)).items():
+            (shared if len(chunks) == PER_FILE else partly if any(c.offset for c in chunks) else set()).add(step)
+    assert shared and partly - shared
+    ckpt.gc()  # the files of the step removed last (deleted a save later, for readers)
+    ckpt.close()
+    for step in ckpt.steps():
+        assert_state(ckpt.restore(step).state, step)
+    report = safepoint.check(store)
+    assert report.clean, report.findings
 
 
 @pytest.mark.timeout(240)
@@ -179,7 +212,7 @@ of milliseconds) to be older than the collector's ``min_age`` when retention fre
 def saver_main(store: Path, stop: Path, log: Path, error_file: Path) -> None:
     """Save until ``stop`` exists, then exit normally."""
     try:
-        knobs.CHUNK_BYTES = CHUNK
+        knobs.CHUNK_BYTES, knobs.CHUNKS_PER_FILE = CHUNK, PER_FILE
         ckpt = Checkpointer(NAME, location=store, keep=2, incremental=True)
         step = 0
         deadline = time.monotonic() + CHILD_LIFETIME_LIMIT
@@ -198,7 +231,7 @@ def saver_main(store: Path, stop: Path, log: Path, error_file: Path) -> None:
 def collector_main(store: Path, stop: Path, error_file: Path) -> None:
     """Collect garbage as ``safepoint gc`` would, until ``stop`` exists."""
     try:
-        knobs.CHUNK_BYTES = CHUNK
+        knobs.CHUNK_BYTES, knobs.CHUNKS_PER_FILE = CHUNK, PER_FILE
         local = LocalStore(store)
         while not stop.exists():
             if store.exists():

@@ -105,7 +105,7 @@ def test_bytes_written_follow_bytes_changed(make_store: Callable[[], Store]) -> 
         for key in ("big", "ints", "fortran", "small"):
             assert into[key].tobytes() == state[key].tobytes()
         assert verify_checkpoint(store, NAME, step).ok
-    assert read_manifest(store, NAME, 4).body["version"] == 3
+    assert read_manifest(store, NAME, 4).body["version"] == 3  # one chunk per chunk file
     report = safepoint.check(store)
     assert report.clean, report.findings
     # every chunk file is named by some step, and each content is stored once
@@ -323,8 +323,8 @@ def test_chunks_are_named_by_the_blake3_of_their_bytes_and_sha256_ones_still_rea
 
     from blake3 import blake3
 
+    from safepoint.format import chunk_writer as write_module
     from safepoint.format import chunks as chunks_module
-    from safepoint.format import write as write_module
 
     store = safepoint.store.LocalStore(tmp_path / "s")
     monkeypatch.setattr(write_module, "digest", lambda data: hashlib.sha256(data).hexdigest())
@@ -337,9 +337,12 @@ def test_chunks_are_named_by_the_blake3_of_their_bytes_and_sha256_ones_still_rea
     assert counting.take() >= state_of(1)["big"].nbytes
     for step, hashed in ((1, hashlib.sha256), (2, blake3)):
         assert_same(ckpt.restore(step).state, state_of(1))
-        for rel in chunk_entries(read_manifest(store, NAME, step)):
+        for rel, (_, chunks) in chunk_entries(read_manifest(store, NAME, step)).items():
             data = store.read(f"{NAME}/{rel}")
-            assert chunks_module.content_of(rel) == hashed(data).hexdigest()
+            first = min(chunks, key=lambda chunk: chunk.offset)
+            assert chunks_module.content_of(rel) == first.content  # a file is named by its first
+            for chunk in chunks:
+                assert chunk.content == hashed(data[chunk.offset : chunk.offset + chunk.size]).hexdigest()
     ckpt.save(3, state_of(1))  # now reused
     assert counting.take() < CHUNK
     ckpt.close()
@@ -351,7 +354,7 @@ def test_unchanged_chunks_are_known_at_their_place_without_blake3(
     """A chunk whose XXH3 matches the one its place had at the last save is named without
     its BLAKE3; a changed chunk is hashed; bytes remembered but no longer kept are written
     again under their remembered name; a new writer (a new index) hashes everything."""
-    from safepoint.format import write as write_module
+    from safepoint.format import chunk_writer as write_module
 
     hashed: list[int] = []
     real = write_module.digest
@@ -385,5 +388,55 @@ def test_unchanged_chunks_are_known_at_their_place_without_blake3(
     assert sum(hashed) >= state_of(1)["big"].nbytes and counting.take() == 0
     assert_same(other.restore(5).state, state_of(1, changed=2))
     other.close()
+    report = safepoint.check(store)
+    assert report.clean, report.findings
+
+
+def chunk_counts(store: Store, step: int) -> dict[str, int]:
+    """The chunks each chunk file that ``step`` names holds, as its manifest says."""
+    return {rel: len(chunks) for rel, (_, chunks) in chunk_entries(read_manifest(store, NAME, step)).items()}
+
+
+def test_a_segment_rewritten_at_two_saves_in_a_row_shares_one_file(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New chunks go each to a file of their own, except in a segment (CHUNKS_PER_FILE
+    consecutive chunks of a blob) of which every chunk is new at this save and was at the
+    last: those share one file (one write, one fsync). A kept chunk is named wherever it
+    lies, and a file stays while any kept step names one of its chunks."""
+    monkeypatch.setattr(knobs, "CHUNKS_PER_FILE", 4)
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    counting = Counting(store)
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    ckpt.save(1, state_of(1))  # no history: a file per chunk
+    assert set(chunk_counts(store, 1).values()) == {1}
+    assert read_manifest(store, NAME, 1).body["version"] == 3
+    counting.take()
+    counting.calls = 0
+    ckpt.save(2, state_of(2))  # ints (9 chunks) new again: segments of 4, 4 and 1
+    assert (counting.calls, counting.take()) == (3, state_of(2)["ints"].nbytes)
+    assert sorted(chunk_counts(store, 2).values()).count(4) == 2
+    assert read_manifest(store, NAME, 2).body["version"] == 5
+    counting.calls = 0
+    ckpt.save(3, state_of(1, changed=2))  # two chunks of big, unchanged at the last save
+    assert (counting.calls, counting.take()) == (2, 2 * CHUNK)
+    partly = state_of(2)
+    partly["ints"][0] += 1  # step 4 names three of the four chunks of step 2's first file
+    ckpt.save(4, partly)
+    assert counting.take() == CHUNK
+    assert_same(ckpt.restore(4).state, partly)
+    first = next(rel for rel, n in chunk_counts(store, 2).items() if n == 4
+                 and rel in chunk_counts(store, 4))
+    assert chunk_counts(store, 4)[first] == 3
+    # step 2 then step 4 removed: the file is deleted, and its chunks are written again
+    # when the bytes come back, never named from a file that is gone
+    ckpt.delete(2)
+    ckpt.delete(4)
+    assert first not in chunk_files_in_store(store, NAME)
+    ckpt.save(5, state_of(2))
+    assert counting.take() >= state_of(2)["ints"].nbytes
+    assert_same(ckpt.restore(5).state, state_of(2))
+    assert_same(ckpt.restore(5, mmap=True).state, state_of(2))
+    assert verify_checkpoint(store, NAME, 5).ok
+    ckpt.close()
     report = safepoint.check(store)
     assert report.clean, report.findings

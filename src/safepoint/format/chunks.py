@@ -72,6 +72,16 @@ Place = tuple[str, int, int]
 """Where a chunk was cut: its blob's tree path and its byte offsets in the blob."""
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What a save saw at a :data:`Place`: the XXH3 and BLAKE3 of the bytes there, and
+    whether it wrote them (no kept step held them)."""
+
+    quick: int
+    content: str
+    new: bool
+
+
 _WINDOW = 48  # bytes: the rolling hash's window
 _BASE = 0x01000193  # odd, so that it has an inverse modulo 2**32
 _SEGMENT = 4 << 20  # bytes hashed per numpy pass (bounds the temporary arrays)
@@ -161,28 +171,50 @@ def content_of(rel: str) -> str:
     return match.group(1)
 
 
-def chunk_entries(manifest: Manifest) -> dict[str, tuple[int, str]]:
-    """The chunk files a manifest names: ``{rel: (size, crc32c)}``."""
-    files = manifest.files
-    found: dict[str, tuple[int, str]] = {}
-    for blob in manifest.blobs:
-        for fi, offset, length, crc in blob["ranges"]:
-            rel, size = files[fi]
-            if is_chunk_key(rel) and offset == 0 and length == size:
-                found[rel] = (size, crc)
-    for rel, size in files:  # a chunk named by no range still counts as referenced
-        if is_chunk_key(rel) and rel not in found:
-            found[rel] = (size, "")
-    return found
-
-
-@dataclass
+@dataclass(frozen=True)
 class Chunk:
-    """A chunk file that a save can name instead of writing its bytes again."""
+    """A chunk that a save can name instead of writing its bytes again: ``size`` bytes of
+    BLAKE3 ``content`` at ``offset`` of the chunk file ``rel`` (``file_size`` bytes)."""
 
+    content: str
     rel: str
+    offset: int
     size: int
     crc: str
+    file_size: int
+
+    def range(self, file: int) -> list[Any]:
+        """Its byte range in a manifest whose file table has it at index ``file``: a chunk
+        of a file of several names its content (version 5); a chunk file's only chunk is
+        named by the file."""
+        entry: list[Any] = [file, self.offset, self.size, self.crc]
+        if self.offset or self.size != self.file_size:
+            entry.append(self.content)
+        return entry
+
+
+def chunk_entries(manifest: Manifest) -> dict[str, tuple[int, list[Chunk]]]:
+    """The chunk files a manifest names: ``{rel: (file size, the chunks its ranges name
+    there)}``; a file named by no range has none, and still counts as referenced."""
+    files = manifest.files
+    found: dict[str, tuple[int, dict[str, Chunk]]] = {}
+    for blob in manifest.blobs:
+        for fi, offset, length, crc, *named in blob["ranges"]:
+            rel, size = files[fi]
+            if not is_chunk_key(rel):
+                continue
+            if named:
+                content = named[0]
+            elif offset == 0 and length == size:
+                content = content_of(rel)
+            else:
+                continue
+            chunks = found.setdefault(rel, (size, {}))[1]
+            chunks.setdefault(content, Chunk(content, rel, offset, length, crc, size))
+    for rel, size in files:
+        if is_chunk_key(rel) and rel not in found:
+            found[rel] = (size, {})
+    return {rel: (size, list(chunks.values())) for rel, (size, chunks) in found.items()}
 
 
 @dataclass
@@ -194,11 +226,12 @@ class ChunkIndex:
     forgets each step it removes.
     """
 
-    steps: dict[int, dict[str, tuple[int, str]]] = field(default_factory=dict)
+    steps: dict[int, dict[str, tuple[int, list[Chunk]]]] = field(default_factory=dict)
     _count: dict[str, int] = field(default_factory=dict)  # kept steps naming each file
     _by_content: dict[str, dict[str, Chunk]] = field(default_factory=dict)
-    _seen: dict[Place, tuple[int, str]] = field(default_factory=dict)  # place: (XXH3, BLAKE3)
-    _seeing: dict[Place, tuple[int, str]] = field(default_factory=dict)  # those of this save
+    _indexed: dict[str, set[str]] = field(default_factory=dict)  # file: contents found in it
+    _seen: dict[Place, Seen] = field(default_factory=dict)  # what the last save saw
+    _seeing: dict[Place, Seen] = field(default_factory=dict)  # what this save sees
     seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little"))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -223,14 +256,18 @@ class ChunkIndex:
         """The BLAKE3 of the bytes last seen at ``place`` and a kept chunk holding them,
         if their XXH3 was ``quick``; else ("", None)."""
         seen = self._seen.get(place)
-        if seen is None or seen[0] != quick:
+        if seen is None or seen.quick != quick:
             return "", None
-        return seen[1], self.find(seen[1])
+        return seen.content, self.find(seen.content)
 
-    def note(self, place: Place, quick: int, content: str) -> None:
-        """Remember, for the next save, that the bytes at ``place`` had XXH3 ``quick`` and
-        BLAKE3 ``content``."""
-        self._seeing[place] = (quick, content)
+    def was_new(self, place: Place) -> bool:
+        """Whether the last save wrote the bytes it saw at ``place`` (no kept step held them)."""
+        seen = self._seen.get(place)
+        return seen is not None and seen.new
+
+    def note(self, place: Place, seen: Seen) -> None:
+        """Remember, for the next save, what this save saw at ``place``."""
+        self._seeing[place] = seen
 
     def turn(self) -> None:
         """A save is over: the places it noted are the ones the next save looks up (only
@@ -243,10 +280,11 @@ class ChunkIndex:
         orphans = self.forget(manifest.step)
         entries = chunk_entries(manifest)
         self.steps[manifest.step] = entries
-        for rel, (size, crc) in entries.items():
+        for rel, (_, chunks) in entries.items():
             self._count[rel] = self._count.get(rel, 0) + 1
-            if crc:
-                self._by_content.setdefault(content_of(rel), {}).setdefault(rel, Chunk(rel, size, crc))
+            for chunk in chunks:
+                self._by_content.setdefault(chunk.content, {}).setdefault(rel, chunk)
+                self._indexed.setdefault(rel, set()).add(chunk.content)
         return [rel for rel in orphans if rel not in self._count]
 
     def forget(self, step: int) -> list[str]:
@@ -258,16 +296,12 @@ class ChunkIndex:
                 continue
             del self._count[rel]
             orphans.append(rel)
-            files = self._by_content.get(content_of(rel), {})
-            files.pop(rel, None)
-            if not files:
-                self._by_content.pop(content_of(rel), None)
+            for content in self._indexed.pop(rel, ()):  # of every step that named the file
+                files = self._by_content.get(content, {})
+                files.pop(rel, None)
+                if not files:
+                    self._by_content.pop(content, None)
         return orphans
-
-    def shared_bytes(self, step: int) -> int:
-        """Bytes of ``step``'s chunk files that other kept steps name too."""
-        return sum(size for rel, (size, _) in self.steps.get(step, {}).items()
-                   if self._count.get(rel, 0) > 1)
 
 
 @dataclass
@@ -308,21 +342,23 @@ def chunk_references(store: Store, name: str, *, skip: Iterable[int] = ()) -> Re
 
 
 def shared_bytes(store: Store, manifest: Manifest, steps: Iterable[int]) -> int:
-    """Bytes of ``manifest``'s chunk files that another of ``steps`` names too (what
+    """Bytes of ``manifest``'s chunks that another of ``steps`` names too (what
     ``show`` and ``ls`` report next to a step's logical size); reads those manifests only
     when the step has chunk files. A damaged or vanished manifest counts as sharing none."""
     mine = chunk_entries(manifest)
     if not mine:
         return 0
-    others: set[str] = set()
+    others: set[tuple[str, int]] = set()  # (chunk file, offset) of the chunks they name
     for step in steps:
         if step == manifest.step:
             continue
         try:
-            others.update(chunk_entries(read_manifest(store, manifest.name, step)))
+            entries = chunk_entries(read_manifest(store, manifest.name, step))
         except (CorruptCheckpoint, CheckpointNotFound):
             continue
-    return sum(size for rel, (size, _) in mine.items() if rel in others)
+        others.update((chunk.rel, chunk.offset) for _, chunks in entries.values() for chunk in chunks)
+    return sum(chunk.size for _, chunks in mine.values() for chunk in chunks
+               if (chunk.rel, chunk.offset) in others)
 
 
 def chunk_files_in_store(store: Store, name: str) -> list[str]:

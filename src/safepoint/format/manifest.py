@@ -30,11 +30,14 @@ from safepoint.format.tree import Encoder, decode_inline
 from safepoint.store import Store, check_key
 
 FORMAT = "safepoint"
-VERSION = 4
+VERSION = 5
 """The newest format version this safepoint reads and writes. Version 3 adds chunk files
 (``chunks/<content hash>-<save id>.bin``, incremental saves), version 4 sharded arrays and
-per-rank values (distributed saves); a manifest is written with the lowest version that
-holds it (2 without either), so that older readers read what they can."""
+per-rank values (distributed saves), version 5 chunk files of several chunks (a byte range
+into one names its chunk's content); a manifest is written with the lowest version that
+holds it (2 without any), so that older readers read what they can."""
+PACKED_CHUNK_VERSION = 5
+SHARD_VERSION = 4
 CHUNK_VERSION = 3
 BASE_VERSION = 2
 _CHUNK_FILE = re.compile(r"chunks/[0-9a-f]{64}-[0-9a-f]{12}\.bin")
@@ -43,6 +46,7 @@ _MIDDLE = b'","manifest":'
 _SUFFIX = b"}\n"
 _HEAD = len(_PREFIX) + 8 + len(_MIDDLE)
 _CRC = re.compile(r"[0-9a-f]{8}")
+_CONTENT = re.compile(r"[0-9a-f]{64}")
 _SAVE_ID = re.compile(r"[0-9a-f]{12}")
 BODY_KEYS = frozenset({"format", "version", "name", "step", "created", "save_id", "metadata",
                        "pickled", "files", "blobs", "tree"})
@@ -203,24 +207,28 @@ def _problem(body: dict[str, Any], name: str | None, step: int | None) -> str | 
     if not isinstance(blobs, list):
         return "the blob table is not a list"
     for index, blob in enumerate(blobs):
-        problem = _blob_problem(blob, files)
+        problem = _blob_problem(blob, files, version)
         if problem:
             return f"blob {index}: {problem}"
     return None
 
 
-def _blob_problem(blob: Any, files: list[list[Any]]) -> str | None:
+def _blob_problem(blob: Any, files: list[list[Any]], version: int) -> str | None:
     if not (isinstance(blob, dict) and type(blob.get("size")) is int and blob["size"] >= 0
             and isinstance(blob.get("ranges"), list)):
         return "bad entry"
     total = 0
     for r in blob["ranges"]:
-        if not (isinstance(r, list) and len(r) == 4 and all(type(v) is int for v in r[:3])
+        if not (isinstance(r, list) and len(r) in (4, 5) and all(type(v) is int for v in r[:3])
                 and isinstance(r[3], str) and _CRC.fullmatch(r[3])):
             return "bad byte range"
         file, offset, length = r[0], r[1], r[2]
         if not 0 <= file < len(files) or offset < 0 or length < 0:
             return "byte range outside the file table"
+        if len(r) == 5 and not (version >= PACKED_CHUNK_VERSION and isinstance(r[4], str)
+                                and _CONTENT.fullmatch(r[4])
+                                and _CHUNK_FILE.fullmatch(files[file][0])):
+            return "bad byte range (a chunk's content names a chunk file's part)"
         if offset + length > files[file][1]:
             return f"byte range {offset}+{length} runs past the end of {files[file][0]}"
         total += length
@@ -296,6 +304,7 @@ def untag_floats(value: Any) -> Any:
     return value
 
 
-__all__ = ["BASE_VERSION", "BODY_KEYS", "CHUNK_VERSION", "FORMAT", "VERSION", "Manifest", "check_body", "checksum",
+__all__ = ["BASE_VERSION", "BODY_KEYS", "CHUNK_VERSION", "FORMAT", "PACKED_CHUNK_VERSION",
+           "SHARD_VERSION", "VERSION", "Manifest", "check_body", "checksum",
            "decode_manifest", "describe_os_error", "encode_manifest", "json_copy",
            "read_manifest", "untag_floats"]

@@ -149,7 +149,7 @@ class FileSet:
         blob = self._blob(index)
         ranges = blob["ranges"]
         if len(ranges) == 1:
-            fi, offset, length, _ = ranges[0]
+            fi, offset, length, *_ = ranges[0]
             buffer = self._private(self._file(fi))
             self._wanted.append(index)
             return buffer[offset : offset + length]
@@ -176,7 +176,7 @@ class FileSet:
         part = _PartFill(target, index, data, first, end, view, own)
         if index is not None:
             ranges, at = self._blob(index)["ranges"], 0
-            for fi, offset, length, crc in ranges:  # only the ranges that hold first..end
+            for fi, offset, length, crc, *_ in ranges:  # only the ranges that hold first..end
                 if at < end and first < at + length:
                     part.ranges.append((self._file(fi), offset, length, crc, at))
                 at += length
@@ -246,7 +246,7 @@ class FileSet:
 
     def _read_ranges(self, index: int, out: np.ndarray) -> None:
         blob, at = self._blob(index), 0
-        for fi, offset, length, expected in blob["ranges"]:
+        for fi, offset, length, expected, *_ in blob["ranges"]:
             file = self._files[fi]
             view = out[at : at + length]
             self._read_range(file, offset, view)
@@ -295,7 +295,7 @@ class FileSet:
 
     def _verify(self, index: int) -> None:
         blob = self._blob(index)
-        for fi, offset, length, expected in blob["ranges"]:
+        for fi, offset, length, expected, *_ in blob["ranges"]:
             file = self._files[fi]
             self._check(file.key, file.buffer[offset : offset + length], expected, blob)
         self._verified.add(index)
@@ -314,13 +314,13 @@ class FileSet:
         blob = self._blob(index)
         ranges = blob["ranges"]
         if len(ranges) == 1:
-            fi, offset, length, _ = ranges[0]
+            fi, offset, length, *_ = ranges[0]
             return self._files[fi].buffer[offset : offset + length]
         out = read_buffer(int(blob["size"]))
         files = [self._files.get(fi) for fi, *_ in ranges]
         if index in self._verified and all(f is not None and f.buffer is not None for f in files):
             at = 0  # the ranges were read and verified by load(): gather them
-            for file, (_, offset, length, _) in zip(files, ranges, strict=True):
+            for file, (_, offset, length, *_) in zip(files, ranges, strict=True):
                 assert file is not None
                 out[at : at + length] = file.buffer[offset : offset + length]
                 at += length
@@ -519,7 +519,7 @@ def verify_checkpoint(
         return report
     buffer = np.empty(min(_VERIFY_CHUNK, max((s for _, s in manifest.files), default=0)), np.uint8)
     for index, blob in enumerate(manifest.blobs):
-        for fi, offset, length, expected in blob["ranges"]:
+        for fi, offset, length, expected, *_ in blob["ranges"]:
             try:
                 file = source._file(fi)
                 seen = (file.key, offset, length, expected)

@@ -10,7 +10,6 @@ own range and checksum, so one can still be read (or memory-mapped) alone.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,22 +21,16 @@ import numpy as np
 
 from safepoint import knobs
 from safepoint.errors import SaveFailed, WriteConflict
-from safepoint.format.chunks import (
-    CHUNKS,
-    ChunkIndex,
-    chunk_file,
-    content_cuts,
-    digest,
-    is_chunk_key,
-    quick_digest,
-)
+from safepoint.format.chunk_writer import ChunkWriter
+from safepoint.format.chunks import CHUNKS, ChunkIndex, content_cuts, is_chunk_key
 from safepoint.format.layout import data_folder, latest_key, manifest_key, step_text
 from safepoint.format.manifest import (
     BASE_VERSION,
     BODY_KEYS,
     CHUNK_VERSION,
     FORMAT,
-    VERSION,
+    PACKED_CHUNK_VERSION,
+    SHARD_VERSION,
     Manifest,
     checksum,
     describe_os_error,
@@ -194,9 +187,11 @@ def write_checkpoint(
         else:
             table, blobs, pickled = own.files, own.blobs, own.pickled
         chunked = any(is_chunk_key(rel) for rel, _ in table)
+        packed = chunked and any(len(r) > 4 for blob in blobs for r in blob["ranges"])
         body = {
             "format": FORMAT,
-            "version": VERSION if sharded else CHUNK_VERSION if chunked else BASE_VERSION,
+            "version": (PACKED_CHUNK_VERSION if packed else SHARD_VERSION if sharded
+                        else CHUNK_VERSION if chunked else BASE_VERSION),
             "name": name,
             "step": step,
             "created": time.time(),
@@ -266,14 +261,15 @@ def write_part(
     folder = data_folder(name, step)
     keys = [f"{folder}/{save_id}-{i}.bin" for i in range(len(files))]
     ranges: list[list[Any]] = [[] for _ in prepared.blobs]
-    pieces = [(index, start, stop) for index, spans in chunked.items() for start, stop in spans]
-    named: list[tuple[str, int, str]] = [("", 0, "")] * len(pieces)  # (chunk file, size, crc)
-    claimed: dict[str, threading.Event] = {}  # chunks this save writes, by content
-    fresh: dict[str, tuple[str, int, str]] = {}
+    writer = None
+    if chunks is not None and chunked:
+        writer = ChunkWriter(store, name, save_id, prepared.blobs, chunked, chunks,
+                             durable=durable, written=written)
 
     def write_one(i: int) -> None:
         if i >= len(files):
-            named[i - len(files)] = write_piece(*pieces[i - len(files)])
+            assert writer is not None
+            writer.write(i - len(files))
             return
         file = files[i]
         for index, offset in file.blobs:
@@ -282,61 +278,30 @@ def write_part(
         written.append(keys[i])
         store.write_blob(keys[i], file.parts, durable=durable)
 
-    def write_piece(index: int, start: int, stop: int) -> tuple[str, int, str]:
-        assert chunks is not None
-        data = prepared.blobs[index].data[start:stop]
-        place = (prepared.blobs[index].tree_path, start, stop)
-        quick = quick_digest(data, chunks.seed)
-        with chunks.lock:
-            content, known = chunks.recall(place, quick)
-            if known is not None:  # the bytes this place held at the last save, still kept
-                chunks.note(place, quick, content)
-                return known.rel, known.size, known.crc
-        content = content or digest(data)
-        done: threading.Event | None = None
-        with chunks.lock:
-            chunks.note(place, quick, content)
-            known = chunks.find(content)
-            if known is None:
-                done = claimed.get(content)
-                if done is None:
-                    claimed[content] = threading.Event()
-        if known is not None:
-            return known.rel, known.size, known.crc
-        if done is not None:  # the same bytes earlier in this save: one file
-            done.wait()
-            if content not in fresh:
-                raise SaveFailed(f"could not write a chunk of {name!r} step {step}", name=name,
-                                 step=step)
-            return fresh[content]
-        try:
-            rel = chunk_file(content, save_id)
-            written.append(f"{name}/{rel}")
-            store.write_blob(f"{name}/{rel}", [data], durable=durable)
-            fresh[content] = (rel, data.nbytes, checksum(data))
-        finally:
-            claimed[content].set()
-        return fresh[content]
-
     if parallel is None:
         parallel = prepared.nbytes >= knobs.PARALLEL_BYTES
     try:
-        _run_all(write_one, len(files) + len(pieces), parallel=parallel)
+        _run_all(write_one, len(files) + (len(writer.segments) if writer else 0),
+                 parallel=parallel)
     finally:
         if chunks is not None:
             with chunks.lock:
                 chunks.turn()
     if files and durable:
         store.sync_folder(folder)
-    if fresh and durable:
-        store.sync_folder(f"{name}/{CHUNKS}")
     table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
-    file_of: dict[str, int] = {}
-    for (index, _, _), (rel, size, crc) in zip(pieces, named, strict=True):
-        if rel not in file_of:
-            file_of[rel] = len(table)
-            table.append([rel, size])
-        ranges[index].append([file_of[rel], 0, size, crc])
+    if writer is not None:
+        writer.finish()
+        if writer.wrote and durable:
+            store.sync_folder(f"{name}/{CHUNKS}")
+        file_of: dict[str, int] = {}
+        for index, spans in chunked.items():
+            for start, _ in spans:
+                chunk = writer.named[(index, start)]
+                if chunk.rel not in file_of:
+                    file_of[chunk.rel] = len(table)
+                    table.append([chunk.rel, chunk.file_size])
+                ranges[index].append(chunk.range(file_of[chunk.rel]))
     blobs = [{"size": b.data.nbytes, "path": b.tree_path, "ranges": ranges[i]}
              for i, b in enumerate(prepared.blobs)]
     return Part(rank, table, blobs, *prepared.parts, prepared.pickled, save_id=save_id)
