@@ -168,6 +168,29 @@ def test_incremental_fork_saves_write_only_changed_chunks(tmp_path: Path) -> Non
     assert safepoint.check(tmp_path).ok  # removed steps' chunks go a save later (readers)
 
 
+def test_a_forked_incremental_save_tells_its_parent_what_it_saw(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child's view of each chunk's place (its XXH3 and BLAKE3, whether it was new)
+    comes back to the parent, so that the next forked save knows unchanged chunks and packs
+    the segments rewritten at two saves in a row, as a save without fork does."""
+    from safepoint import knobs
+    from safepoint.format import read_manifest
+    from safepoint.format.chunks import chunk_entries
+
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(knobs, "CHUNKS_PER_FILE", 4)
+    ckpt = Checkpointer("job", location=tmp_path, snapshot="fork", incremental=True)
+    weights = np.zeros(8 * (64 << 10) // 8)  # two segments of four chunks
+    for step in range(3):
+        weights[:] = np.arange(weights.size) + step  # every chunk changes at every step
+        ckpt.save(step, {"w": weights}, blocking=False).wait()
+    ckpt.close()
+    entries = chunk_entries(read_manifest(ckpt.store, "job", 2))
+    assert sorted(len(chunks) for _, chunks in entries.values()) == [4, 4]
+    assert (ckpt.restore(step=2).state["w"] == np.arange(weights.size) + 2).all()
+    assert safepoint.check(tmp_path).clean
+
+
 def test_a_plain_state_is_frozen_at_the_fork_too(tmp_path: Path) -> None:
     ckpt = Checkpointer("job", location=tmp_path, snapshot="fork")
     state = {"step": 1, "history": [0.5, 0.25], "config": {"lr": 0.1, "name": "run"}}

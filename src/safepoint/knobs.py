@@ -42,10 +42,11 @@ CHUNK_BYTES = 4 << 20
 """Incremental saves cut blobs of at least this many bytes into chunks of this size, each
 stored once under its content hash (``Checkpointer(..., incremental=True)``)."""
 CHUNKS_PER_FILE = 8
-"""An incremental save writes the new chunks among this many consecutive chunks of a blob
-into one chunk file (one write and one fsync for them), so that a save that changed
-everything costs few more fsyncs than a full one. A chunk file stays while any kept step
-names one of its chunks."""
+"""Where every one of this many consecutive chunks of a blob is new at an incremental save
+and was new at the writer's last save, they are written into one chunk file (one write and
+one fsync for them), so that a save that changed everything costs few more fsyncs than a
+full one; other new chunks get a file each. A chunk file stays while any kept step names
+one of its chunks."""
 SHARD_RANGE = 4 << 20
 """A shard's data is written as byte ranges of about this size, each with its own checksum,
 so that a restore onto another layout reads (and verifies) little more than it needs."""

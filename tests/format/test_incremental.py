@@ -440,3 +440,36 @@ def test_a_segment_rewritten_at_two_saves_in_a_row_shares_one_file(
     ckpt.close()
     report = safepoint.check(store)
     assert report.clean, report.findings
+
+
+def test_a_crafted_chunk_content_is_damage(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A range's fifth element names part of a chunk file of several chunks; on a range
+    that covers a whole file, or on a file's first chunk other than the one naming the
+    file, it is refused, so no crafted manifest makes the writer trust wrong content."""
+    import json
+
+    from safepoint.format.manifest import encode_manifest
+
+    monkeypatch.setattr(knobs, "CHUNKS_PER_FILE", 4)
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    with Checkpointer(NAME, location=store, incremental=True) as ckpt:
+        ckpt.save(1, state_of(1))
+        ckpt.save(2, state_of(2))  # ints: segments rewritten twice, in shared files
+    key = f"{NAME}/{2:012d}.json"
+    original = json.loads(store.read(key))["manifest"]
+    ints = next(b for b in original["blobs"] if b["path"].endswith("['ints']"))
+    first = next(i for i, r in enumerate(ints["ranges"]) if len(r) == 5 and r[1] == 0)
+    second = first + 1
+
+    def crafted(change: Callable[[list[Any], list[Any]], None]) -> None:
+        body = json.loads(json.dumps(original))
+        blob = next(b for b in body["blobs"] if b["path"] == ints["path"])
+        change(blob["ranges"][first], blob["ranges"][second])
+        store.commit(key, encode_manifest(body), durable=False)
+        with pytest.raises(safepoint.CorruptCheckpoint, match="bad byte range"):
+            read_manifest(store, NAME, 2)
+
+    crafted(lambda a, b: a.__setitem__(4, b[4]))  # the first chunk is not the file's name
+    crafted(lambda a, b: a.__setitem__(2, original["files"][a[0]][1]))  # the whole file
+    store.commit(key, encode_manifest(original), durable=False)
+    assert_same(Checkpointer(NAME, location=store).restore(2).state, state_of(2))

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -188,6 +188,7 @@ class _Committed:
     becomes_newest: bool
     version: str | None
     manifest: Manifest
+    seen: dict[Any, Any] | None = None  # what a forked save saw at each chunk's place
 
 
 class Checkpointer:
@@ -526,8 +527,11 @@ class Checkpointer:
                 alive()
 
             def in_child() -> _Committed:  # runs in the forked process only
-                return self._commit(request, self._plan(request, seen), fence, chunks=chunks,
-                                    parallel=False)
+                committed = self._commit(request, self._plan(request, seen), fence,
+                                         chunks=chunks, parallel=False)
+                if chunks is None:
+                    return committed
+                return replace(committed, seen=chunks.seen())  # for the parent
 
             child = fork_save(in_child, f"{self.name!r} step {step}")
         request.prepared = None  # the child has the pages; let the caller's arrays go
@@ -539,6 +543,8 @@ class Checkpointer:
                 except BaseException:
                     self._latest, self._expect = None, None  # look again at the next save
                     raise
+                if chunks is not None and committed.seen is not None:
+                    chunks.adopt(committed.seen)
                 self._committed(step, committed, chunks)
 
         return self._committer.submit(finish, tag=step)

@@ -3,8 +3,9 @@
 With ``Checkpointer(..., incremental=True)`` every blob of at least
 :data:`~safepoint.knobs.CHUNK_BYTES` is cut into chunks (arrays at fixed offsets, byte
 strings at content-defined ones, :func:`content_cuts`), each identified by the BLAKE3 hash of
-its bytes. A chunk is a data file of the name, shared by every step that holds
-the same bytes::
+its bytes. A chunk is stored in a chunk file of the name, shared by every step that holds
+the same bytes: a file of its own, or a file of the consecutive chunks of a segment that
+the save rewrote (:mod:`safepoint.format.chunk_writer`), named by its first chunk::
 
     <name>/chunks/<BLAKE3, 64 hex>-<save id, 12 hex>.bin
 
@@ -268,6 +269,16 @@ class ChunkIndex:
     def note(self, place: Place, seen: Seen) -> None:
         """Remember, for the next save, what this save saw at ``place``."""
         self._seeing[place] = seen
+
+    def seen(self) -> dict[Place, Seen]:
+        """What the last save saw (a forked save sends it to its parent)."""
+        with self.lock:
+            return dict(self._seen)
+
+    def adopt(self, seen: dict[Place, Seen]) -> None:
+        """Take what a save in a forked process saw as the last save's."""
+        with self.lock:
+            self._seen = seen
 
     def turn(self) -> None:
         """A save is over: the places it noted are the ones the next save looks up (only

@@ -213,6 +213,18 @@ def _problem(body: dict[str, Any], name: str | None, step: int | None) -> str | 
     return None
 
 
+def _names_a_part(r: list[Any], file: list[Any], version: int) -> bool:
+    """Whether a range's fifth element is sound: a chunk's content (version 5), in a chunk
+    file of several chunks, and the content in the file's name if it is the first."""
+    rel = file[0]
+    if not (version >= PACKED_CHUNK_VERSION and isinstance(r[4], str) and _CONTENT.fullmatch(r[4])
+            and _CHUNK_FILE.fullmatch(rel)):
+        return False
+    if r[1] == 0:
+        return r[2] != file[1] and rel.startswith(f"chunks/{r[4]}-")
+    return True
+
+
 def _blob_problem(blob: Any, files: list[list[Any]], version: int) -> str | None:
     if not (isinstance(blob, dict) and type(blob.get("size")) is int and blob["size"] >= 0
             and isinstance(blob.get("ranges"), list)):
@@ -225,10 +237,9 @@ def _blob_problem(blob: Any, files: list[list[Any]], version: int) -> str | None
         file, offset, length = r[0], r[1], r[2]
         if not 0 <= file < len(files) or offset < 0 or length < 0:
             return "byte range outside the file table"
-        if len(r) == 5 and not (version >= PACKED_CHUNK_VERSION and isinstance(r[4], str)
-                                and _CONTENT.fullmatch(r[4])
-                                and _CHUNK_FILE.fullmatch(files[file][0])):
-            return "bad byte range (a chunk's content names a chunk file's part)"
+        if len(r) == 5 and not _names_a_part(r, files[file], version):
+            return ("bad byte range (a chunk's content names a part of a chunk file of "
+                    "several, the first of which names the file)")
         if offset + length > files[file][1]:
             return f"byte range {offset}+{length} runs past the end of {files[file][0]}"
         total += length
