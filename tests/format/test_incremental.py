@@ -473,3 +473,37 @@ def test_a_crafted_chunk_content_is_damage(tmp_path: Any, monkeypatch: pytest.Mo
     crafted(lambda a, b: a.__setitem__(2, original["files"][a[0]][1]))  # the whole file
     store.commit(key, encode_manifest(original), durable=False)
     assert_same(Checkpointer(NAME, location=store).restore(2).state, state_of(2))
+
+
+def test_a_step_left_visible_by_a_failed_save_keeps_its_chunks(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save whose publish failed after the manifest was in place, and could not be
+    rolled back, leaves its step visible: the writer reads the kept steps' chunks again,
+    so that retention never deletes a chunk file that step names."""
+    from safepoint.format import write as write_module
+
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    retention = safepoint.keep_last(2) | safepoint.keep_every(2)  # step 2 stays
+    ckpt = Checkpointer(NAME, location=store, incremental=True, keep=retention)
+    ckpt.save(1, state_of(1))
+    publish = store.publish
+
+    def publish_then_fail(*args: Any, **kwargs: Any) -> Any:
+        publish(*args, **kwargs)
+        raise OSError(5, "the folder fsync failed")
+
+    monkeypatch.setattr(store, "publish", publish_then_fail)
+    monkeypatch.setattr(write_module, "_roll_back", lambda *args, **kwargs: True)  # no undo
+    with pytest.raises(safepoint.SaveFailed, match="committed but may not be durable"):
+        ckpt.save(2, state_of(1, changed=2))  # names most of step 1's chunk files
+    monkeypatch.setattr(store, "publish", publish)
+    assert ckpt.steps() == [1, 2]
+    ckpt.save(3, state_of(4))  # step 1 goes
+    ckpt.save(4, state_of(4))  # the files only step 1 named go now
+    ckpt.wait()
+    assert ckpt.steps() == [2, 3, 4]
+    assert verify_checkpoint(store, NAME, 2).ok
+    assert_same(ckpt.restore(2).state, state_of(1, changed=2))
+    ckpt.close()
+    report = safepoint.check(store)
+    assert report.ok, report.findings

@@ -428,6 +428,7 @@ class Checkpointer:
                 committed = self._commit(request, plan, self._fence, chunks=chunks)
             except BaseException:
                 self._expect = None  # a failed commit may have rolled the record back
+                self._chunks_known = False  # ... or left its step visible: read them again
                 raise
             self._committed(request.step, committed, chunks)
 
@@ -542,6 +543,7 @@ class Checkpointer:
                     committed = child.wait()
                 except BaseException:
                     self._latest, self._expect = None, None  # look again at the next save
+                    self._chunks_known = False  # and at the kept steps' chunks
                     raise
                 if chunks is not None and committed.seen is not None:
                     chunks.adopt(committed.seen)
