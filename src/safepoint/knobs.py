@@ -41,6 +41,11 @@ ALIGN = 64
 CHUNK_BYTES = 4 << 20
 """Incremental saves cut blobs of at least this many bytes into chunks of this size, each
 stored once under its content hash (``Checkpointer(..., incremental=True)``)."""
+QUICK_UNCHANGED = True
+"""Incremental saves take a chunk whose 128-bit XXH3 matches the one its place had at the
+writer's last save as unchanged, without its BLAKE3. False names every chunk by its BLAKE3
+alone: for states holding bytes that someone may have crafted to collide in XXH3, which is
+not a cryptographic hash."""
 CHUNKS_PER_FILE = 8
 """Where every one of this many consecutive chunks of a blob is new at an incremental save
 and was new at the writer's last save, they are written into one chunk file (one write and

@@ -387,6 +387,10 @@ def test_unchanged_chunks_are_known_at_their_place_without_blake3(
     other.save(5, state_of(1, changed=2))  # a new index: hashed, and reused by content
     assert sum(hashed) >= state_of(1)["big"].nbytes and counting.take() == 0
     assert_same(other.restore(5).state, state_of(1, changed=2))
+    hashed.clear()
+    monkeypatch.setattr(knobs, "QUICK_UNCHANGED", False)  # every chunk by its BLAKE3 alone
+    other.save(6, state_of(1, changed=2))
+    assert sum(hashed) >= state_of(1)["big"].nbytes and counting.take() == 0
     other.close()
     report = safepoint.check(store)
     assert report.clean, report.findings

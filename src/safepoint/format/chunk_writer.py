@@ -99,11 +99,13 @@ class ChunkWriter:
         """The XXH3 and BLAKE3 of ``data`` and a kept chunk holding it, if any; the XXH3
         at its place spares the BLAKE3 where the bytes are those of the last save."""
         index = self.index
-        quick = quick_digest(data, index.seed)
-        with index.lock:
-            content, known = index.recall(place, quick)
-        if known is not None:
-            return quick, content, known
+        quick, content, known = 0, "", None
+        if knobs.QUICK_UNCHANGED:
+            quick = quick_digest(data, index.seed)
+            with index.lock:
+                content, known = index.recall(place, quick)
+            if known is not None:
+                return quick, content, known
         content = content or digest(data)
         with index.lock:
             return quick, content, index.find(content)

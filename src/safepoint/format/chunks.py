@@ -27,9 +27,10 @@ a kept manifest names, and such a manifest was in the pass or is newer than its 
 chunk was cut at (blob path and byte offsets), a 128-bit XXH3 of its bytes (seeded at random
 per index) and the BLAKE3 that names them. A save first takes the XXH3, four times as fast;
 where it matches the remembered one at that place, the bytes are the same (the odds against
-are 2**-128 for any change a program makes; only bytes crafted against the seed could
-collide, and they would be the caller's own) and the remembered chunk is named, if a kept
-step still holds it. Any other chunk is hashed with BLAKE3 as above.
+are 2**-128 for any change a program makes; only crafted bytes could collide, and they would
+be the caller's own; :data:`~safepoint.knobs.QUICK_UNCHANGED` turns this off) and the
+remembered chunk is named, if a kept step still holds it. Any other chunk is hashed with
+BLAKE3 as above.
 """
 
 from __future__ import annotations
