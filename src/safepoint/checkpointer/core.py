@@ -77,6 +77,7 @@ from safepoint.format import (
     read_manifest,
     write_checkpoint,
 )
+from safepoint.format.chunks import Place, Seen
 from safepoint.format.shards import Part
 from safepoint.lease import Lease, release_when_dropped
 from safepoint.policy import Policy, PolicyLike, Tick, as_policy, every
@@ -188,7 +189,7 @@ class _Committed:
     becomes_newest: bool
     version: str | None
     manifest: Manifest
-    seen: dict[Any, Any] | None = None  # what a forked save saw at each chunk's place
+    seen: dict[Place, Seen] | None = None  # what a forked save saw at each chunk's place
 
 
 class Checkpointer:

@@ -29,7 +29,8 @@ Where = tuple[int, int]
 
 class ChunkWriter:
     """The chunks of one save's chunked blobs: :meth:`write` each segment (on any thread),
-    then :meth:`finish`; :attr:`named` then holds every chunk's :class:`Chunk`."""
+    then :meth:`close`, then :meth:`finish`; :attr:`named` then holds every chunk's
+    :class:`Chunk`."""
 
     def __init__(self, store: Store, name: str, save_id: str, blobs: list[BlobRef],
                  plan: dict[int, list[tuple[int, int]]], index: ChunkIndex, *, durable: bool,
@@ -109,6 +110,11 @@ class ChunkWriter:
         content = content or digest(data)
         with index.lock:
             return quick, content, index.find(content)
+
+    def close(self) -> None:
+        """The save is over, written or not: what it saw is what the next save looks up."""
+        with self.index.lock:
+            self.index.turn()
 
     def finish(self) -> None:
         """Name, for each chunk whose bytes another chunk of this save wrote, that one

@@ -284,9 +284,8 @@ def write_part(
         _run_all(write_one, len(files) + (len(writer.segments) if writer else 0),
                  parallel=parallel)
     finally:
-        if chunks is not None:
-            with chunks.lock:
-                chunks.turn()
+        if writer is not None:
+            writer.close()
     if files and durable:
         store.sync_folder(folder)
     table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
