@@ -233,6 +233,7 @@ def test_a_fault_removing_the_data_of_a_removed_step_never_fails_a_save(
     faults = Faults(monkeypatch, errno.EIO)
     faults.arm("unlink", lambda path, *rest: str(path).endswith(".bin"))
     ckpt.save(3, _state(3))
+    ckpt.wait()  # the removal runs in a thread of its own, which wait() joins
     faults.disarm()
     assert faults.hits and store.list(STEP1_FOLDER)  # still there: housekeeping failed
     assert ckpt.steps() == [3]
