@@ -1,5 +1,6 @@
 """Assertions on restored states that several test folders share (the crash tests and the
-multi-rank ones): same types, same structure, same bytes."""
+multi-rank ones): same types, same structure, same bytes; and a count of the bytes a store
+writes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from safepoint import Shard
+from safepoint.store import Store
 
 
 def assert_identical(actual: Any, expected: Any, path: str = "state") -> None:
@@ -31,3 +33,24 @@ def assert_identical(actual: Any, expected: Any, path: str = "state") -> None:
         assert actual.tobytes() == expected.tobytes(), f"{path}: contents differ"
     else:
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+class Counting:
+    """Counts the bytes a store is asked to write as data files."""
+
+    def __init__(self, store: Store) -> None:
+        self.written = 0
+        self.calls = 0
+        original = store.write_blob
+
+        def write_blob(key: str, chunks: Any, *, durable: bool) -> None:
+            parts = list(chunks)
+            self.written += sum(memoryview(p).nbytes for p in parts)
+            self.calls += 1
+            original(key, parts, durable=durable)
+
+        store.write_blob = write_blob  # type: ignore[method-assign]
+
+    def take(self) -> int:
+        written, self.written = self.written, 0
+        return written

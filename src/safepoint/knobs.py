@@ -46,6 +46,12 @@ QUICK_UNCHANGED = True
 writer's last save as unchanged, without its BLAKE3. False names every chunk by its BLAKE3
 alone: for states holding bytes that someone may have crafted to collide in XXH3, which is
 not a cryptographic hash."""
+AUTO_INCREMENTAL_ON = 0.5
+"""``incremental="auto"`` saves incrementally from the save after a full one that found at
+least this share of the state's bytes unchanged since the full save before it."""
+AUTO_INCREMENTAL_OFF = 0.25
+"""... and saves in full again after an incremental save (not the first of its run) in
+which less than this share of the bytes was held by a kept step already."""
 CHUNKS_PER_FILE = 8
 """Where every one of this many consecutive chunks of a blob is new at an incremental save
 and was new at the writer's last save, they are written into one chunk file (one write and

@@ -5,7 +5,9 @@ The child's state is a function of the step whose chunks change a few at a time 
 back to earlier contents (so that saves reuse chunks, retention frees them, and a later
 save needs bytes a removed step held). After each ``save`` returns, the child logs the step
 with fsync and reports ``C``; every fourth step it runs ``gc`` (``G``). The parent kills it
-either at a random time or a random moment after the k-th commit or gc report, then checks:
+either at a random time or a random moment after the k-th commit or gc report (a third of
+the children save with ``incremental="auto"``, so full steps come among chunked ones), then
+checks:
 
 - ``restore()`` warns of no damage and returns the newest confirmed step or the next one,
   bit for bit; every committed step restores bit for bit;
@@ -85,9 +87,12 @@ def child_main(store: Path, log: Path, events: Any, error_file: Path) -> None:
     try:
         knobs.CHUNK_BYTES, knobs.CHUNKS_PER_FILE = CHUNK, PER_FILE
         deadline = time.monotonic() + CHILD_LIFETIME_LIMIT
-        ckpt = Checkpointer(NAME, location=store, keep=KEEP, incremental=True)
-        latest = ckpt.latest_step()
+        latest = Checkpointer(NAME, location=store).latest_step()
         step = 0 if latest is None else latest + 1
+        # a third of the children save with "auto": full saves at first (among chunked
+        # steps of other children), incremental ones from the third save
+        mode = "auto" if step % 3 == 2 else True
+        ckpt = Checkpointer(NAME, location=store, keep=KEEP, incremental=mode)  # type: ignore[arg-type]
         log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(events_fd, b"R")
         while time.monotonic() < deadline:

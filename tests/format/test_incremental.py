@@ -21,6 +21,7 @@ from safepoint.checkpointer import collect_garbage
 from safepoint.format import chunk_references, read_manifest, verify_checkpoint
 from safepoint.format.chunks import chunk_entries, chunk_files_in_store
 from safepoint.store import Store
+from state_checks import Counting
 
 CHUNK = 64 << 10
 NAME = "inc"
@@ -29,27 +30,6 @@ NAME = "inc"
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(knobs, "CHUNK_BYTES", CHUNK)
-
-
-class Counting:
-    """Counts the bytes a store is asked to write as data files."""
-
-    def __init__(self, store: Store) -> None:
-        self.written = 0
-        self.calls = 0
-        original = store.write_blob
-
-        def write_blob(key: str, chunks: Any, *, durable: bool) -> None:
-            parts = list(chunks)
-            self.written += sum(memoryview(p).nbytes for p in parts)
-            self.calls += 1
-            original(key, parts, durable=durable)
-
-        store.write_blob = write_blob  # type: ignore[method-assign]
-
-    def take(self) -> int:
-        written, self.written = self.written, 0
-        return written
 
 
 def state_of(seed: int, changed: int = 0) -> dict[str, Any]:

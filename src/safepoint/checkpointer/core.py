@@ -77,7 +77,7 @@ from safepoint.format import (
     read_manifest,
     write_checkpoint,
 )
-from safepoint.format.chunks import Place, Seen
+from safepoint.format.chunks import Place, Seen, quick_places, unchanged_share
 from safepoint.format.shards import Part
 from safepoint.lease import Lease, release_when_dropped
 from safepoint.policy import Policy, PolicyLike, Tick, as_policy, every
@@ -190,6 +190,7 @@ class _Committed:
     version: str | None
     manifest: Manifest
     seen: dict[Place, Seen] | None = None  # what a forked save saw at each chunk's place
+    quick: dict[Place, int] | None = None  # incremental="auto": the XXH3 a full save took
 
 
 class Checkpointer:
@@ -215,7 +216,10 @@ class Checkpointer:
     ``incremental=True``: large arrays and byte strings are cut into content-addressed
     chunks, and a chunk a kept step holds already is not written again (bytes written in
     proportion to bytes changed; see ``docs/format.md``). Retention then removes only the
-    chunks no kept step names.
+    chunks no kept step names. ``incremental="auto"`` saves in full while much of the state
+    changes between saves, and incrementally while most of it does not: each full save
+    takes the XXH3 of the state's chunks (on a thread beside the writes) to see what
+    changed since the last one (see :data:`~safepoint.knobs.AUTO_INCREMENTAL_ON`).
 
     ``snapshot``: how ``save(blocking=False)`` freezes the state before it returns.
     ``"copy"`` (the default) copies the large arrays into buffers reused across saves
@@ -246,7 +250,7 @@ class Checkpointer:
         lease: Lease | None = None,
         clock: Callable[[], float] = time.monotonic,
         storage_options: dict[str, Any] | None = None,
-        incremental: bool = False,
+        incremental: bool | Literal["auto"] = False,
         snapshot: Snapshot = "copy",
         group: Group | None = None,
     ) -> None:
@@ -275,9 +279,16 @@ class Checkpointer:
         self._deferred: list[str] = []  # data of removed steps, deleted a save later
         self._removal: threading.Thread | None = None  # deleting the data deferred until now
         self._removing: list[str] = []  # what it deletes
+        if not (isinstance(incremental, bool) or incremental == "auto"):
+            raise ValueError(f"incremental must be True, False or 'auto', not {incremental!r}")
         self.incremental = incremental
         self._chunks: ChunkIndex | None = None  # the kept steps' chunk files, once looked at
         self._chunks_known = False
+        self._chunking = incremental is True  # whether the next save is incremental
+        self._quick: dict[Place, int] = {}  # "auto": the XXH3 of each place at the last full save
+        self._quick_seed = int.from_bytes(os.urandom(8), "little")
+        self._carry = False  # "auto" switched to incremental: carry _quick into the index
+        self._chunked_run = 0  # incremental saves since "auto" switched to them
         self.group = group
         if group is not None:
             if incremental or snapshot != "copy":
@@ -461,6 +472,14 @@ class Checkpointer:
         nothing: a forked snapshot process runs it too."""
         step = request.step
         expect, exclusive = plan.expect, True  # a new step's manifest is created, never replaced
+        quick: dict[Place, int] | None = None
+        scan = None
+        if self.incremental == "auto" and not self._chunking:  # see what changed, beside the writes
+            quick, blobs = {}, request.prepared.blobs
+            if any(blob.data.nbytes >= knobs.CHUNK_BYTES for blob in blobs):
+                scan = threading.Thread(target=lambda: quick.update(quick_places(blobs, self._quick_seed)),
+                                        name=f"safepoint-scan-{self.name}", daemon=True)
+                scan.start()
         while True:
             try:
                 manifest, version = write_checkpoint(
@@ -469,7 +488,7 @@ class Checkpointer:
                     extra=request.manifest_extra, before_commit=fence,
                     newest=plan.becomes_newest, previous=plan.previous,
                     previous_latest=plan.newest, expect=expect, exclusive=exclusive,
-                    chunks=chunks if self.incremental else None, parallel=parallel,
+                    chunks=chunks if self._chunking else None, parallel=parallel,
                     exchange=request.exchange)
                 break
             except WriteConflict as exc:  # someone else published: fenced, or a rogue writer
@@ -484,6 +503,9 @@ class Checkpointer:
                     f"{self.name!r} step {step}: another writer changed the newest step of "
                     f"{self.store.url}/{self.name} meanwhile; this save did not happen",
                     name=self.name, step=step) from exc
+            finally:
+                if scan is not None:
+                    scan.join()
         if request.overwrite:
             referenced = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
             folder = f"{self.name}/{step:012d}"
@@ -491,7 +513,7 @@ class Checkpointer:
                 if entry not in referenced and not entry.startswith("."):
                     with contextlib.suppress(OSError):
                         self.store.delete(f"{folder}/{entry}")
-        return _Committed(plan.becomes_newest, version, manifest)
+        return _Committed(plan.becomes_newest, version, manifest, quick=quick)
 
     def _committed(self, step: int, committed: _Committed, chunks: ChunkIndex | None) -> None:
         """The bookkeeping after a commit, in the saving process (after a forked commit
@@ -503,6 +525,8 @@ class Checkpointer:
         self._metrics[step] = committed.manifest.metadata
         if chunks is not None:  # chunks only the replaced manifest named: a save later
             self._deferred += [f"{self.name}/{rel}" for rel in chunks.add(committed.manifest)]
+        if self.incremental == "auto":
+            self._choose(committed, chunks)
         try:
             self._apply_retention(step)
         except OSError as exc:
@@ -554,13 +578,40 @@ class Checkpointer:
 
     def _chunk_index(self) -> ChunkIndex | None:
         """The chunk files of the kept steps (read once per lease, from their manifests),
-        or None when this name has none and this Checkpointer does not write any."""
+        or None when this name has none and this Checkpointer does not write any now."""
         if not self._chunks_known:
             self._chunks = None
-            if self.incremental or self.store.exists(f"{self.name}/{CHUNKS}"):
+            if self._chunking or self.store.exists(f"{self.name}/{CHUNKS}"):
                 self._chunks = ChunkIndex.load(self.store, self.name, self.steps())
             self._chunks_known = True
+        if self._carry and self._chunks is not None:
+            self._chunks.carry(self._quick, self._quick_seed)
+            self._carry = False
         return self._chunks
+
+    def _choose(self, committed: _Committed, chunks: ChunkIndex | None) -> None:
+        """``incremental="auto"``: whether the next save is incremental, from what this one
+        saw. A full save compares the XXH3 of each chunk's place with the last full
+        save's; an incremental one counts the bytes it wrote (the first of a run writes
+        all, no kept step holding chunks yet, and so does not count)."""
+        if committed.quick is not None:  # a full save
+            share = unchanged_share(self._quick, committed.quick)
+            self._quick = committed.quick
+            if share is not None and share >= knobs.AUTO_INCREMENTAL_ON:
+                log.debug("safepoint: %r: %.0f%% unchanged, saving incrementally", self.name,
+                          100 * share)
+                self._chunking, self._carry, self._chunked_run = True, True, 0
+                if self._chunks is None:
+                    self._chunks_known = False  # read the kept steps' chunks at the next save
+        elif chunks is not None:
+            self._chunked_run += 1
+            share = chunks.reused()
+            if self._chunked_run > 1 and share is not None and share < knobs.AUTO_INCREMENTAL_OFF:
+                log.debug("safepoint: %r: %.0f%% reused, saving in full", self.name, 100 * share)
+                self._chunking = False
+                self._quick = {place: seen.quick for place, seen in chunks.seen().items()
+                               if seen.quick}
+                self._quick_seed = chunks.seed
 
     def wait(self) -> None:
         """Wait for the save in flight, if any, and for the removal of old steps' data that

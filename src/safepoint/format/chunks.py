@@ -46,6 +46,7 @@ import numpy as np
 import xxhash
 from blake3 import blake3
 
+from safepoint import knobs
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint
 from safepoint.format.layout import step_of_manifest
 from safepoint.format.manifest import Manifest, read_manifest
@@ -72,6 +73,37 @@ def quick_digest(data: Any, seed: int) -> int:
 
 Place = tuple[str, int, int]
 """Where a chunk was cut: its blob's tree path and its byte offsets in the blob."""
+
+
+def quick_places(blobs: Iterable[Any], seed: int) -> dict[Place, int]:
+    """The XXH3 of every chunk-sized piece, at fixed offsets, of each blob (a
+    :class:`~safepoint.format.tree.BlobRef`) of at least a chunk: what a full save takes
+    to tell how much of the state changed since the last one (``incremental="auto"``).
+    Fixed offsets for byte strings too (cutting them by content costs more): bytes
+    inserted into one then count as a change of everything after them."""
+    size = knobs.CHUNK_BYTES
+    places = {}
+    for blob in blobs:
+        data, total = blob.data, blob.data.nbytes
+        if total >= size:
+            for start in range(0, total, size):
+                stop = min(start + size, total)
+                places[(blob.tree_path, start, stop)] = quick_digest(data[start:stop], seed)
+    return places
+
+
+def unchanged_share(before: dict[Place, int], now: dict[Place, int]) -> float | None:
+    """The share of the bytes at the places in ``now`` whose XXH3 is the one ``before``
+    has there, or None when ``before`` has none of them (nothing to compare)."""
+    total = same = 0
+    known = False
+    for place, value in now.items():
+        size = place[2] - place[1]
+        total += size
+        if place in before:
+            known = True
+            same += size if before[place] == value else 0
+    return same / total if known and total else None
 
 
 @dataclass(frozen=True)
@@ -286,6 +318,25 @@ class ChunkIndex:
         those, so that what is remembered stays the size of one state)."""
         self._seen, self._seeing = self._seeing, {}
 
+    def carry(self, quick: dict[Place, int], seed: int) -> None:
+        """Take the XXH3 of each place that full saves took (:func:`quick_places`, with
+        ``seed``) as the last save's: the first incremental save after them then tells
+        unchanged bytes (their BLAKE3 it must still take) and each new chunk gets a file
+        of its own."""
+        with self.lock:
+            self.seed = seed
+            self._seen = {place: Seen(value, "", new=False) for place, value in quick.items()}
+
+    def reused(self) -> float | None:
+        """The share of the bytes that the last save saw which a kept step held already
+        (it wrote none of them), or None when it saw no chunk."""
+        with self.lock:
+            total = sum(stop - start for _, start, stop in self._seen)
+            if not total:
+                return None
+            new = sum(stop - start for (_, start, stop), seen in self._seen.items() if seen.new)
+            return 1 - new / total
+
     def add(self, manifest: Manifest) -> list[str]:
         """Record a committed step (replacing an earlier manifest of that step); returns
         the chunk files no step names any more."""
@@ -393,5 +444,7 @@ __all__ = [
     "digest",
     "is_chunk_file",
     "is_chunk_key",
+    "quick_places",
     "shared_bytes",
+    "unchanged_share",
 ]
