@@ -88,6 +88,7 @@ def run(report: Report, quick: bool) -> None:
                         f"{knobs.CHUNK_BYTES // MiB} MiB (BLAKE3); keep=1.")
         written: dict[str, list[int]] = {}
         cases: dict[str, Case] = {}
+        opened: list[Checkpointer] = []  # closed before the scratch folder goes
         for label, fraction in ((FULL, 1.0), (NOTHING, 0.0), (SOME, 0.05), (ALL, 1.0),
                                 (AUTO_SOME, 0.05), (AUTO_ALL, 1.0)):
             state = {k: v.copy() for k, v in base.items()}
@@ -95,6 +96,7 @@ def run(report: Report, quick: bool) -> None:
             mode: Any = "auto" if auto else label != FULL
             ckpt = Checkpointer(label.replace(" ", "-").replace(",", "").replace("%", ""),
                                 location=root, keep=1, incremental=mode)
+            opened.append(ckpt)
             tally = [0]
             count_writes(ckpt.store, tally)
             steps = itertools.count()
@@ -151,6 +153,7 @@ def run(report: Report, quick: bool) -> None:
             state = {k: v.copy() for k, v in base.items()}
             ckpt = Checkpointer(f"async-{incremental}", location=root, keep=1,
                                 incremental=incremental)
+            opened.append(ckpt)
             steps = itertools.count()
             ckpt.save(next(steps), state, blocking=False)  # buffers allocated: untimed
             ckpt.wait()
@@ -174,5 +177,7 @@ def run(report: Report, quick: bool) -> None:
         one = Checkpointer("one", location=root)
         one.save(0, state)
         used, single = folder_bytes(root / "kept"), folder_bytes(root / "one")
+        for each in (*opened, ckpt, one):
+            each.close()
         report.target("storage of keep=10 steps, 5% changed per step ≤ 1.6× one full step",
                       used / single, at_most=1.6)
