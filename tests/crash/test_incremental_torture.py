@@ -90,7 +90,8 @@ def child_main(store: Path, log: Path, events: Any, error_file: Path) -> None:
         latest = Checkpointer(NAME, location=store).latest_step()
         step = 0 if latest is None else latest + 1
         # a third of the children save with "auto": full saves at first (among chunked
-        # steps of other children), incremental ones from the third save
+        # steps of other children), incremental ones once a full save finds half of the
+        # state unchanged since the one before
         mode = "auto" if step % 3 == 2 else True
         ckpt = Checkpointer(NAME, location=store, keep=KEEP, incremental=mode)  # type: ignore[arg-type]
         log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

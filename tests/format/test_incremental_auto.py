@@ -96,13 +96,67 @@ def test_a_state_that_changes_everywhere_is_never_chunked(tmp_path: Any) -> None
     assert report.clean, report.findings
 
 
-def test_a_state_without_large_leaves_is_never_chunked(tmp_path: Any) -> None:
+def test_only_a_state_with_large_leaves_is_measured(tmp_path: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from safepoint.checkpointer import core
+
+    scanned: list[int] = []
+    real = core.quick_places
+
+    def counted(blobs: Any, seed: int) -> Any:
+        scanned.append(len(blobs))
+        return real(blobs, seed)
+
+    monkeypatch.setattr(core, "quick_places", counted)
     store = LocalStore(tmp_path)
     ckpt = Checkpointer(NAME, location=store, incremental="auto")
     small = {"w": np.arange(100.0), "step": 1}
-    for step in range(4):
+    for step in range(3):
         ckpt.save(step, small)
+    assert scanned == []  # no leaf of a chunk: nothing to measure, no thread started
+    ckpt.save(3, state(3))
+    assert scanned == [1]
     assert not any(incremental(store, step) for step in ckpt.steps())
+    ckpt.close()
+
+
+def test_a_failed_measure_loses_that_save_s_measure_only(tmp_path: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from safepoint.checkpointer import core
+
+    real = core.quick_places
+    failing = [False]
+
+    def flaky(blobs: Any, seed: int) -> Any:
+        if failing[0]:
+            raise MemoryError("no room to hash")
+        return real(blobs, seed)
+
+    monkeypatch.setattr(core, "quick_places", flaky)
+    store = LocalStore(tmp_path)
+    ckpt = Checkpointer(NAME, location=store, incremental="auto")
+    ckpt.save(1, state(1))
+    failing[0] = True
+    ckpt.save(2, state(1))  # saved; measured nothing, and forgot nothing
+    failing[0] = False
+    ckpt.save(3, state(1))  # compared with save 1's measure
+    ckpt.save(4, state(1))
+    assert [incremental(store, step) for step in range(1, 5)] == [False, False, False, True]
+    for step in range(1, 5):
+        assert_identical(ckpt.restore(step).state, state(1))
+    ckpt.close()
+
+
+def test_an_incremental_save_without_large_leaves_chooses_nothing(tmp_path: Any) -> None:
+    """A save that cut no chunk says nothing of what its chunks shared: the choice waits
+    for one that did (it would read the save before's share otherwise)."""
+    store = LocalStore(tmp_path)
+    ckpt = Checkpointer(NAME, location=store, keep=3, incremental="auto")
+    for step in range(3):
+        ckpt.save(step, state(0))  # full, full (unchanged), incremental (the first)
+    ckpt.save(3, {"w": np.arange(10.0), "step": 3})
+    ckpt.save(4, state(0))  # still incremental: everything held by step 2
+    assert [incremental(store, step) for step in (2, 4)] == [True, True]
     ckpt.close()
 
 
@@ -157,6 +211,16 @@ def test_the_measure_compares_places_and_says_when_it_cannot() -> None:
     assert quick_places(prepare({"w": np.arange(10.0)}).blobs, 7) == {}
 
 
-def test_incremental_takes_only_true_false_or_auto(tmp_path: Any) -> None:
+def test_incremental_takes_true_false_or_auto_and_may_change(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="True, False or 'auto'"):
         Checkpointer(NAME, location=tmp_path, incremental="always")  # type: ignore[arg-type]
+    store = LocalStore(tmp_path)
+    ckpt = Checkpointer(NAME, location=store, incremental=np.True_)  # type: ignore[arg-type]
+    assert ckpt.incremental is True
+    ckpt.save(1, state(1))
+    ckpt.incremental = False
+    ckpt.save(2, state(1))
+    ckpt.incremental = "auto"
+    ckpt.save(3, state(1))
+    assert [incremental(store, step) for step in (1, 2, 3)] == [True, False, False]
+    ckpt.close()

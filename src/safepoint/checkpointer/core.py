@@ -279,16 +279,13 @@ class Checkpointer:
         self._deferred: list[str] = []  # data of removed steps, deleted a save later
         self._removal: threading.Thread | None = None  # deleting the data deferred until now
         self._removing: list[str] = []  # what it deletes
-        if not (isinstance(incremental, bool) or incremental == "auto"):
-            raise ValueError(f"incremental must be True, False or 'auto', not {incremental!r}")
-        self.incremental = incremental
         self._chunks: ChunkIndex | None = None  # the kept steps' chunk files, once looked at
         self._chunks_known = False
-        self._chunking = incremental is True  # whether the next save is incremental
         self._quick: dict[Place, int] = {}  # "auto": the XXH3 of each place at the last full save
         self._quick_seed = int.from_bytes(os.urandom(8), "little")
-        self._carry = False  # "auto" switched to incremental: carry _quick into the index
-        self._chunked_run = 0  # incremental saves since "auto" switched to them
+        self._chunked_run = 0  # "auto": incremental saves (that saw chunks) since it switched
+        self._turns = 0  # "auto": the index's saves over at the last choice
+        self.incremental = incremental
         self.group = group
         if group is not None:
             if incremental or snapshot != "copy":
@@ -472,12 +469,13 @@ class Checkpointer:
         nothing: a forked snapshot process runs it too."""
         step = request.step
         expect, exclusive = plan.expect, True  # a new step's manifest is created, never replaced
-        quick: dict[Place, int] | None = None
+        measured: list[dict[Place, int] | None] = [None]
         scan = None
         if self.incremental == "auto" and not self._chunking:  # see what changed, beside the writes
-            quick, blobs = {}, request.prepared.blobs
+            blobs = request.prepared.blobs
+            measured[0] = {}
             if any(blob.data.nbytes >= knobs.CHUNK_BYTES for blob in blobs):
-                scan = threading.Thread(target=lambda: quick.update(quick_places(blobs, self._quick_seed)),
+                scan = threading.Thread(target=self._scan, args=(blobs, measured),
                                         name=f"safepoint-scan-{self.name}", daemon=True)
                 scan.start()
         while True:
@@ -513,7 +511,16 @@ class Checkpointer:
                 if entry not in referenced and not entry.startswith("."):
                     with contextlib.suppress(OSError):
                         self.store.delete(f"{folder}/{entry}")
-        return _Committed(plan.becomes_newest, version, manifest, quick=quick)
+        return _Committed(plan.becomes_newest, version, manifest, quick=measured[0])
+
+    def _scan(self, blobs: list[Any], into: list[dict[Place, int] | None]) -> None:
+        """The XXH3 of the state's chunk places (``incremental="auto"``), into ``into[0]``;
+        None there if it failed: that save's measure is lost, never the save."""
+        try:
+            into[0] = quick_places(blobs, self._quick_seed)
+        except Exception as exc:
+            into[0] = None
+            log.debug("safepoint: %r: measuring what changed failed: %s", self.name, exc)
 
     def _committed(self, step: int, committed: _Committed, chunks: ChunkIndex | None) -> None:
         """The bookkeeping after a commit, in the saving process (after a forked commit
@@ -553,9 +560,10 @@ class Checkpointer:
                 alive()
 
             def in_child() -> _Committed:  # runs in the forked process only
+                turns = chunks.turns if chunks is not None else 0
                 committed = self._commit(request, self._plan(request, seen), fence,
                                          chunks=chunks, parallel=False)
-                if chunks is None:
+                if chunks is None or chunks.turns == turns:  # it saw no chunk
                     return committed
                 return replace(committed, seen=chunks.seen())  # for the parent
 
@@ -583,27 +591,39 @@ class Checkpointer:
             self._chunks = None
             if self._chunking or self.store.exists(f"{self.name}/{CHUNKS}"):
                 self._chunks = ChunkIndex.load(self.store, self.name, self.steps())
-            self._chunks_known = True
-        if self._carry and self._chunks is not None:
-            self._chunks.carry(self._quick, self._quick_seed)
-            self._carry = False
+            self._chunks_known, self._turns = True, 0
         return self._chunks
+
+    @property
+    def incremental(self) -> bool | Literal["auto"]:
+        """Whether saves are incremental: True, False or "auto" (chosen save by save)."""
+        return self._incremental
+
+    @incremental.setter
+    def incremental(self, value: bool | Literal["auto"]) -> None:
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"incremental must be True, False or 'auto', not {value!r}")
+        self._incremental: bool | Literal["auto"] = value if value == "auto" else bool(value)
+        self._chunking = self._incremental is True  # whether the next save is incremental
 
     def _choose(self, committed: _Committed, chunks: ChunkIndex | None) -> None:
         """``incremental="auto"``: whether the next save is incremental, from what this one
         saw. A full save compares the XXH3 of each chunk's place with the last full
         save's; an incremental one counts the bytes it wrote (the first of a run writes
         all, no kept step holding chunks yet, and so does not count)."""
-        if committed.quick is not None:  # a full save
+        if not self._chunking:  # a full save; quick is None where its scan failed
+            if committed.quick is None:
+                return
             share = unchanged_share(self._quick, committed.quick)
             self._quick = committed.quick
             if share is not None and share >= knobs.AUTO_INCREMENTAL_ON:
                 log.debug("safepoint: %r: %.0f%% unchanged, saving incrementally", self.name,
                           100 * share)
-                self._chunking, self._carry, self._chunked_run = True, True, 0
+                self._chunking, self._chunked_run = True, 0
                 if self._chunks is None:
                     self._chunks_known = False  # read the kept steps' chunks at the next save
-        elif chunks is not None:
+        elif chunks is not None and chunks.turns != self._turns:  # it saw chunks
+            self._turns = chunks.turns
             self._chunked_run += 1
             share = chunks.reused()
             if self._chunked_run > 1 and share is not None and share < knobs.AUTO_INCREMENTAL_OFF:

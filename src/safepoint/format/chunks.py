@@ -267,6 +267,7 @@ class ChunkIndex:
     _seen: dict[Place, Seen] = field(default_factory=dict)  # what the last save saw
     _seeing: dict[Place, Seen] = field(default_factory=dict)  # what this save sees
     seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little"))
+    turns: int = 0  # saves over (a save without chunked blobs is not one: it noted nothing)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -312,20 +313,13 @@ class ChunkIndex:
         """Take what a save in a forked process saw as the last save's."""
         with self.lock:
             self._seen = seen
+            self.turns += 1
 
     def turn(self) -> None:
         """A save is over: the places it noted are the ones the next save looks up (only
         those, so that what is remembered stays the size of one state)."""
         self._seen, self._seeing = self._seeing, {}
-
-    def carry(self, quick: dict[Place, int], seed: int) -> None:
-        """Take the XXH3 of each place that full saves took (:func:`quick_places`, with
-        ``seed``) as the last save's: the first incremental save after them then tells
-        unchanged bytes (their BLAKE3 it must still take) and each new chunk gets a file
-        of its own."""
-        with self.lock:
-            self.seed = seed
-            self._seen = {place: Seen(value, "", new=False) for place, value in quick.items()}
+        self.turns += 1
 
     def reused(self) -> float | None:
         """The share of the bytes that the last save saw which a kept step held already
