@@ -100,6 +100,30 @@ def test_capture_turns_namedtuples_into_tuples() -> None:
     assert type(restored) is Point and restored.x == 5 and restored[1].value == 6
 
 
+def test_other_mappings_and_tuples_are_saved_as_plain_containers(tmp_path: Any) -> None:
+    """What docs/checkpointer.md says: an OrderedDict, a defaultdict (without its factory),
+    a collections.Counter, a dict subclass come back as dicts; a namedtuple as a tuple."""
+    import collections
+
+    from safepoint import Checkpointer
+
+    class Config(dict):
+        pass
+
+    Point = namedtuple("Point", "x y")
+    state = {"od": OrderedDict(b=1, a=2), "dd": collections.defaultdict(list, k=[1]),
+             "counts": collections.Counter("aab"), "config": Config(lr=0.1), "p": Point(1, 2),
+             "w": np.arange(3.0)}
+    ckpt = Checkpointer("containers", location=tmp_path)
+    ckpt.save(1, state)
+    restored = ckpt.restore().state
+    for key in ("od", "dd", "counts", "config"):
+        assert type(restored[key]) is dict and restored[key] == dict(state[key])
+    assert list(restored["od"]) == ["b", "a"]  # the order stays
+    assert type(restored["p"]) is tuple and restored["p"] == (1, 2)
+    ckpt.close()
+
+
 def test_classes_are_not_live_objects() -> None:
     assert capture({"cls": Counter}) == {"cls": Counter}
 
