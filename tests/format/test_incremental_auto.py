@@ -44,6 +44,15 @@ def incremental(store: Store, step: int) -> bool:
     return bool(chunk_entries(read_manifest(store, NAME, step)))
 
 
+def closed_and_clean(ckpt: Checkpointer, store: Store) -> None:
+    """Close ``ckpt``, collect what it deferred (the data of the step removed last, kept a
+    save longer for readers), and check the store: nothing damaged, nothing left over."""
+    ckpt.close()
+    ckpt.gc()
+    report = safepoint.check(store)
+    assert report.clean, report.findings
+
+
 def test_auto_switches_on_where_it_pays_and_off_where_it_does_not(
         make_store: Callable[[], Store]) -> None:
     store = make_store()
@@ -76,10 +85,7 @@ def test_auto_switches_on_where_it_pays_and_off_where_it_does_not(
     assert ckpt.steps() == [8, 9]
     for step in ckpt.steps():
         assert_identical(ckpt.restore(step).state, saved[step])
-    ckpt.close()
-    ckpt.gc()
-    report = safepoint.check(store)
-    assert report.clean, report.findings
+    closed_and_clean(ckpt, store)
 
 
 def test_a_state_that_changes_everywhere_is_never_chunked(tmp_path: Any) -> None:
@@ -90,10 +96,7 @@ def test_a_state_that_changes_everywhere_is_never_chunked(tmp_path: Any) -> None
     assert not any(incremental(store, step) for step in ckpt.steps())
     assert not (tmp_path / NAME / "chunks").exists()
     assert_identical(ckpt.restore().state, everywhere(5))
-    ckpt.close()
-    ckpt.gc()  # the data of the steps removed last (deferred for readers)
-    report = safepoint.check(store)
-    assert report.clean, report.findings
+    closed_and_clean(ckpt, store)
 
 
 def test_only_a_state_with_large_leaves_is_measured(tmp_path: Any,
@@ -174,10 +177,7 @@ def test_asynchronous_saves_switch_too(tmp_path: Any, snapshot: str) -> None:
     assert modes == [False, False, True, True, True]
     for step in ckpt.steps():
         assert_identical(ckpt.restore(step).state, state(step, changed=1))
-    ckpt.close()
-    ckpt.gc()
-    report = safepoint.check(store)
-    assert report.clean, report.findings
+    closed_and_clean(ckpt, store)
 
 
 def test_a_reopened_name_starts_in_full_and_reuses_kept_chunks(tmp_path: Any) -> None:
@@ -194,10 +194,7 @@ def test_a_reopened_name_starts_in_full_and_reuses_kept_chunks(tmp_path: Any) ->
     assert counting.take() >= 2 * state(0)["big"].nbytes
     again.save(6, state(0))  # incremental: the kept step 3 holds every chunk
     assert incremental(store, 6) and counting.take() == 0
-    again.close()
-    again.gc()
-    report = safepoint.check(store)
-    assert report.clean, report.findings
+    closed_and_clean(again, store)
 
 
 def test_the_measure_compares_places_and_says_when_it_cannot() -> None:
