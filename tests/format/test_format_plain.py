@@ -6,8 +6,12 @@ floats, ints beyond int64, cycles, excessive depth) left to the full encoder."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import enum
+import json
 import math
+import uuid
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from hypothesis import strategies as st
 
 from safepoint import Checkpointer, knobs
 from safepoint.errors import UnsupportedType
+from safepoint.format.plain import dumps, loads, plain_json
 from safepoint.format.tree import Encoder, is_plain, is_plain_node
 
 
@@ -28,6 +33,20 @@ class Color(enum.IntEnum):
 
 class Text(str):
     pass
+
+
+class Plain(enum.Enum):
+    A = 1
+
+
+class Tag(enum.StrEnum):
+    A = "a"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
 
 
 def same(a: Any, b: Any) -> bool:
@@ -50,6 +69,13 @@ def same(a: Any, b: Any) -> bool:
 def test_plain_values_are_plain(value: Any) -> None:
     assert is_plain(value)
     assert is_plain_node(value)
+    found = plain_json(value)
+    if 2**63 - 1 in value:
+        assert found is None  # beyond 53 bits: the C check leaves it to the Python one
+        return
+    assert found is not None
+    text, copy = found
+    assert same(copy, value) and same(json.loads(text), value)
 
 
 @pytest.mark.parametrize("value", [
@@ -59,6 +85,7 @@ def test_plain_values_are_plain(value: Any) -> None:
 ])
 def test_anything_else_takes_the_full_encoder(value: Any) -> None:
     assert not is_plain(value)
+    assert plain_json(value) is None
     node = Encoder().encode(value)
     assert node != value or type(node) is not type(value)  # tagged: {"$": ...} somewhere
 
@@ -69,6 +96,7 @@ def test_anything_else_takes_the_full_encoder(value: Any) -> None:
 def test_subclasses_and_sets_are_refused_as_before(value: Any) -> None:
     """json would write them as their base types; the full encoder refuses them."""
     assert not is_plain(value)
+    assert plain_json(value) is None
     with pytest.raises(UnsupportedType):
         Encoder().encode(value)
 
@@ -82,6 +110,74 @@ def test_cycles_and_depth_are_left_to_the_full_encoder() -> None:
         deep = [deep]
     assert not is_plain(deep)
     assert not is_plain_node(deep)
+    assert plain_json(cycle) is None and plain_json(deep) is None
+    at_limit = deep[0][0]  # MAX_DEPTH containers: plain, on both paths alike
+    assert plain_json(at_limit) is not None and is_plain(at_limit)
+    assert plain_json(deep[0]) is None and not is_plain(deep[0])
+
+
+@pytest.mark.parametrize("value", [
+    [uuid.UUID(int=1)], {"when": datetime.datetime(2026, 1, 1)}, [Point(1, 2)], [Plain.A], [Tag.A],
+    {"a": [(1, 2)]}, {"k": {"x": float("nan")}}, [np.zeros(2)], [memoryview(b"x")],
+])
+def test_the_c_check_refuses_what_orjson_would_write_as_something_else(value: Any) -> None:
+    """orjson writes a UUID, a datetime, a dataclass, an Enum, a tuple or a NaN as plain
+    JSON; none of them is plain, so none may take the fast path."""
+    assert not is_plain(value)
+    assert plain_json(value) is None
+
+
+@pytest.mark.parametrize("value", [{"big": 2**60, "small": [1, 2]}, [{'"$': 1}]])
+def test_what_the_c_check_cannot_tell_is_left_to_the_python_one(value: Any) -> None:
+    """An int beyond 53 bits, a key ending in '"$' (the text search cannot tell it from a
+    "$" key): still plain, still its own node."""
+    assert plain_json(value) is None and is_plain(value)
+    assert Encoder(share=True).encode(value) is value
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree=st.recursive(st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**60), max_value=2**60),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5), st.sampled_from(["$", "x"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.tuples(inner),
+                            st.dictionaries(st.one_of(st.sampled_from(["$", "a"]), st.text(max_size=3)),
+                                            inner, max_size=4)), max_leaves=30))
+def test_the_c_check_agrees_with_the_python_one(tree: Any) -> None:
+    found = plain_json([tree])
+    small = not any(type(v) is int and abs(v) >= 2**53 for v in _leaves(tree))
+    assert (found is not None) == (is_plain([tree]) and small)
+    if found is not None:
+        text, copy = found
+        assert same(copy, [tree]) and same(json.loads(text), [tree])
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in _leaves(v)]
+    return [tree]
+
+
+@pytest.mark.parametrize("value", [
+    {"big": 2**70, "neg": -(2**64) - 1, "u64": 2**64 - 1, "i64": -(2**63), "ns": 1_700_000_000_123_456_789},
+    {"text": "\ud800 lone", "é": "ü", "emoji": "\U0001f600"},
+    {"floats": [0.1, -0.0, 5e-324, 1.7976931348623157e308, 1e16, 123456789.123456789]},
+])
+def test_json_text_gives_back_exactly_what_was_written(value: Any) -> None:
+    """orjson reads an int beyond 64 bits as a float and refuses lone surrogates: there the
+    standard library writes or reads, so that every value comes back as it was."""
+    text = dumps(value)
+    assert same(loads(text), value)
+    assert same(json.loads(text), value)  # strict JSON that any reader reads
+    old = json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode()
+    assert same(loads(old), value)  # manifests written by earlier versions
+
+
+def test_json_text_refuses_what_is_not_strict_json() -> None:
+    for text in (b"NaN", b"[Infinity]", b"[1,]", b'{"a":1}x', b"\xff"):
+        with pytest.raises(ValueError):
+            loads(text)
 
 
 def test_a_plain_subtree_is_copied_unless_shared() -> None:

@@ -162,3 +162,36 @@ def test_one_bad_name_never_hides_the_others(tmp_path: Path, invoke: Invoke) -> 
     assert result.exit_code == 0 and "other" in result.stdout and "job" in result.stdout
     result = invoke("verify", "-l", root)
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def _plain_steps(root: Path) -> tuple[Any, Checkpointer]:
+    """Two steps of a plain state whose manifests are long enough to be read without a walk."""
+    ckpt = Checkpointer("job", location=root)
+    for step in (1, 2):
+        ckpt.save(step, {"step": step, "pad": ["x" * 100] * 200, "note": "plain"})
+    return ckpt.store, ckpt
+
+
+def _body_text(store: Any, step: int) -> bytes:
+    return json.dumps(json.loads(store.read(f"job/{step:012d}.json"))["manifest"],
+                      separators=(",", ":")).encode()
+
+
+def test_a_plain_manifest_is_read_without_a_walk_and_only_when_it_is_plain(tmp_path: Path) -> None:
+    """The read takes a plain tree as the state only when its text holds no "$" (written as
+    itself, with spaces around, or escaped) and nests no deeper than a save may write."""
+    store, ckpt = _plain_steps(tmp_path)
+    assert ckpt.manifest(2).plain_tree and ckpt.restore(2).state["note"] == "plain"
+    text = _body_text(store, 2)
+    escaped = text.replace(b'"note":"plain"', b'"note":{"\\u0024":"int","hex":"0x5"}')
+    spaced = text.replace(b'"note":"plain"', b'"note":{"$" : "int","hex":"0x6"}')
+    for body, value in ((escaped, 5), (spaced, 6)):
+        write_body_text(store, "job/000000000002.json", body)
+        assert not ckpt.manifest(2).plain_tree
+        assert ckpt.restore(2).state["note"] == value  # decoded as the tag it is, as by json
+    deep = text.replace(b'"note":"plain"', b'"note":' + json.dumps(_nest(400)).encode())
+    write_body_text(store, "job/000000000002.json", deep)
+    with pytest.raises(CorruptCheckpoint, match="nested more than"):
+        ckpt.restore(step=2)
+    assert not verified(store, "job", 2)
+    assert ckpt.restore(1).state["step"] == 1

@@ -68,11 +68,11 @@ from safepoint.format import (
     Manifest,
     Prepared,
     data_folder,
-    is_plain,
     json_copy,
     latest_key,
     load_tree,
     manifest_key,
+    plain_json,
     prepare,
     read_manifest,
     write_checkpoint,
@@ -371,8 +371,8 @@ class Checkpointer:
             raise StepExists(
                 f"{self.name!r} step {step} {what} in {self.store.url}; pass overwrite=True to "
                 "replace it, or save a newer step", name=self.name, step=step)
-        plain = is_plain(state)  # plain JSON values only: nothing to capture, one C copy at most
-        tree = state if plain else capture(state)
+        plain = plain_json(state)  # plain JSON values only: nothing to capture, its text made in C
+        tree = state if plain is not None else capture(state)
         forked = not blocking and self.snapshot == "fork"
         # An asynchronous save copies what the caller may change (arrays, bytearrays, plain
         # containers) into buffers reused across saves; bytes and pickles are immutable already.

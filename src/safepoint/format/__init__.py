@@ -22,9 +22,9 @@ from safepoint.format.manifest import (
     json_copy,
     read_manifest,
 )
+from safepoint.format.plain import is_plain, plain_json
 from safepoint.format.read import Loaded, VerifyReport, check_tree, load_tree, verify_checkpoint
 from safepoint.format.summary import iter_tree_summary
-from safepoint.format.tree import is_plain
 from safepoint.format.write import Prepared, prepare, write_checkpoint
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "latest_key",
     "load_tree",
     "manifest_key",
+    "plain_json",
     "prepare",
     "read_manifest",
     "segment_name",

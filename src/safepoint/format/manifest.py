@@ -25,6 +25,7 @@ import numpy as np
 
 from safepoint import knobs
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, InvalidName
+from safepoint.format import plain
 from safepoint.format.layout import latest_key, manifest_key, step_text
 from safepoint.format.tree import Encoder, decode_inline
 from safepoint.store import Store, check_key
@@ -73,6 +74,9 @@ class Manifest:
     key: str  # the manifest's key in the store
     body: dict[str, Any]
     size: int = 0
+    plain_tree: bool = False
+    """The tree, as read, holds no ``"$"`` key and nests at most ``knobs.MAX_DEPTH`` deep:
+    it is the state as it is, with nothing to decode."""
 
     @property
     def name(self) -> str:
@@ -106,18 +110,20 @@ class Manifest:
         return float(self.body.get("created", 0.0))
 
 
-def encode_manifest(body: dict[str, Any]) -> bytes:
-    text = json.dumps(body, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+def encode_manifest(body: dict[str, Any], *, tree: bytes | None = None) -> bytes:
+    """The manifest file of ``body``; ``tree``: the JSON text of its plain tree, if made."""
+    text = plain.dumps(body, tree=tree)
     return _PREFIX + checksum(text).encode("ascii") + _MIDDLE + text + _SUFFIX
-
-
-def _no_constants(token: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {token}")
 
 
 def decode_manifest(data: bytes, where: str, *, name: str | None = None,
                     step: int | None = None) -> dict[str, Any]:
     """Check a manifest's checksum, parse it and validate its fields (see :func:`check_body`)."""
+    return _decode(data, where, name, step)[0]
+
+
+def _decode(data: bytes, where: str, name: str | None, step: int | None) -> tuple[dict[str, Any], bool]:
+    """:func:`decode_manifest`, and whether its tree is plain (:attr:`Manifest.plain_tree`)."""
     if (
         len(data) < _HEAD + len(_SUFFIX)
         or not data.startswith(_PREFIX)
@@ -134,13 +140,14 @@ def decode_manifest(data: bytes, where: str, *, name: str | None = None,
             f"{where}: manifest checksum mismatch (expected {expected}, got {actual})",
             path=where, expected=expected, actual=actual)
     try:
-        body = json.loads(text, parse_constant=_no_constants)
+        body, shallow = plain.parse(text, max_depth=knobs.MAX_DEPTH + 1)  # the body, then the tree
     except RecursionError:
         raise CorruptCheckpoint(f"{where}: the manifest nests too deeply", path=where) from None
     except ValueError as exc:
         raise CorruptCheckpoint(f"{where}: manifest is not valid JSON: {exc}", path=where) from exc
     check_body(body, where, name=name, step=step)
-    return body
+    # "$" can only be written as itself or escaped: without either, no tag anywhere
+    return body, shallow and b'"$"' not in text and b"\\u0024" not in text
 
 
 def check_body(body: Any, where: str, *, name: str | None = None, step: int | None = None) -> None:
@@ -261,8 +268,8 @@ def read_manifest(store: Store, name: str, step: int | None = None) -> Manifest:
         exc.step = step
         raise
     where = f"{store.url}/{key}"
-    body = decode_manifest(data, where, name=name, step=step)
-    return Manifest(key=key, body=body, size=len(data))
+    body, plain_tree = _decode(data, where, name, step)
+    return Manifest(key=key, body=body, size=len(data), plain_tree=plain_tree)
 
 
 def describe_os_error(exc: OSError) -> str:

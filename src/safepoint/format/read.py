@@ -30,6 +30,7 @@ from safepoint import knobs
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeCheckpoint
 from safepoint.format.chunks import is_chunk_key
 from safepoint.format.manifest import Manifest, read_manifest
+from safepoint.format.plain import plain_copy
 from safepoint.format.tree import Decoder
 from safepoint.store import Store
 from safepoint.store.base import KIND_TEXT
@@ -419,8 +420,11 @@ def load_tree(
             path=manifest.key, leaves=list(pickled))
     source = FileSet(store, manifest, mmap=mmap)
     try:
-        tree = Decoder(source, allow_pickle=allow_pickle, share=share, rank=rank).decode(
-            manifest.body["tree"] if node is None else node, target)
+        if node is None and target is None and manifest.plain_tree:  # the state as it is: no walk
+            tree = manifest.body["tree"] if share else plain_copy(manifest.body["tree"])
+        else:
+            tree = Decoder(source, allow_pickle=allow_pickle, share=share, rank=rank).decode(
+                manifest.body["tree"] if node is None else node, target)
         source.load()
     except CorruptCheckpoint as exc:
         if exc.step is None:

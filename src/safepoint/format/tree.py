@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import marshal
 import pickle
 import re
 import struct
@@ -43,6 +42,7 @@ from safepoint import knobs
 from safepoint.errors import CorruptCheckpoint, StateMismatch, UnsafeCheckpoint, UnsupportedType
 from safepoint.format.codecs import KNOWN_KINDS, LeafCodec, active_codecs, codec_for_kind
 from safepoint.format.dtypes import decode_dtype, encode_dtype, itemsize_of
+from safepoint.format.plain import is_plain, is_plain_node, plain_copy
 from safepoint.format.shards import PerRank, Shard
 
 _HEX_INT = re.compile(r"-?0x[0-9a-f]+")
@@ -113,67 +113,6 @@ def _is_json_scalar(value: Any) -> bool:
         or (kind is int and -(2**63) <= value < 2**63)
         or (kind is float and value - value == 0.0)  # finite
     )
-
-
-_PLAIN_LEAVES = frozenset({str, int, float, bool, type(None)})
-_PLAIN = _PLAIN_LEAVES | {dict, list}
-_INT64 = 2**63
-
-
-def is_plain(obj: Any, depth: int = 0, memo: dict[int, bool] | None = None) -> bool:
-    """Whether ``obj`` is a tree of plain JSON values that stands for itself as a node:
-    exact dicts with str keys other than ``"$"``, exact lists, str, bool, None, int64 ints
-    and finite floats.
-
-    The types of a container's entries are gathered in C (``set(map(type, ...))``), so the
-    check costs a few steps per container and next to nothing per leaf; a tree of 100,000
-    small leaves is checked in a fraction of what building its node would cost. ``memo``
-    (by ``id``, for one walk of a tree that stays alive) keeps every container's answer, so
-    that asking again at each level of a mixed tree costs nothing more.
-    """
-    return _plain(obj, depth, True, memo)
-
-
-def is_plain_node(node: Any, depth: int = 0, memo: dict[int, bool] | None = None) -> bool:
-    """Whether a node read from a manifest is plain JSON that stands for itself: lists and
-    objects without a ``"$"`` key, all the way down (JSON gave its keys as strings, and any
-    number it holds is one a node may hold)."""
-    return _plain(node, depth, False, memo)
-
-
-def _plain(obj: Any, depth: int, exact: bool, memo: dict[int, bool] | None) -> bool:
-    if memo is not None:
-        known = memo.get(id(obj))
-        if known is not None:
-            return known
-    if depth >= knobs.MAX_DEPTH:
-        return False  # too deep, or a cycle: the full encoder (decoder) says which
-    kind = type(obj)
-    if kind is dict:
-        if "$" in obj or (exact and not set(map(type, obj)) <= {str}):
-            return False
-        values: Any = obj.values()
-    elif kind is list:
-        values = obj
-    else:
-        return False
-    types = set(map(type, values))
-    answer = types <= _PLAIN and not (exact and (int in types or float in types) and any([
-        v - v != 0.0 if type(v) is float else not -_INT64 <= v < _INT64  # not finite; not int64
-        for v in values if type(v) is float or type(v) is int]))
-    if answer and (dict in types or list in types):
-        for value in values:
-            if (type(value) is dict or type(value) is list) and not _plain(value, depth + 1, exact, memo):
-                answer = False
-                break
-    if memo is not None:
-        memo[id(obj)] = answer
-    return answer
-
-
-def plain_copy(obj: Any) -> Any:
-    """A deep copy of a plain tree (:func:`is_plain`), made in C."""
-    return marshal.loads(marshal.dumps(obj))
 
 
 def _describe_type(obj: Any) -> str:

@@ -38,7 +38,7 @@ from safepoint.format.manifest import (
     json_copy,
 )
 from safepoint.format.shards import Part, merge_parts
-from safepoint.format.tree import BlobRef, Encoder, plain_copy
+from safepoint.format.tree import BlobRef, Encoder
 from safepoint.store import Store
 
 
@@ -55,6 +55,8 @@ class Prepared:
     parts: tuple[list[list[Any]], list[list[Any]]] = ([], [])
     """Copies of ``shards`` and ``per_rank`` as encoded, for this process's part (a merge
     changes the tree's own nodes in place, and a retried commit merges again)."""
+    text: bytes | None = None
+    """The JSON text of ``node`` when the whole tree is plain (:func:`plain_json`)."""
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +69,7 @@ def prepare(
     allow_pickle: bool = False,
     snapshot: Callable[[int, np.ndarray], np.ndarray] | None = None,
     share: bool = False,
-    plain: bool = False,
+    plain: tuple[bytes, Any] | None = None,
     host_only: bool = False,
     shards_only: bool = False,
 ) -> Prepared:
@@ -75,17 +77,18 @@ def prepare(
     (``host_only``: also of a framework array held in device memory).
 
     ``share=True``: plain subtrees are their own nodes, not copies (the node is written
-    before the tree may change); ``plain=True``: the caller found ``is_plain(tree)``.
+    before the tree may change); ``plain``: what ``plain_json(tree)`` found (its text and a
+    copy of the tree).
     ``shards_only``: a distributed save's other ranks encode only their shards and
     per-rank values (the coordinator saves the replicated rest).
     """
     encoder = Encoder(allow_pickle=allow_pickle, snapshot=snapshot, share=share,
                       host_only=host_only, shards_only=shards_only)
-    if plain:
-        node = None if shards_only else tree if share else plain_copy(tree)
-    else:
-        node = encoder.encode(tree)
-    return Prepared(node=node, blobs=encoder.blobs, pickled=encoder.pickled,
+    if plain is not None:
+        text, copy = plain
+        return Prepared(node=None if shards_only else tree if share else copy, blobs=[], pickled=[],
+                        text=None if shards_only else text)
+    return Prepared(node=encoder.encode(tree), blobs=encoder.blobs, pickled=encoder.pickled,
                     shards=encoder.shards, per_rank=encoder.per_rank,
                     parts=(Part.nodes(encoder.shards), Part.nodes(encoder.per_rank)))
 
@@ -203,7 +206,7 @@ def write_checkpoint(
             "blobs": blobs,
             "tree": prepared.node,
         }
-        data = encode_manifest(body)
+        data = encode_manifest(body, tree=None if sharded else prepared.text)
         if before_commit is not None:
             before_commit()
         published = True
