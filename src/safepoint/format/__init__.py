@@ -22,7 +22,7 @@ from safepoint.format.manifest import (
     json_copy,
     read_manifest,
 )
-from safepoint.format.plain import is_plain, plain_json
+from safepoint.format.plain import plain_json
 from safepoint.format.read import Loaded, VerifyReport, check_tree, load_tree, verify_checkpoint
 from safepoint.format.summary import iter_tree_summary
 from safepoint.format.write import Prepared, prepare, write_checkpoint
@@ -43,7 +43,6 @@ __all__ = [
     "describe_os_error",
     "generation_of_segment",
     "is_chunk_key",
-    "is_plain",
     "iter_tree_summary",
     "journal_name",
     "json_copy",
