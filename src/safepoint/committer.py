@@ -146,8 +146,14 @@ class Committer:
                     self._cond.notify_all()
 
     def check(self) -> None:
-        """Raise the error of a background job, if one failed (once)."""
-        error, self.error = self.error, None
+        """Raise the error of a background job, if one failed (once). A job handed over
+        before the error is raised is dropped with it, never written after it."""
+        with self._cond:
+            error, self.error = self.error, None
+            if error is not None and self._waiting is not None:
+                self._waiting[1]._finish(error)
+                self._waiting = None
+                self._cond.notify_all()
         if error is not None:
             raise error
 
