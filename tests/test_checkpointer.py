@@ -328,7 +328,33 @@ def test_gc_spares_young_leftovers_that_may_be_a_save_in_flight(tmp_path: Path) 
     old = os.stat(leftovers[0]).st_mtime - 120
     for path in [*leftovers, leftovers[2].parent]:
         os.utime(path, (old, old))
-    assert len(collect_garbage(store, "job", min_age=60).removed) == 3
+    # another process's gc: the name's writer is running, so nothing goes, however old
+    kept = collect_garbage(store, "job", min_age=60)
+    assert kept.removed == [] and kept.kept  # (a temporary file is kept without a word)
+    assert all("is running: a save may be in progress" in why for _, why in kept.kept)
+    assert all(path.exists() for path in leftovers)
+    assert len(collect_garbage(store, "job", min_age=60, writer=True).removed) == 3  # the writer's own
+
+
+def test_gc_leaves_a_running_writers_leftovers_alone_however_old(tmp_path: Path) -> None:
+    """``safepoint gc`` (``check(fix=True)``) from another process removes nothing a running
+    writer may still be writing: a save of a large state may outlast any ``min_age``. Once
+    the writer has stopped, the same leftovers go."""
+    from safepoint import check
+
+    store = LocalStore(tmp_path)
+    ckpt = Checkpointer("job", location=store)
+    leftovers = _make_leftovers(store, ckpt)
+    old = os.stat(leftovers[0]).st_mtime - 3600
+    for path in [*leftovers, leftovers[2].parent]:
+        os.utime(path, (old, old))
+    report = check(store, fix=True, min_age=60)
+    assert report.removed == [] and all(path.exists() for path in leftovers)
+    assert {f.what for f in report.findings if "is running" in f.detail} == {"kept"}
+    ckpt.close()  # the lease is released: no writer
+    assert len(check(store, fix=True, min_age=60).removed) == 3
+    assert not any(path.exists() for path in leftovers)
+    assert check(store).clean
 
 
 def test_the_first_save_removes_only_old_leftovers(tmp_path: Path) -> None:
@@ -492,8 +518,9 @@ def test_saves_go_on_after_deleting_the_newest_step_or_everything(tmp_path: Path
 def test_gc_never_removes_a_file_a_save_writes_meanwhile_into_an_old_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer resumed after a crash saves step 2 again, into the folder its crashed save
-    left an hour ago, while gc (min_age) runs: gc removes the old leftover file, never the
-    new one, nor the folder under it (it was removed whole, recursively, before)."""
+    left an hour ago, while its own sweep of old leftovers runs (min_age): the sweep removes
+    the old leftover file, never the new one, nor the folder under it (it was removed whole,
+    recursively, before)."""
     store = LocalStore(tmp_path)
     ckpt = Checkpointer("job", location=store)
     ckpt.save(1, {"x": 1})
@@ -515,7 +542,7 @@ def test_gc_never_removes_a_file_a_save_writes_meanwhile_into_an_old_folder(
         return entries
 
     monkeypatch.setattr(LocalStore, "scan", scan_then_write)
-    report = collect_garbage(store, "job", min_age=60)
+    report = collect_garbage(store, "job", min_age=60, writer=True)
     assert fresh.read_bytes() == b"the new save's data" and not stale.exists()
     assert ("job/000000000002/cafebabe0000-0.bin", 8) in report.removed  # what went, not the folder
     assert ("job/000000000002", "a save wrote into it meanwhile") in report.kept

@@ -134,7 +134,7 @@ def _sweep(store: Store, name: str) -> None:
     """Remove leftovers of crashed saves older than ``knobs.LEFTOVER_MIN_AGE`` (housekeeping
     in a thread of its own: it lists the name, and a failure is never the save's)."""
     with contextlib.suppress(Exception):
-        collect_garbage(store, name, min_age=knobs.LEFTOVER_MIN_AGE, deep=False)
+        collect_garbage(store, name, min_age=knobs.LEFTOVER_MIN_AGE, deep=False, writer=True)
 
 
 def _retention(keep: int | Retention | None, keep_every_: int | None, keep_best_: int | None,
@@ -768,13 +768,14 @@ class Checkpointer:
     def gc(self, *, min_age: float = 0.0) -> list[str]:
         """Remove leftovers of crashed saves under this name; returns the removed keys."""
         self.wait()
-        return [key for key, _ in collect_garbage(self.store, self.name, min_age=min_age).removed]
+        removed = collect_garbage(self.store, self.name, min_age=min_age, writer=self.lease is not None).removed
+        return [key for key, _ in removed]
 
     def _keep_only(self, referenced: set[int]) -> None:
         """Remove the steps not in ``referenced`` and crash leftovers (an execution's log
         knows which of its checkpoints are alive); the newest-step record may move."""
         self.wait()
-        collect_garbage(self.store, self.name, referenced=referenced, deep=False)
+        collect_garbage(self.store, self.name, referenced=referenced, deep=False, writer=True)
         self._latest, self._expect = None, None
         self._chunks_known = False
 

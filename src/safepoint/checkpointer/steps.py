@@ -8,6 +8,7 @@ reported, so ``gc`` and ``rm`` never delete a user's files, even in a store.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from safepoint.format import (
 )
 from safepoint.format.chunks import CHUNKS, chunk_references, is_chunk_file
 from safepoint.format.layout import LOCK, is_data_file, is_rank_file, is_rank_folder, is_temp
-from safepoint.lease import ticket_key, tickets
+from safepoint.lease import holder, ticket_key, tickets
 from safepoint.store import Store, check_name
 
 
@@ -179,8 +180,20 @@ def _own_age(store: Store, key: str, now: float) -> float:
     return now - mtime if mtime is not None else float("inf")
 
 
+def _too_young(store: Store, key: str, now: float, min_age: float, *, itself: bool = False) -> bool:
+    """Whether ``key`` is younger than ``min_age`` (``math.inf``: a running writer's, kept
+    whatever its age); ``itself``: the entry's own age, not its newest file's."""
+    if min_age == math.inf:
+        return True
+    return bool(min_age) and (_own_age if itself else _age)(store, key, now) < min_age
+
+
+def _young(min_age: float) -> str:
+    return f"younger than {min_age:g} s: a save may be in progress"
+
+
 def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = frozenset(),  # type: ignore[assignment]
-                  *, min_age: float = 0.0, now: float = 0.0) -> bool:
+                  *, min_age: float = 0.0, now: float = 0.0, why: str = "") -> bool:
     """Remove the data files and temporary files in a step's folder (not those in ``keep``),
     then the folder if that empties it (reported as one entry when it goes whole); True if
     the folder is gone."""
@@ -192,8 +205,8 @@ def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = f
         elif entry.kind in ("file", "link") and (is_data_file(entry.name) or is_temp(entry.name)
                                                  or is_chunk_file(entry.name)
                                                  or is_rank_file(entry.name)):
-            if min_age and _age(store, key, now) < min_age:
-                report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
+            if _too_young(store, key, now, min_age):
+                report.kept.append((key, why or _young(min_age)))
                 left += 1
             else:
                 removable.append(key)
@@ -203,8 +216,8 @@ def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = f
     if not left and not keep and not min_age:  # nothing may be writing: the folder at once
         _remove(store, folder, report)
         return True
-    if not left and not keep and _own_age(store, folder, now) < min_age:
-        report.kept.append((folder, f"younger than {min_age:g} s: a save may be in progress"))
+    if not left and not keep and _too_young(store, folder, now, min_age, itself=True):
+        report.kept.append((folder, why or _young(min_age)))
         return False  # created just now: a save's next step is a file in it
     if not left and not keep:  # one entry in the report, removed file by file
         sizes = {key: _size(store, key) for key in removable}
@@ -228,18 +241,26 @@ def _clear_folder(store: Store, folder: str, report: Cleanup, keep: set[str] = f
 
 def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float | None = None,
                     deep: bool = True, dry_run: bool = False,
-                    referenced: set[int] | None = None) -> Cleanup:
+                    referenced: set[int] | None = None, writer: bool = False) -> Cleanup:
     """Remove leftovers of crashed saves under ``name``.
 
     Leftovers are step folders without a committed manifest, manifests above the newest
     committed step (a save that did not finish), temporary files, and (``deep``) data files
     that no manifest names, and chunk files no manifest names (:func:`_collect_chunks`).
     Only those at least ``min_age`` seconds old are removed, so that a save still in
-    progress in another process is left alone. A step whose manifest is damaged is never
-    touched: it is evidence (``verify`` reports it, ``rm`` removes it).
+    progress in another process is left alone; and none while the name's writer is running
+    (its lease has a fresh heartbeat and, on this host, its process lives), however old:
+    a save of a large state may take longer than any age, and the writer removes its own
+    leftovers. ``writer``: the caller is that writer. A step whose manifest is damaged is
+    never touched: it is evidence (``verify`` reports it, ``rm`` removes it).
     """
-    now = time.time() if now is None else now
+    now = time.time() if now is None else now  # before the lease is read: see below
     report = Cleanup(dry_run=dry_run)
+    why = _young(min_age)
+    running = None if writer else holder(store, name)
+    if running is not None and running.state == "running":
+        # Whatever a writer that takes the lease after this writes is younger than ``now``.
+        min_age, why = math.inf, f"its writer, {running.who}, is running: a save may be in progress"
     try:
         latest = latest_manifest(store, name)
     except CorruptCheckpoint:
@@ -252,7 +273,7 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
         if latest is not None and latest.step not in committed:
             _remove(store, latest_key(name), report)
     def old(key: str) -> bool:  # asked of candidates only: a stat each
-        return not min_age or _age(store, key, now) >= min_age
+        return not _too_young(store, key, now, min_age)
 
     dropped: set[int] = set()  # manifests removed here: their chunks are not referenced
     for entry in entries:
@@ -265,14 +286,14 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
                 _remove(store, key, report)
                 dropped.add(step)
             else:
-                report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
+                report.kept.append((key, why))
             continue
         if is_temp(entry.name):
             if old(key):
                 _remove(store, key, report)
             continue
         if entry.name == CHUNKS and entry.kind == "dir":
-            _collect_chunks(store, name, report, dropped, min_age=min_age)
+            _collect_chunks(store, name, report, dropped, min_age=min_age, why=why)
             continue
         if is_rank_folder(entry.name) and entry.kind == "dir":  # a live job may still read it
             exchange = Cleanup(dry_run=dry_run)  # a young one is not news: not reported
@@ -286,7 +307,7 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
                 report.kept.append((key, "a symbolic link (never followed)"))
             continue
         if step not in committed or f"{entry.name}.json" not in listed:
-            _clear_folder(store, key, report, min_age=min_age, now=now)
+            _clear_folder(store, key, report, min_age=min_age, now=now, why=why)
         elif deep:
             try:
                 manifest = read_manifest(store, name, step)
@@ -294,7 +315,7 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
                 report.kept.append((key, "its manifest is damaged (evidence: see verify)"))
                 continue
             named = {rel.rsplit("/", 1)[-1] for rel, _ in manifest.files}
-            _clear_folder(store, key, report, keep=named | {LOCK}, min_age=min_age, now=now)
+            _clear_folder(store, key, report, keep=named | {LOCK}, min_age=min_age, now=now, why=why)
     if "lease" in listed:
         found = tickets(store, name)
         for generation in sorted(found)[:-1]:  # writers a newer one took over from: fenced
@@ -305,7 +326,7 @@ def collect_garbage(store: Store, name: str, *, min_age: float = 0.0, now: float
 
 
 def _collect_chunks(store: Store, name: str, report: Cleanup, dropped: set[int], *,
-                    min_age: float) -> None:
+                    min_age: float, why: str) -> None:
     """Remove the chunk files that no manifest of ``name`` names (read in one stable pass,
     after the clock is read) and that are at least ``min_age`` seconds old.
 
@@ -323,8 +344,8 @@ def _collect_chunks(store: Store, name: str, report: Cleanup, dropped: set[int],
                 continue
             if references.problem:
                 report.kept.append((key, references.problem))
-            elif min_age and _age(store, key, now) < min_age:
-                report.kept.append((key, f"younger than {min_age:g} s: a save may be in progress"))
+            elif _too_young(store, key, now, min_age):
+                report.kept.append((key, why))
             else:
                 _remove(store, key, report)
         else:

@@ -219,7 +219,14 @@ def gc(
                       f"{escape(k['reason'])}")
     console.print(f"{len(removed)} leftover{'' if len(removed) == 1 else 's'} removed, "
                   f"{human_bytes(freed)} freed from {escape(store.url)}")
-    young = [k for k in kept if k["what"] == "kept" and "save may be in progress" in k["reason"]]
+    in_flight = [k for k in kept if k["what"] == "kept" and "save may be in progress" in k["reason"]]
+    busy = [k for k in in_flight if "is running" in k["reason"]]
+    young = [k for k in in_flight if k not in busy]
+    if busy:
+        size = human_bytes(sum(k["nbytes"] for k in busy))
+        console.print(f"[yellow]{len(busy)} kept ({size}) under names whose writer is running: "
+                      "a save may still be writing them, however old; the writer removes its "
+                      "own leftovers, or run gc again once it stops[/]")
     if young:
         size = human_bytes(sum(k["nbytes"] for k in young))
         console.print(f"[yellow]{len(young)} kept ({size}): younger than {min_age:g} s, so a "
