@@ -362,7 +362,8 @@ def test_unchanged_chunks_are_known_at_their_place_without_blake3(
     for step in (1, 2, 3):
         ckpt.delete(step)
     ckpt.save(4, state_of(1, changed=2))  # no kept step holds these bytes: written again
-    assert hashed == [] and counting.take() >= state_of(1)["big"].nbytes
+    # (the two chunks that changed at the last save by their BLAKE3 first, the rest by XXH3)
+    assert hashed == [CHUNK, CHUNK] and counting.take() >= state_of(1)["big"].nbytes
     assert_same(ckpt.restore(4).state, state_of(1, changed=2))
     ckpt.close()
     other = Checkpointer(NAME, location=store, incremental=True)
@@ -374,6 +375,50 @@ def test_unchanged_chunks_are_known_at_their_place_without_blake3(
     other.save(6, state_of(1, changed=2))
     assert sum(hashed) >= state_of(1)["big"].nbytes and counting.take() == 0
     other.close()
+    report = safepoint.check(store)
+    assert report.clean, report.findings
+
+
+def test_a_place_that_changed_at_the_last_save_is_named_by_blake3_alone(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the bytes at a place changed at the last save, the next save takes their BLAKE3
+    without their XXH3 (they most likely changed again); if they turn out unchanged it takes
+    the XXH3 as well, so that the save after knows them by it alone."""
+    from safepoint.format import chunk_writer as write_module
+
+    quick: list[int] = []
+    strong: list[int] = []
+    real_quick, real_strong = write_module.quick_digest, write_module.digest
+
+    def counted_quick(data: Any, seed: int) -> int:
+        quick.append(memoryview(data).nbytes)
+        return real_quick(data, seed)
+
+    def counted_strong(data: Any) -> str:
+        strong.append(memoryview(data).nbytes)
+        return real_strong(data)
+
+    monkeypatch.setattr(write_module, "quick_digest", counted_quick)
+    monkeypatch.setattr(write_module, "digest", counted_strong)
+    store = safepoint.store.LocalStore(tmp_path / "s")
+    ckpt = Checkpointer(NAME, location=store, incremental=True)
+    ints = state_of(1)["ints"].nbytes  # every chunk of ints changes with the seed
+
+    def save(step: int, state: dict[str, Any]) -> tuple[int, int]:
+        quick.clear()
+        strong.clear()
+        ckpt.save(step, state)
+        return sum(quick), sum(strong)
+
+    total, _ = save(1, state_of(1))  # no history: every place by its XXH3, then its BLAKE3
+    assert total >= ints + 16 * CHUNK
+    assert save(2, state_of(2, changed=2)) == (total, ints + 2 * CHUNK)
+    assert save(3, state_of(3, changed=2)) == (total - ints - 2 * CHUNK, ints + 2 * CHUNK)
+    assert save(4, state_of(3, changed=2)) == (total, ints + 2 * CHUNK)  # unchanged after all
+    assert save(5, state_of(3, changed=2)) == (total, 0)
+    for step in range(1, 6):
+        assert_same(ckpt.restore(step).state, state_of(step if step < 3 else 3, changed=2 if step > 1 else 0))
+    ckpt.close()
     report = safepoint.check(store)
     assert report.clean, report.findings
 

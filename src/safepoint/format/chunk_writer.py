@@ -2,8 +2,8 @@
 
 A chunked blob's chunks are taken in *segments* of up to
 :data:`~safepoint.knobs.CHUNKS_PER_FILE` consecutive chunks, each segment on one writing
-thread: every chunk is hashed (XXH3 at its place first, then BLAKE3 if needed) and a chunk a
-kept step holds is named. New chunks are written each to a chunk file of its own, named by
+thread: every chunk is hashed (XXH3 at its place first, then BLAKE3 if needed; BLAKE3 first
+at a place whose bytes changed at the last save) and a chunk a kept step holds is named. New chunks are written each to a chunk file of its own, named by
 its BLAKE3 and the save id, except in a segment that is being rewritten: every chunk new
 at this save and at the writer's last one (weights that training changes everywhere).
 Its chunks go together into one file, named by its first chunk, with one write and one
@@ -56,10 +56,11 @@ class ChunkWriter:
         for start, stop in spans:
             data = blob.data[start:stop]
             place = (blob.tree_path, start, stop)
-            quick, content, known = self._identify(data, place)
+            seen, known = self._identify(data, place)
+            content = seen.content
             with self.index.lock:
                 changing = changing and known is None and self.index.was_new(place)
-                self.index.note(place, Seen(quick, content, new=known is None))
+                self.index.note(place, seen)
             if known is not None:
                 self.named[(index, start)] = known
                 continue
@@ -96,20 +97,31 @@ class ChunkWriter:
                 self.named[where] = chunk
                 self._fresh[chunk.content] = chunk
 
-    def _identify(self, data: Any, place: tuple[str, int, int]) -> tuple[int, str, Chunk | None]:
-        """The XXH3 and BLAKE3 of ``data`` and a kept chunk holding it, if any; the XXH3
-        at its place spares the BLAKE3 where the bytes are those of the last save."""
+    def _identify(self, data: Any, place: tuple[str, int, int]) -> tuple[Seen, Chunk | None]:
+        """What this save sees at ``place``, and a kept chunk holding those bytes if any.
+
+        The XXH3 at a place spares the BLAKE3 where the bytes are those of the last save.
+        Where they had changed at the last save (weights that training rewrites everywhere)
+        they most likely changed again: the BLAKE3 comes first, and the XXH3 is taken only
+        if the bytes turn out unchanged, for the saves after.
+        """
         index = self.index
-        quick, content, known = 0, "", None
-        if knobs.QUICK_UNCHANGED:
-            quick = quick_digest(data, index.seed)
-            with index.lock:
-                content, known = index.recall(place, quick)
-            if known is not None:
-                return quick, content, known
-        content = content or digest(data)
         with index.lock:
-            return quick, content, index.find(content)
+            last = index.last(place)
+        quick = None
+        if knobs.QUICK_UNCHANGED and not (last is not None and last.changed):
+            quick = quick_digest(data, index.seed)
+            if last is not None and last.quick == quick:
+                with index.lock:
+                    known = index.find(last.content)
+                return Seen(quick, last.content, new=known is None), known
+        content = digest(data)
+        with index.lock:
+            known = index.find(content)
+        changed = last is not None and last.content != content
+        if knobs.QUICK_UNCHANGED and quick is None and not changed:
+            quick = quick_digest(data, index.seed)
+        return Seen(quick, content, new=known is None, changed=changed), known
 
     def close(self) -> None:
         """The save is over, written or not: what it saw is what the next save looks up."""

@@ -108,12 +108,14 @@ def unchanged_share(before: dict[Place, int], now: dict[Place, int]) -> float | 
 
 @dataclass(frozen=True)
 class Seen:
-    """What a save saw at a :data:`Place`: the XXH3 and BLAKE3 of the bytes there, and
-    whether it wrote them (no kept step held them)."""
+    """What a save saw at a :data:`Place`: the XXH3 (None when it was not taken) and BLAKE3
+    of the bytes there, whether it wrote them (no kept step held them), and whether they
+    differed from those the save before saw there."""
 
-    quick: int
+    quick: int | None
     content: str
     new: bool
+    changed: bool = False
 
 
 _WINDOW = 48  # bytes: the rolling hash's window
@@ -287,13 +289,9 @@ class ChunkIndex:
         files = self._by_content.get(content)
         return next(iter(files.values())) if files else None
 
-    def recall(self, place: Place, quick: int) -> tuple[str, Chunk | None]:
-        """The BLAKE3 of the bytes last seen at ``place`` and a kept chunk holding them,
-        if their XXH3 was ``quick``; else ("", None)."""
-        seen = self._seen.get(place)
-        if seen is None or seen.quick != quick:
-            return "", None
-        return seen.content, self.find(seen.content)
+    def last(self, place: Place) -> Seen | None:
+        """What the last save saw at ``place``, if it saw it."""
+        return self._seen.get(place)
 
     def was_new(self, place: Place) -> bool:
         """Whether the last save wrote the bytes it saw at ``place`` (no kept step held them)."""
