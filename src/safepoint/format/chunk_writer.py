@@ -3,9 +3,10 @@
 A chunked blob's chunks are taken in *segments* of up to
 :data:`~safepoint.knobs.CHUNKS_PER_FILE` consecutive chunks, each segment on one writing
 thread: every chunk is hashed (XXH3 at its place first, then BLAKE3 if needed; BLAKE3 first
-at a place whose bytes changed at the last save) and a chunk a kept step holds is named. New chunks are written each to a chunk file of its own, named by
-its BLAKE3 and the save id, except in a segment that is being rewritten: every chunk new
-at this save and at the writer's last one (weights that training changes everywhere).
+at a place whose bytes changed at the last save) and a chunk a kept step holds is named.
+New chunks are written each to a chunk file of its own, named by its BLAKE3 and the save
+id, except in a segment that is being rewritten: every chunk new at this save and at the
+writer's last one (weights that training changes everywhere).
 Its chunks go together into one file, named by its first chunk, with one write and one
 fsync; since the next save most likely rewrites them all again, the file dies whole, and a
 kept step rarely holds superseded bytes through it. A chunk file of several chunks names
