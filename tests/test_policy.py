@@ -115,3 +115,16 @@ def test_default_policy_is_time_based() -> None:
 def test_bad_arguments_are_refused_clearly(make: Callable[[], object], message: str) -> None:
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         make()
+
+
+def test_due_at_says_when_time_alone_could_make_a_policy_due() -> None:
+    assert every(seconds=5).due_at(100.0) == 105.0
+    assert every(items=10).due_at(100.0) is None  # time never makes it due
+    assert manual().due_at(100.0) is None
+    assert (every(seconds=5) | every(seconds=2)).due_at(100.0) == 102.0  # the first of them
+    assert (every(seconds=5) & every(seconds=2)).due_at(100.0) == 105.0  # the last of them
+    assert (every(items=3) | every(seconds=5)).due_at(100.0) == 105.0
+    assert (every(items=3) & every(seconds=5)).due_at(100.0) == 105.0
+    # a policy that does not say could be due at any moment
+    assert as_policy(lambda tick: False).due_at(100.0) == 100.0
+    assert (as_policy(lambda tick: False) | every(seconds=5)).due_at(100.0) == 100.0

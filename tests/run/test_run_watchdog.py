@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import safepoint
+from safepoint.policy import Policy, as_policy
 from safepoint.signals import WATCH_SIGNAL
 
 
@@ -46,3 +50,45 @@ def test_count_policies_need_no_watchdog(tmp_path: Path) -> None:
         assert not any(t.name == "safepoint-watchdog" for t in threading.enumerate())
         for _ in run.range(10):
             pass
+
+
+def _looks(monkeypatch: pytest.MonkeyPatch, run_body: Callable[[], None]) -> int:
+    """How many times the watchdog looked at the segment in progress during ``run_body``."""
+    from safepoint.run.run import Run
+
+    looks = [0]
+    overdue = Run._segment_overdue
+
+    def counted(self: Run) -> bool:
+        looks[0] += 1
+        return overdue(self)
+
+    monkeypatch.setattr(Run, "_segment_overdue", counted)
+    run_body()
+    return looks[0]
+
+
+def test_the_watchdog_sleeps_until_the_policy_could_be_due(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each look takes the GIL from the loop; before every(seconds=30) can be due, a cut
+    # could not make it commit, so the watchdog does not look at all.
+    def body(policy: Policy) -> None:
+        with safepoint.resume("w", location=tmp_path, policy=policy, durable=False) as run:
+            for _ in run.range(30):
+                time.sleep(0.01)
+
+    assert _looks(monkeypatch, lambda: body(safepoint.every(seconds=30))) == 0
+    # a policy that cannot say when it is due is watched all along (every 50 ms)
+    assert _looks(monkeypatch, lambda: body(as_policy(lambda tick: False))) >= 2
+
+
+def test_slow_items_get_time_checkpoints_after_a_long_quiet_period(tmp_path: Path) -> None:
+    # The watchdog wakes at the policy's deadline, then cuts a segment of slow items.
+    fast, slow = 50_000, 30
+    with safepoint.resume("w", location=tmp_path, policy=safepoint.every(seconds=0.2),
+                          durable=False) as run:
+        for i in run.iterate(range(fast + slow)):
+            if i == fast:
+                commits_at_slow_start = run.commits
+            if i >= fast:
+                time.sleep(0.03)  # 0.9 s of slow items: about four 0.2 s periods
+        assert run.commits - commits_at_slow_start >= 2

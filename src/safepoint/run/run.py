@@ -151,7 +151,8 @@ class Run(DurableSteps):
         self._committer: Committer | None = None
         self._outputs: Outputs | None = None
         self._interrupts = SignalGuard(self._defer, STOP_SIGNALS)
-        self._watchdog = (SegmentWatchdog(self._segment_overdue, self._cut_segment, WATCHDOG_SECONDS)
+        self._watchdog = (SegmentWatchdog(self._segment_overdue, self._cut_segment, WATCHDOG_SECONDS,
+                                          self._policy_due_at if clock is time.monotonic else None)
                           if self._policy.uses_clock else None)
         self._needs_fraction = self._policy.uses_fraction
         self._init_steps()
@@ -545,6 +546,10 @@ class Run(DurableSteps):
         """(Watchdog thread) the current segment has run far past its planned length."""
         loops_ = self._loops
         return bool(loops_) and loops_[-1].running_for(time.monotonic()) > WATCHDOG_SECONDS
+
+    def _policy_due_at(self) -> float | None:
+        """(Watchdog thread) when time alone could first make the policy due."""
+        return self._policy.due_at(self._last_at)
 
     def _cut_segment(self) -> None:
         """(Main thread) end the overdue segment after the item in progress, and pace the
