@@ -80,9 +80,11 @@ class FileSet:
     def __init__(self, store: Store, manifest: Manifest, *, mmap: bool = False) -> None:
         self.store, self.manifest = store, manifest
         self.mmap = mmap and store.supports_mmap
+        self._blobs = manifest.blobs
         self._files: dict[int, _File] = {}
         self._verified: set[int] = set()
         self._wanted: list[int] = []  # blob indexes to verify at load()
+        self._singles: list[tuple[int, _File, int, int, str]] = []  # arrays of one range, to verify
         self._multi: list[tuple[int, np.ndarray]] = []  # blobs of several ranges: own buffer
         self._fills: list[tuple[np.ndarray, int | None, bytes | None, str]] = []
         self._parts: list[_PartFill] = []  # parts of blobs (a restore onto another layout)
@@ -93,7 +95,7 @@ class FileSet:
         return f"{self.store.url}/{key}"
 
     def _blob(self, index: int) -> dict[str, Any]:
-        blobs = self.manifest.blobs
+        blobs = self._blobs
         if not 0 <= index < len(blobs):
             raise CorruptCheckpoint(f"{self.manifest.key}: a node refers to blob {index}, which "
                                     "the manifest does not have", path=self.manifest.key)
@@ -150,9 +152,10 @@ class FileSet:
         blob = self._blob(index)
         ranges = blob["ranges"]
         if len(ranges) == 1:
-            fi, offset, length, *_ = ranges[0]
-            buffer = self._private(self._file(fi))
-            self._wanted.append(index)
+            fi, offset, length, expected, *_ = ranges[0]
+            file = self._files.get(fi) or self._file(fi)
+            buffer = file.buffer if file.buffer is not None else self._private(file)
+            self._singles.append((index, file, offset, length, expected))
             return buffer[offset : offset + length]
         out = read_buffer(int(blob["size"]))
         for fi, *_ in ranges:
@@ -208,10 +211,21 @@ class FileSet:
             self._read_ranges(index, out)
         self._multi.clear()
         self.flush()
+        self._verify_singles()
         for index in self._wanted:
             if index not in self._verified:
                 self._verify(index)
         self._wanted.clear()
+
+    def _verify_singles(self) -> None:
+        """Check the arrays of one byte range (most of a model's parameters) in one loop."""
+        crc, verified = _crc32c.crc32c, self._verified
+        for index, file, offset, length, expected in self._singles:
+            data = file.buffer[offset : offset + length]
+            if f"{crc(data) & 0xFFFFFFFF:08x}" != expected:
+                self._check(file.key, data, expected, self._blob(index))
+            verified.add(index)
+        self._singles.clear()
 
     def flush(self) -> None:
         """Read (and verify) the parts asked for so far; fill those bound for the
