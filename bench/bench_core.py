@@ -13,6 +13,8 @@ import itertools
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -279,8 +281,41 @@ def large_load(report: Report, root: Path, state: State, repeat: int) -> Section
         "safepoint, into existing arrays": "restore(into=...) fills the caller's arrays",
         "safepoint, mmap": "read-only maps; checksums still read every page",
     })
+    paths = {"safepoint": root / "safepoint-load"} | {peer.loader: root / f"load-{peer.stem}" for peer in found}
     for peer in found:
         peer.close()
+    first_loads(report, paths, nbytes, report.pick(full=repeat, quick=1))  # a process each: slow
+    return section
+
+
+def first_loads(report: Report, paths: dict[str, Path], nbytes: int, repeat: int) -> Section:
+    """The first load of a fresh process (``bench/first_load.py``), each method in a process of
+    its own, interleaved round by round; the child times the load alone, after its imports."""
+    section = report.section(
+        "Large state: the first load in a fresh process", reference="safepoint", nbytes=nbytes,
+        description=f"{format_bytes(nbytes)}, warm page cache; each sample is a new Python "
+                    "process that imports what it needs, then times its first load (safepoint: "
+                    "Checkpointer(...).restore(), the Checkpointer made in the timing); "
+                    "medians, since every method allocates its output afresh here.")
+    samples: dict[str, list[float]] = {method: [] for method in paths}
+    methods = list(paths)
+    for round_ in range(repeat):
+        shift = round_ % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            child = subprocess.run([sys.executable, "-m", "bench.first_load", method, str(paths[method])],
+                                   capture_output=True, text=True, check=False,
+                                   cwd=Path(__file__).resolve().parent.parent)
+            if child.returncode != 0:
+                raise RuntimeError(f"first load with {method} failed: {child.stderr[-2000:]}")
+            samples[method].append(float(child.stdout.split()[-1]))
+    for method, taken in samples.items():
+        section.add(method, taken)
+    peer_rows = [m for m in methods if m != "safepoint"]
+    if peer_rows:
+        fastest = min(peer_rows, key=lambda m: section.value(m))
+        report.target(f"first restore() in a fresh process ≤ 0.9× the fastest peer ({fastest})",
+                      section.value("safepoint") / section.value(fastest), at_most=0.9,
+                      spread=section.spread("safepoint", to=fastest))
     return section
 
 

@@ -49,6 +49,8 @@ def test_quick_core_run_writes_every_section_and_target(tmp_path: Path) -> None:
             assert row["median_s"] > 0 and len(row["samples_s"]) >= 1, row
     load = {r["method"] for r in sections["Large state: load"]["rows"]}
     assert {"safepoint", "safepoint, into existing arrays", "safepoint, mmap"} <= load
+    first = {r["method"] for r in sections["Large state: the first load in a fresh process"]["rows"]}
+    assert {"safepoint", "pickle.load", "np.load"} <= first
     assert all(t["met"] in (True, False) for t in results["targets"])
     assert any(t["name"].startswith("small durable save ≤ 1.3× raw atomic commit") for t in results["targets"])
     assert "| method | median | best | GB/s |" in done.stdout  # the Markdown lines for the README
