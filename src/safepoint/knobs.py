@@ -65,6 +65,10 @@ PARALLEL_BYTES = 32 << 20
 """Blob files are written, and read, on several threads above this total size."""
 WRITE_THREADS = 4
 READ_THREADS = 2
+COPY_THREADS = 4
+"""Most threads a large in-memory copy is split between (a snapshot, ``restore(into=)``)."""
+COPY_PART_BYTES = 16 << 20
+"""Fewest bytes each of those threads copies."""
 
 # ---------------------------------------------------------------- housekeeping
 

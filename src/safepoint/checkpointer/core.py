@@ -78,6 +78,7 @@ from safepoint.format import (
     write_checkpoint,
 )
 from safepoint.format.chunks import Place, Seen, quick_places, unchanged_share
+from safepoint.format.copying import copy_into
 from safepoint.format.shards import Part
 from safepoint.lease import Lease, release_when_dropped
 from safepoint.policy import Policy, PolicyLike, Tick, as_policy, every
@@ -399,7 +400,7 @@ class Checkpointer:
         if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
             buffer = np.empty_like(array, order="C")
             self._buffers[index] = buffer
-        np.copyto(buffer, array, casting="no")
+        copy_into(buffer, array)
         return buffer
 
     def _take_lease(self) -> Lease:

@@ -29,6 +29,7 @@ import numpy as np
 from safepoint import knobs
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeCheckpoint
 from safepoint.format.chunks import is_chunk_key
+from safepoint.format.copying import copy_into
 from safepoint.format.manifest import Manifest, read_manifest
 from safepoint.format.plain import plain_copy
 from safepoint.format.tree import Decoder
@@ -211,21 +212,39 @@ class FileSet:
             self._read_ranges(index, out)
         self._multi.clear()
         self.flush()
-        self._verify_singles()
-        for index in self._wanted:
+        checks, self._singles = self._singles, []
+        for index in dict.fromkeys(self._wanted):
             if index not in self._verified:
-                self._verify(index)
+                checks += [(index, self._files[fi], offset, length, expected)
+                           for fi, offset, length, expected, *_ in self._blob(index)["ranges"]]
         self._wanted.clear()
+        self._verify_ranges(checks)
 
-    def _verify_singles(self) -> None:
-        """Check the arrays of one byte range (most of a model's parameters) in one loop."""
+    def _verify_ranges(self, checks: list[tuple[int, _File, int, int, str]]) -> None:
+        """Check the checksum of every ``(blob, file, offset, length, expected)``: in one
+        loop, or for a large load in a loop per thread over about equal shares of the bytes
+        (crc32c releases the GIL, as the copies do)."""
+        total = sum(check[3] for check in checks)
+        threads = min(knobs.READ_THREADS, len(checks))
+        if threads < 2 or total < knobs.PARALLEL_BYTES:
+            self._verify_share(checks)
+            return
+        shares: list[list[tuple[int, _File, int, int, str]]] = [[] for _ in range(threads)]
+        done = 0
+        for check in checks:
+            shares[min(threads - 1, done * threads // total)].append(check)
+            done += check[3]
+        with ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(self._verify_share, share) for share in shares]:
+                future.result()
+
+    def _verify_share(self, checks: list[tuple[int, _File, int, int, str]]) -> None:
         crc, verified = _crc32c.crc32c, self._verified
-        for index, file, offset, length, expected in self._singles:
+        for index, file, offset, length, expected in checks:
             data = file.buffer[offset : offset + length]
             if f"{crc(data) & 0xFFFFFFFF:08x}" != expected:
                 self._check(file.key, data, expected, self._blob(index))
             verified.add(index)
-        self._singles.clear()
 
     def flush(self) -> None:
         """Read (and verify) the parts asked for so far; fill those bound for the
@@ -308,13 +327,6 @@ class FileSet:
                 found = self._maps[file.key] = self._map(_File(file.key, file.size))
             return found
 
-    def _verify(self, index: int) -> None:
-        blob = self._blob(index)
-        for fi, offset, length, expected, *_ in blob["ranges"]:
-            file = self._files[fi]
-            self._check(file.key, file.buffer[offset : offset + length], expected, blob)
-        self._verified.add(index)
-
     def _check(self, key: str, data: Any, expected: str, blob: dict[str, Any]) -> None:
         actual = _crc(data)
         if actual != expected:
@@ -353,7 +365,7 @@ class FileSet:
                 saved = raw.view(target.dtype).reshape(target.shape[::-1]).T
             else:
                 saved = raw.view(target.dtype).reshape(target.shape)
-            np.copyto(target, saved, casting="no")
+            copy_into(target, saved)
         self._fills.clear()
         for part in self._parts:
             part.copy()
@@ -389,7 +401,7 @@ class _PartFill:
             assert self.buffer is not None
             raw = self.buffer[self.first - self.base : self.end - self.base]
         if self.target.size:
-            np.copyto(self.target, self.view(raw), casting="no")
+            copy_into(self.target, self.view(raw))
 
 
 @dataclass
