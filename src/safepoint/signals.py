@@ -121,7 +121,10 @@ class SegmentWatchdog:
                 _thread.interrupt_main(WATCH_SIGNAL)
 
     def _watch_from(self) -> float:
-        start = self.watch_from() if self.watch_from is not None else None
+        try:
+            start = self.watch_from() if self.watch_from is not None else None
+        except Exception:  # a policy's due_at() failed: look as if it could be due at any moment
+            return -math.inf
         return start if start is not None else -math.inf
 
     def _until_next_look(self) -> float:

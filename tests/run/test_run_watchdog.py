@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import safepoint
-from safepoint.policy import Policy, as_policy
+from safepoint.policy import Policy, Tick, as_policy
 from safepoint.signals import WATCH_SIGNAL
 
 
@@ -91,4 +91,28 @@ def test_slow_items_get_time_checkpoints_after_a_long_quiet_period(tmp_path: Pat
                 commits_at_slow_start = run.commits
             if i >= fast:
                 time.sleep(0.03)  # 0.9 s of slow items: about four 0.2 s periods
+        assert run.commits - commits_at_slow_start >= 2
+
+
+class _BrokenDueAt(Policy):
+    """A time policy whose due_at() fails: the watchdog then looks all along."""
+
+    def __call__(self, tick: Tick) -> bool:
+        return tick.now() - tick.last_checkpoint_at >= 0.1
+
+    def horizon(self, since: int, position: int, total: int | None, fraction_at_last: float) -> int | None:
+        return None
+
+    def due_at(self, last_checkpoint_at: float) -> float | None:
+        raise RuntimeError("a bug in a user's policy")
+
+
+def test_a_policy_whose_due_at_fails_is_watched_all_along(tmp_path: Path) -> None:
+    fast, slow = 50_000, 25
+    with safepoint.resume("w", location=tmp_path, policy=_BrokenDueAt(), durable=False) as run:
+        for i in run.iterate(range(fast + slow)):
+            if i == fast:
+                commits_at_slow_start = run.commits
+            if i >= fast:
+                time.sleep(0.02)
         assert run.commits - commits_at_slow_start >= 2
