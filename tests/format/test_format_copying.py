@@ -62,6 +62,23 @@ def test_what_cannot_be_split_is_one_copy_that_raises_as_numpy_does(threaded: li
     assert small.sum() == 10 and "safepoint-copy" not in threaded
 
 
+def test_a_helper_threads_error_is_raised_in_the_caller(threaded: list[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    copyto = np.copyto
+    calls = []
+
+    def failing_in_helpers(target: np.ndarray, source: np.ndarray, **options: Any) -> None:
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "safepoint-copy":
+            raise MemoryError("a helper failed")
+        copyto(target, source, **options)
+
+    monkeypatch.setattr(np, "copyto", failing_in_helpers)
+    with pytest.raises(MemoryError, match="a helper failed"):
+        copy_into(np.zeros(200_000, np.float32), np.ones(200_000, np.float32))
+    assert calls.count("safepoint-copy") == 2
+
+
 def _state() -> dict[str, Any]:
     rng = np.random.default_rng(1)
     return {f"w{i}": rng.standard_normal(40_000).astype(np.float32) for i in range(6)}  # 160 KB each

@@ -28,9 +28,16 @@ def copy_into(target: np.ndarray, source: np.ndarray) -> None:
         return
     to, of = target.reshape(-1), source.reshape(-1)
     bounds = [len(to) * i // threads for i in range(threads + 1)]
-    helpers = [threading.Thread(target=np.copyto, args=(to[start:stop], of[start:stop]),
-                                name="safepoint-copy", daemon=True)
-               for start, stop in itertools.pairwise(bounds[1:])]
+    failed: list[BaseException] = []
+
+    def copy(start: int, stop: int) -> None:
+        try:
+            np.copyto(to[start:stop], of[start:stop])
+        except BaseException as exc:  # raised in the caller, after every helper is done
+            failed.append(exc)
+
+    helpers = [threading.Thread(target=copy, args=bounds_, name="safepoint-copy", daemon=True)
+               for bounds_ in itertools.pairwise(bounds[1:])]
     for helper in helpers:
         helper.start()
     try:
@@ -38,6 +45,8 @@ def copy_into(target: np.ndarray, source: np.ndarray) -> None:
     finally:
         for helper in helpers:
             helper.join()
+    if failed:
+        raise failed[0]
 
 
 __all__ = ["copy_into"]
