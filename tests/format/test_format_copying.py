@@ -92,7 +92,7 @@ def test_async_snapshot_and_restore_into_on_threads_are_exact(tmp_path: Path, th
     for value in state.values():  # the snapshot was taken: the caller may change its arrays
         value += 1.0
     ckpt.wait()
-    assert threaded.count("safepoint-copy") >= 6  # each 160 KB array copied by three threads
+    assert threaded.count("safepoint-copy") >= 6  # each 160 KB array split between two threads
     targets = {k: np.full_like(v, -1.0) for k, v in saved.items()}
     ckpt.restore(into=targets)
     assert all(np.array_equal(targets[k], saved[k]) for k in saved)
