@@ -8,9 +8,11 @@ before a byte is read, so a FIFO or a device cannot hang or feed a read.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import stat as stat_module
@@ -63,17 +65,22 @@ def _write_all(fd: int, chunks: Iterable[Buffer]) -> None:
 
 
 def _writev(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` whole, however the kernel splits the writes (a short ``writev`` goes
+    on from the byte where it stopped; the sums are taken in C, not view by view). A call
+    ends with the first view too large for one call, so that the bytes it wrote are a prefix
+    of the views as given."""
     while views:
-        batch = [v[:_MAX_WRITE] for v in views[:_IOV_MAX]]
+        batch = views[:_IOV_MAX]
+        if max(v.nbytes for v in batch) > _MAX_WRITE:  # rare: end the call with the first
+            cut = next(i for i, v in enumerate(batch) if v.nbytes > _MAX_WRITE)  # that cannot go whole
+            batch = [*batch[:cut], batch[cut][:_MAX_WRITE]]
         written = os.writev(fd, batch)
-        while written and views:
-            head = views[0]
-            if written >= head.nbytes:
-                written -= head.nbytes
-                views.pop(0)
-            else:
-                views[0] = head[written:]
-                written = 0
+        ends = list(itertools.accumulate(v.nbytes for v in views[: len(batch)]))
+        whole = bisect.bisect_right(ends, written)  # views written entirely (not cut ones)
+        rest = written - (ends[whole - 1] if whole else 0)
+        views = views[whole:]
+        if rest:
+            views[0] = views[0][rest:]
 
 
 def _kind(mode: int) -> EntryKind:
