@@ -297,20 +297,17 @@ def first_loads(report: Report, paths: dict[str, Path], nbytes: int, repeat: int
                     "process that imports what it needs, then times its first load (safepoint: "
                     "Checkpointer(...).restore(), the Checkpointer made in the timing); "
                     "medians, since every method allocates its output afresh here.")
-    samples: dict[str, list[float]] = {method: [] for method in paths}
-    methods = list(paths)
-    for round_ in range(repeat):
-        shift = round_ % len(methods)
-        for method in methods[shift:] + methods[:shift]:
-            child = subprocess.run([sys.executable, "-m", "bench.first_load", method, str(paths[method])],
-                                   capture_output=True, text=True, check=False,
-                                   cwd=Path(__file__).resolve().parent.parent)
-            if child.returncode != 0:
-                raise RuntimeError(f"first load with {method} failed: {child.stderr[-2000:]}")
-            samples[method].append(float(child.stdout.split()[-1]))
-    for method, taken in samples.items():
-        section.add(method, taken)
-    peer_rows = [m for m in methods if m != "safepoint"]
+    def first_load(method: str) -> float:
+        child = subprocess.run([sys.executable, "-m", "bench.first_load", method, str(paths[method])],
+                               capture_output=True, text=True, check=False,
+                               cwd=Path(__file__).resolve().parent.parent)
+        if child.returncode != 0:
+            raise RuntimeError(f"first load with {method} failed: {child.stderr[-2000:]}")
+        return float(child.stdout.split()[-1])
+
+    section.add_all(compare({method: Case(lambda _, method=method: first_load(method), timed_by_run=True)
+                             for method in paths}, repeat=repeat))
+    peer_rows = [m for m in paths if m != "safepoint"]
     if peer_rows:
         fastest = min(peer_rows, key=lambda m: section.value(m))
         report.target(f"first restore() in a fresh process ≤ 0.9× the fastest peer ({fastest})",
