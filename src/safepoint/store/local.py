@@ -65,17 +65,19 @@ def _write_all(fd: int, chunks: Iterable[Buffer]) -> None:
 
 
 def _writev(fd: int, views: list[memoryview]) -> None:
-    """Write ``views`` whole, however the kernel splits the writes (a short ``writev`` goes
-    on from the byte where it stopped; the sums are taken in C, not view by view). A call
-    ends with the first view too large for one call, so that the bytes it wrote are a prefix
-    of the views as given."""
+    """Write ``views`` whole, however the kernel splits the writes: a short ``writev`` goes
+    on from the byte where it stopped, found by bisecting the running sum of the sizes. A
+    call ends with the first view too large for one call, so that the bytes it wrote are a
+    prefix of the views as given."""
     while views:
         batch = views[:_IOV_MAX]
-        if max(v.nbytes for v in batch) > _MAX_WRITE:  # rare: end the call with the first
-            cut = next(i for i, v in enumerate(batch) if v.nbytes > _MAX_WRITE)  # that cannot go whole
+        sizes = [v.nbytes for v in batch]
+        if max(sizes) > _MAX_WRITE:  # rare: end the call with the first that cannot go whole
+            cut = next(i for i, size in enumerate(sizes) if size > _MAX_WRITE)
             batch = [*batch[:cut], batch[cut][:_MAX_WRITE]]
+            sizes = sizes[: cut + 1]  # the cut view's own size: its rest stays to write
         written = os.writev(fd, batch)
-        ends = list(itertools.accumulate(v.nbytes for v in views[: len(batch)]))
+        ends = list(itertools.accumulate(sizes))
         whole = bisect.bisect_right(ends, written)  # views written entirely (not cut ones)
         rest = written - (ends[whole - 1] if whole else 0)
         views = views[whole:]
