@@ -43,7 +43,8 @@ CHUNK_BYTES = 4 << 20
 stored once under its content hash (``Checkpointer(..., incremental=True)``)."""
 QUICK_UNCHANGED = True
 """Incremental saves take a chunk whose 128-bit XXH3 matches the one its place had at the
-writer's last save as unchanged, without its BLAKE3. False names every chunk by its BLAKE3
+writer's last save as unchanged, without its BLAKE3, and name a chunk whose place changed
+at the last save and again now from its XXH3. False names every chunk by its BLAKE3
 alone: for states holding bytes that someone may have crafted to collide in XXH3, which is
 not a cryptographic hash."""
 AUTO_INCREMENTAL_ON = 0.5

@@ -362,8 +362,8 @@ def test_unchanged_chunks_are_known_at_their_place_without_blake3(
     for step in (1, 2, 3):
         ckpt.delete(step)
     ckpt.save(4, state_of(1, changed=2))  # no kept step holds these bytes: written again
-    # (the two chunks that changed at the last save by their BLAKE3 first, the rest by XXH3)
-    assert hashed == [CHUNK, CHUNK] and counting.take() >= state_of(1)["big"].nbytes
+    # (every chunk known by its XXH3 alone: the bytes are those of the last save)
+    assert hashed == [] and counting.take() >= state_of(1)["big"].nbytes
     assert_same(ckpt.restore(4).state, state_of(1, changed=2))
     ckpt.close()
     other = Checkpointer(NAME, location=store, incremental=True)
@@ -379,11 +379,13 @@ def test_unchanged_chunks_are_known_at_their_place_without_blake3(
     assert report.clean, report.findings
 
 
-def test_a_place_that_changed_at_the_last_save_is_named_by_blake3_alone(
+def test_a_place_rewritten_at_every_save_is_named_by_its_xxh3(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the bytes at a place changed at the last save, the next save takes their BLAKE3
-    without their XXH3 (they most likely changed again); if they turn out unchanged it takes
-    the XXH3 as well, so that the save after knows them by it alone."""
+    """Where the bytes at a place changed at the last save and change again, the chunk is
+    named from its XXH3, with no BLAKE3 (bytes that change at every save are never shared):
+    a save that changed everything hashes each byte once, at XXH3's speed. Bytes that the
+    writer saw before (a region set back) keep their earlier name and are not written
+    again; a new writer names everything by BLAKE3 and reads the XXH3-named chunks."""
     from safepoint.format import chunk_writer as write_module
 
     quick: list[int] = []
@@ -401,6 +403,7 @@ def test_a_place_that_changed_at_the_last_save_is_named_by_blake3_alone(
     monkeypatch.setattr(write_module, "quick_digest", counted_quick)
     monkeypatch.setattr(write_module, "digest", counted_strong)
     store = safepoint.store.LocalStore(tmp_path / "s")
+    counting = Counting(store)
     ckpt = Checkpointer(NAME, location=store, incremental=True)
     ints = state_of(1)["ints"].nbytes  # every chunk of ints changes with the seed
 
@@ -412,13 +415,27 @@ def test_a_place_that_changed_at_the_last_save_is_named_by_blake3_alone(
 
     total, _ = save(1, state_of(1))  # no history: every place by its XXH3, then its BLAKE3
     assert total >= ints + 16 * CHUNK
-    assert save(2, state_of(2, changed=2)) == (total, ints + 2 * CHUNK)
-    assert save(3, state_of(3, changed=2)) == (total - ints - 2 * CHUNK, ints + 2 * CHUNK)
-    assert save(4, state_of(3, changed=2)) == (total, ints + 2 * CHUNK)  # unchanged after all
-    assert save(5, state_of(3, changed=2)) == (total, 0)
-    for step in range(1, 6):
-        assert_same(ckpt.restore(step).state, state_of(step if step < 3 else 3, changed=2 if step > 1 else 0))
+    assert save(2, state_of(2, changed=2)) == (total, ints + 2 * CHUNK)  # changed once: BLAKE3
+    names = set(chunk_entries(read_manifest(store, NAME, 2)))
+    counting.take()
+    assert save(3, state_of(3, changed=2)) == (total, 0)  # changed again: XXH3 alone
+    assert counting.take() == ints + 2 * CHUNK
+    assert save(4, state_of(2, changed=2)) == (total, 0)  # set back to step 2's bytes
+    assert counting.take() == 0
+    assert set(chunk_entries(read_manifest(store, NAME, 4))) == names  # step 2's chunk files
+    assert save(5, state_of(2, changed=2)) == (total, 0)  # unchanged: named, not written
+    assert counting.take() == 0
+    for step, seed in ((1, 1), (2, 2), (3, 3), (4, 2), (5, 2)):
+        assert_same(ckpt.restore(step).state, state_of(seed, changed=2 if step > 1 else 0))
     ckpt.close()
+    other = Checkpointer(NAME, location=store, incremental=True)  # a new writer, a new seed
+    assert_same(other.restore(3).state, state_of(3, changed=2))
+    strong.clear()
+    other.save(6, state_of(3, changed=2))
+    assert sum(strong) >= ints + 16 * CHUNK  # every chunk by BLAKE3: it knows no XXH3 of ours
+    assert counting.take() == ints + 2 * CHUNK  # the XXH3-named chunks are not found by it
+    assert_same(other.restore(6).state, state_of(3, changed=2))
+    other.close()
     report = safepoint.check(store)
     assert report.clean, report.findings
 

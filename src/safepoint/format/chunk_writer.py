@@ -2,8 +2,9 @@
 
 A chunked blob's chunks are taken in *segments* of up to
 :data:`~safepoint.knobs.CHUNKS_PER_FILE` consecutive chunks, each segment on one writing
-thread: every chunk is hashed (XXH3 at its place first, then BLAKE3 if needed; BLAKE3 first
-at a place whose bytes changed at the last save) and a chunk a kept step holds is named.
+thread: every chunk is hashed (XXH3 at its place first, then BLAKE3 if its bytes changed;
+at a place whose bytes changed at the last save too, the XXH3 names the chunk) and a chunk
+a kept step holds is named.
 New chunks are written each to a chunk file of its own, named by its BLAKE3 and the save
 id, except in a segment that is being rewritten: every chunk new at this save and at the
 writer's last one (weights that training changes everywhere).
@@ -19,7 +20,15 @@ import threading
 from typing import Any
 
 from safepoint import knobs
-from safepoint.format.chunks import Chunk, ChunkIndex, Seen, chunk_file, digest, quick_digest
+from safepoint.format.chunks import (
+    Chunk,
+    ChunkIndex,
+    Seen,
+    chunk_file,
+    digest,
+    quick_digest,
+    rewritten_name,
+)
 from safepoint.format.manifest import checksum
 from safepoint.format.tree import BlobRef
 from safepoint.store import Store
@@ -102,26 +111,32 @@ class ChunkWriter:
         """What this save sees at ``place``, and a kept chunk holding those bytes if any.
 
         The XXH3 at a place spares the BLAKE3 where the bytes are those of the last save.
-        Where they had changed at the last save (weights that training rewrites everywhere)
-        they most likely changed again: the BLAKE3 comes first, and the XXH3 is taken only
-        if the bytes turn out unchanged, for the saves after.
+        Where they had changed at the last save too (weights that training rewrites
+        everywhere), the chunk is named from its XXH3 (:func:`rewritten_name`): bytes that
+        change at every save are never shared, so their BLAKE3 would buy nothing, and a
+        save in which everything changed hashes each byte once, at XXH3's speed.
         """
         index = self.index
         with index.lock:
             last = index.last(place)
-        quick = None
-        if knobs.QUICK_UNCHANGED and not (last is not None and last.changed):
-            quick = quick_digest(data, index.seed)
-            if last is not None and last.quick == quick:
-                with index.lock:
-                    known = index.find(last.content)
-                return Seen(quick, last.content, new=known is None), known
-        content = digest(data)
+        if not knobs.QUICK_UNCHANGED:
+            content = digest(data)
+            with index.lock:
+                known = index.find(content)
+            changed = last is not None and last.content != content
+            return Seen(None, content, new=known is None, changed=changed), known
+        quick = quick_digest(data, index.seed)
+        if last is not None and last.quick == quick:
+            content, changed = last.content, False
+        elif last is not None and last.changed:
+            with index.lock:  # bytes it saw before (a region set back) keep their name
+                content = index.named(quick) or rewritten_name(quick, index.seed)
+            changed = True
+        else:
+            content = digest(data)
+            changed = last is not None and last.content != content
         with index.lock:
             known = index.find(content)
-        changed = last is not None and last.content != content
-        if knobs.QUICK_UNCHANGED and quick is None and not changed:
-            quick = quick_digest(data, index.seed)
         return Seen(quick, content, new=known is None, changed=changed), known
 
     def close(self) -> None:

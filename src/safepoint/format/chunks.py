@@ -25,12 +25,13 @@ a kept manifest names, and such a manifest was in the pass or is newer than its 
 
 **Unchanged bytes are known without their BLAKE3.** The index remembers, for each place a
 chunk was cut at (blob path and byte offsets), a 128-bit XXH3 of its bytes (seeded at random
-per index) and the BLAKE3 that names them. A save first takes the XXH3, four times as fast;
+per index) and the name of the chunk. A save first takes the XXH3, several times as fast;
 where it matches the remembered one at that place, the bytes are the same (the odds against
 are 2**-128 for any change a program makes; only crafted bytes could collide, and they would
 be the caller's own; :data:`~safepoint.knobs.QUICK_UNCHANGED` turns this off) and the
 remembered chunk is named, if a kept step still holds it. Any other chunk is hashed with
-BLAKE3 as above.
+BLAKE3 as above, except where the bytes at its place changed at the last save too: such
+bytes are never shared, and the chunk is named from its XXH3 (:func:`rewritten_name`).
 """
 
 from __future__ import annotations
@@ -66,9 +67,23 @@ def digest(data: Any) -> str:
 
 
 def quick_digest(data: Any, seed: int) -> int:
-    """The 128-bit XXH3 of ``data`` that tells a chunk unchanged at its place (about four
-    times as fast as :func:`digest`); never a chunk's name."""
+    """The 128-bit XXH3 of ``data`` that tells a chunk unchanged at its place (several
+    times as fast as :func:`digest`)."""
     return xxhash.xxh3_128_intdigest(data, seed=seed)
+
+
+_REWRITTEN = "safepoint 2026-12 chunk of a place rewritten at every save"
+
+
+def rewritten_name(quick: int, seed: int) -> str:
+    """The name of a chunk at a place whose bytes change at every save (weights in
+    training), taken from its XXH3 instead of a BLAKE3 of its bytes: BLAKE3 in key
+    derivation mode (its own domain: no hash of any bytes equals it) of the XXH3 and the
+    writer's seed. Only that writer can find the chunk by it (at its place, or as the
+    same bytes elsewhere in its saves); nobody else would find bytes that change at every
+    save anyway."""
+    key = quick.to_bytes(16, "little") + seed.to_bytes(8, "little")
+    return blake3(key, derive_key_context=_REWRITTEN).hexdigest()
 
 
 Place = tuple[str, int, int]
@@ -268,6 +283,7 @@ class ChunkIndex:
     _indexed: dict[str, set[str]] = field(default_factory=dict)  # file: contents found in it
     _seen: dict[Place, Seen] = field(default_factory=dict)  # what the last save saw
     _seeing: dict[Place, Seen] = field(default_factory=dict)  # what this save sees
+    _by_quick: dict[int, str] = field(default_factory=dict)  # XXH3 -> name, of chunks it saw
     seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little"))
     turns: int = 0  # saves over (a save without chunked blobs is not one: it noted nothing)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -298,9 +314,16 @@ class ChunkIndex:
         seen = self._seen.get(place)
         return seen is not None and seen.new
 
+    def named(self, quick: int) -> str | None:
+        """The name of the bytes of XXH3 ``quick`` (this writer's seed), if a save of this
+        writer saw them in a chunk that a kept step or the last save still holds."""
+        return self._by_quick.get(quick)
+
     def note(self, place: Place, seen: Seen) -> None:
         """Remember, for the next save, what this save saw at ``place``."""
         self._seeing[place] = seen
+        if seen.quick is not None:
+            self._by_quick[seen.quick] = seen.content
 
     def seen(self) -> dict[Place, Seen]:
         """What the last save saw (a forked save sends it to its parent)."""
@@ -311,6 +334,7 @@ class ChunkIndex:
         """Take what a save in a forked process saw as the last save's."""
         with self.lock:
             self._seen = seen
+            self._by_quick.update((s.quick, s.content) for s in seen.values() if s.quick is not None)
             self.turns += 1
 
     def turn(self) -> None:
@@ -318,6 +342,9 @@ class ChunkIndex:
         those, so that what is remembered stays the size of one state)."""
         self._seen, self._seeing = self._seeing, {}
         self.turns += 1
+        live = {seen.content for seen in self._seen.values()}
+        self._by_quick = {quick: content for quick, content in self._by_quick.items()
+                          if content in live or content in self._by_content}
 
     def reused(self) -> float | None:
         """The share of the bytes that the last save saw which a kept step held already
@@ -437,6 +464,7 @@ __all__ = [
     "is_chunk_file",
     "is_chunk_key",
     "quick_places",
+    "rewritten_name",
     "shared_bytes",
     "unchanged_share",
 ]
