@@ -10,6 +10,7 @@ with the standard library wherever orjson would not give back exactly what was w
 
 from __future__ import annotations
 
+import gc
 import json
 import marshal
 from typing import Any
@@ -109,16 +110,17 @@ _WRAP = max(0, _WRITE_LIMIT - knobs.MAX_DEPTH)
 ``knobs.MAX_DEPTH`` containers deep."""
 
 
-def plain_json(obj: Any) -> tuple[bytes, Any] | None:
-    """The JSON text of ``obj`` and a deep copy of it when ``obj`` is a plain tree
-    (:func:`is_plain`), else None; for a large tree, several times faster than
-    :func:`is_plain` and encoding it.
+def plain_json(obj: Any) -> bytes | None:
+    """The JSON text of ``obj`` when ``obj`` is a plain tree (:func:`is_plain`), else None;
+    for a large tree, several times faster than :func:`is_plain` and encoding it.
 
     Every check runs in C: orjson refuses non-str keys, ints beyond 53 bits (left to
-    :func:`is_plain`, which keeps int64 ints), subclasses, bytes and every other object,
-    and (wrapped in lists) trees that nest too deep; marshal refuses what orjson writes as
-    something else (an ``IntEnum``, a ``UUID``); the copy read back from the text equals
-    ``obj`` only without tuples, NaN or infinities; and a ``"$"`` key shows in the text.
+    :func:`is_plain`, which keeps int64 ints), subclasses, bytes and most other objects,
+    and (wrapped in lists) trees that nest too deep; a walk of the containers a level at a
+    time (``gc.get_referents``) refuses every type but the plain ones, which orjson would
+    write as something else (a tuple, an Enum, a UUID); the nulls in the text are the
+    tree's Nones only, not a NaN or an infinity (which orjson writes as null); and a
+    ``"$"`` key shows in the text.
     """
     kind = type(obj)
     if kind is not dict and kind is not list:
@@ -131,15 +133,34 @@ def plain_json(obj: Any) -> tuple[bytes, Any] | None:
         wrapped = [wrapped]
     try:
         text = orjson.dumps(wrapped, option=_STRICT)
-        marshal.dumps(obj)
     except (TypeError, ValueError):
         return None
     if wrap:
         text = text[wrap:-wrap]
-    if b'"$":' in text:  # a "$" key (or one ending in '"$'): tagged objects decide
+    if b"$" in text and b'"$":' in text:  # a "$" key (or one ending in '"$'): tagged objects decide
         return None
-    copy = orjson.loads(text)
-    return (text, copy) if copy == obj else None
+    nulls = text.count(b"null")  # Nones, NaNs, infinities; "null" inside a str counts too
+    nones = _plain_types_nones(obj, count=nulls > 0)
+    return text if nones is not None and nones == nulls else None
+
+
+def _plain_types_nones(obj: Any, *, count: bool) -> int | None:
+    """The Nones among the values of ``obj`` (0 unless ``count``), or None if a value or
+    a key of any of its containers is of a type that is not plain. Only for a tree orjson
+    has written (no cycle, bounded depth). Each level is handed whole to the next
+    ``get_referents`` call: the leaves show nothing, so no Python filters out the
+    containers. A dict with str keys only shows its values: its keys are then exact str;
+    any other dict shows its keys too."""
+    level, nones = [obj], 0
+    while level:
+        found = gc.get_referents(*level)
+        kinds = set(map(type, found))
+        if not kinds <= _PLAIN:
+            return None
+        if count and type(None) in kinds:
+            nones += found.count(None)
+        level = found
+    return nones
 
 
 def dumps(body: Any, *, tree: bytes | None = None) -> bytes:

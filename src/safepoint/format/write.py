@@ -37,6 +37,7 @@ from safepoint.format.manifest import (
     encode_manifest,
     json_copy,
 )
+from safepoint.format.plain import loads
 from safepoint.format.shards import Part, merge_parts
 from safepoint.format.tree import BlobRef, Encoder
 from safepoint.store import Store
@@ -69,7 +70,7 @@ def prepare(
     allow_pickle: bool = False,
     snapshot: Callable[[int, np.ndarray], np.ndarray] | None = None,
     share: bool = False,
-    plain: tuple[bytes, Any] | None = None,
+    plain: bytes | None = None,
     host_only: bool = False,
     shards_only: bool = False,
 ) -> Prepared:
@@ -77,17 +78,16 @@ def prepare(
     (``host_only``: also of a framework array held in device memory).
 
     ``share=True``: plain subtrees are their own nodes, not copies (the node is written
-    before the tree may change); ``plain``: what ``plain_json(tree)`` found (its text and a
-    copy of the tree).
+    before the tree may change); ``plain``: what ``plain_json(tree)`` found (its text; a
+    copy of the tree is read back from it unless ``share``).
     ``shards_only``: a distributed save's other ranks encode only their shards and
     per-rank values (the coordinator saves the replicated rest).
     """
     encoder = Encoder(allow_pickle=allow_pickle, snapshot=snapshot, share=share,
                       host_only=host_only, shards_only=shards_only)
     if plain is not None:
-        text, copy = plain
-        return Prepared(node=None if shards_only else tree if share else copy, blobs=[], pickled=[],
-                        text=None if shards_only else text)
+        node = None if shards_only else tree if share else loads(plain)
+        return Prepared(node=node, blobs=[], pickled=[], text=None if shards_only else plain)
     return Prepared(node=encoder.encode(tree), blobs=encoder.blobs, pickled=encoder.pickled,
                     shards=encoder.shards, per_rank=encoder.per_rank,
                     parts=(Part.nodes(encoder.shards), Part.nodes(encoder.per_rank)))
