@@ -128,23 +128,30 @@ class S3Proxy:
             with self._lock:
                 in_flight = self._in_flight[probe.action]
             if failure is not None:
-                status, code = failure[2], failure[3]
-                payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                status = failure[2]
+                headers = [("Content-Type", "application/xml")]
+                payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{failure[3]}</Code>"
                            f"<Message>injected by the test proxy</Message></Error>").encode()
-                handler.send_response(status)
-                handler.send_header("Content-Type", "application/xml")
-                handler.send_header("Content-Length", str(len(payload)))
-                handler.end_headers()
-                handler.wfile.write(payload)
             else:
-                status = self._forward(handler, body)
-            with self._lock:
+                status, headers, payload = self._forward(handler, body)
+            with self._lock:  # recorded before the client hears back: it may look at once
                 self.seen.append(Seen(probe.method, probe.path, probe.query, status, in_flight))
+            handler.send_response(status)
+            head = handler.command == "HEAD"  # its Content-Length is the object's
+            for key, value in headers:
+                if key.lower() not in _HOP and (head or key.lower() != "content-length"):
+                    handler.send_header(key, value)
+            if not head:
+                handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            if not head:
+                handler.wfile.write(payload)
         finally:
             with self._lock:
                 self._in_flight[probe.action] -= 1
 
-    def _forward(self, handler: BaseHTTPRequestHandler, body: bytes) -> int:
+    def _forward(self, handler: BaseHTTPRequestHandler, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The upstream server's answer to the request: status, headers, body."""
         connection = http.client.HTTPConnection(*self.upstream, timeout=60)
         try:
             connection.putrequest(handler.command, handler.path, skip_host=True, skip_accept_encoding=True)
@@ -154,18 +161,7 @@ class S3Proxy:
             connection.putheader("Content-Length", str(len(body)))
             connection.endheaders(body)
             response = connection.getresponse()
-            payload = response.read()
-            handler.send_response(response.status)
-            head = handler.command == "HEAD"  # its Content-Length is the object's
-            for key, value in response.getheaders():
-                if key.lower() not in _HOP and (head or key.lower() != "content-length"):
-                    handler.send_header(key, value)
-            if not head:
-                handler.send_header("Content-Length", str(len(payload)))
-            handler.end_headers()
-            if not head:
-                handler.wfile.write(payload)
-            return response.status
+            return response.status, response.getheaders(), response.read()
         finally:
             connection.close()
 

@@ -132,9 +132,9 @@ def test_the_retry_settings_are_the_backends_own(url: str, s3_options: dict[str,
         before = len(proxy.seen)
         with pytest.raises(safepoint.SaveFailed, match="step 2") as failure:
             ckpt.save(2, {"x": np.arange(10), "step": 2})
-        tried = [seen for seen in proxy.seen[before:]
-                 if seen.action == "PutObject" and seen.path.endswith("/job/000000000002.json")]
-        assert len(tried) == 3, [seen.path for seen in proxy.seen[before:]]  # the step's manifest
+        tried = [seen for seen in proxy.seen[before:] if seen.action == "PutObject"]
+        assert len(tried) == 3 and all(seen.path.endswith("/job/000000000002.json") for seen in tried), \
+            [seen.path for seen in proxy.seen[before:]]  # the step's manifest, and nothing after it
         assert "injected by the test proxy" in str(failure.value)  # the server's own message
         assert "previous checkpoints are untouched" in str(failure.value)
         ckpt.close()
