@@ -70,6 +70,9 @@ COPY_THREADS = 4
 """Most threads a large in-memory copy is split between (a snapshot, ``restore(into=)``)."""
 COPY_PART_BYTES = 16 << 20
 """Fewest bytes each of those threads copies."""
+PAUSE_GC = True
+"""Pause Python's cyclic garbage collector while a save encodes its tree and builds its
+manifest, and while a restore decodes (:mod:`safepoint.format.collector`)."""
 
 # ---------------------------------------------------------------- housekeeping
 

@@ -261,3 +261,25 @@ def test_tree_summary_shows_dtypes_shapes_and_sizes(tmp_path: Path) -> None:
     assert rows["state['big']"] == ("int", "", str(2**70), 0)
     assert rows["state['scalar']"] == ("numpy scalar", "float16", "()", 2)
     assert rows["state['empty']"] == ("tuple", "", "0 items", 0)
+
+
+def test_dtypes_that_look_alike_keep_their_own_description(tmp_path: Path) -> None:
+    """Descriptions are remembered by dtype (and dtypes by description): dtypes that are
+    close but not equal, asked for again and again in one tree, each keep their own."""
+    from safepoint.format.dtypes import decode_dtype
+
+    dtypes: list[Any] = ["<f4", ">f4", "M8[ns]", "M8[us]", "S4", "U1", "V4", [("a", "<i2"), ("b", "<i2")],
+                         np.dtype("<f4", metadata={"unit": "m"})]
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtypes += [ml_dtypes.bfloat16, "V2", "<f2"]
+    state = {f"{i}-{round}": np.zeros(3000, dtype=d) for round in range(3) for i, d in enumerate(dtypes)}
+    ckpt = Checkpointer("alike", location=tmp_path)
+    ckpt.save(1, state)
+    ckpt.save(2, state)
+    restored = ckpt.restore().state
+    for key, array in state.items():
+        assert restored[key].dtype == array.dtype and restored[key].dtype.str == array.dtype.str, key
+        assert type(restored[key].dtype) is type(array.dtype), key
+    for _ in range(2):  # a refused description is refused every time, never remembered
+        with pytest.raises(SafepointError, match="Python objects"):
+            decode_dtype("|O")

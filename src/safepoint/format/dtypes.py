@@ -29,11 +29,26 @@ _MAX_FIELDS = 10_000
 _MAX_NESTING = 32
 
 
+_TEXTS: dict[np.dtype, str] = {}  # dtypes described by a string, as described
+_BY_TEXT: dict[str, np.dtype] = {}  # and back (the string as a manifest holds it)
+_CACHED = 512  # most entries each cache keeps (dtypes with metadata are not the same key)
+
+
 def encode_dtype(dtype: np.dtype) -> Any:
     """A JSON description of a numpy dtype that :func:`decode_dtype` rebuilds exactly.
 
     ``TypeError`` for object dtypes (they hold Python objects, not bytes).
     """
+    text = _TEXTS.get(dtype)
+    if text is not None:
+        return text
+    spec = _encode(dtype)
+    if type(spec) is str and len(_TEXTS) < _CACHED:
+        _TEXTS[dtype] = spec
+    return spec
+
+
+def _encode(dtype: np.dtype) -> Any:
     if type(dtype).__module__.startswith("ml_dtypes") or dtype.type.__module__.startswith("ml_dtypes"):
         return {"ml_dtypes": dtype.name}
     if dtype.fields is not None:
@@ -41,7 +56,7 @@ def encode_dtype(dtype: np.dtype) -> Any:
         spec: dict[str, Any] = {
             "descr": _descr_to_json(dtype.descr), "itemsize": dtype.itemsize, "names": names,
             "offsets": [dtype.fields[n][1] for n in names],
-            "formats": [encode_dtype(dtype.fields[n][0]) for n in names]}
+            "formats": [_encode(dtype.fields[n][0]) for n in names]}
         entries: dict[str, tuple[Any, ...]] = dict(dtype.fields)  # (dtype, offset[, title])
         titles = [entries[n][2] if len(entries[n]) > 2 else None for n in names]
         if any(t is not None for t in titles):
@@ -51,7 +66,7 @@ def encode_dtype(dtype: np.dtype) -> Any:
         return spec
     if dtype.subdtype is not None:
         base, shape = dtype.subdtype
-        return {"subdtype": encode_dtype(base), "shape": list(shape)}
+        return {"subdtype": _encode(base), "shape": list(shape)}
     if dtype.kind == "O":
         raise TypeError("object arrays")
     return dtype.str
@@ -68,6 +83,10 @@ def decode_dtype(spec: Any) -> np.dtype:
     Damage raises :class:`CorruptCheckpoint`; an ml_dtypes type when ml_dtypes is not
     installed raises :class:`UnsupportedType` (the checkpoint is fine, this process is not).
     """
+    if type(spec) is str:
+        known = _BY_TEXT.get(spec)
+        if known is not None:
+            return known
     try:
         dtype = _decode(spec, 0)
     except (CorruptCheckpoint, UnsupportedType):
@@ -78,6 +97,8 @@ def decode_dtype(spec: Any) -> np.dtype:
         raise CorruptCheckpoint(f"manifest names a dtype holding Python objects: {_short(spec)}")
     if dtype.itemsize > _MAX_ITEMSIZE:
         raise CorruptCheckpoint(f"manifest names a dtype of {dtype.itemsize} bytes per item")
+    if type(spec) is str and len(_BY_TEXT) < _CACHED:
+        _BY_TEXT[spec] = dtype
     return dtype
 
 

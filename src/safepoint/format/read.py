@@ -29,6 +29,7 @@ import numpy as np
 from safepoint import knobs
 from safepoint.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeCheckpoint
 from safepoint.format.chunks import is_chunk_key
+from safepoint.format.collector import collector_paused
 from safepoint.format.copying import copy_into
 from safepoint.format.manifest import Manifest, read_manifest
 from safepoint.format.plain import plain_copy
@@ -446,11 +447,12 @@ def load_tree(
             path=manifest.key, leaves=list(pickled))
     source = FileSet(store, manifest, mmap=mmap)
     try:
-        if node is None and target is None and manifest.plain_tree:  # the state as it is: no walk
-            tree = manifest.body["tree"] if share else plain_copy(manifest.body["tree"])
-        else:
-            tree = Decoder(source, allow_pickle=allow_pickle, share=share, rank=rank).decode(
-                manifest.body["tree"] if node is None else node, target)
+        with collector_paused():
+            if node is None and target is None and manifest.plain_tree:  # the state as it is
+                tree = manifest.body["tree"] if share else plain_copy(manifest.body["tree"])
+            else:
+                tree = Decoder(source, allow_pickle=allow_pickle, share=share, rank=rank).decode(
+                    manifest.body["tree"] if node is None else node, target)
         source.load()
     except CorruptCheckpoint as exc:
         if exc.step is None:

@@ -86,6 +86,9 @@ class TreePath:
         self.parent, self.key, self.is_key = parent, key, is_key
 
     def __str__(self) -> str:
+        if type(self.parent) is str:  # a top-level entry: the common case
+            text = key_text(self.key)
+            return f"{self.parent} key {text}" if self.is_key else f"{self.parent}[{text}]"
         parts: list[str] = []
         node: TreePath | str = self
         while isinstance(node, TreePath):
@@ -168,6 +171,8 @@ class Encoder:
         if _is_json_scalar(obj):
             return obj
         kind = type(obj)
+        if kind is np.ndarray and not self.shards_only:  # the common leaf, first
+            return self._ndarray(obj, path)
         if kind is int:
             return {"$": "int", "hex": hex(obj)}
         if kind is float:
@@ -227,7 +232,11 @@ class Encoder:
                 return {"$": "tuple", "items": [self._child(v, path, i) for i, v in enumerate(obj)]}
             plain = type(obj) is dict and all(type(k) is str and k != "$" for k in obj)
             if plain:
-                return {k: self._child(v, path, k) for k, v in obj.items()}
+                array, child, ndarray = self._ndarray, self._child, np.ndarray
+                if self.shards_only:
+                    return {k: child(v, path, k) for k, v in obj.items()}
+                return {k: array(v, TreePath(path, k)) if type(v) is ndarray else child(v, path, k)
+                        for k, v in obj.items()}
             items = [[self._key(k, path), self._child(v, path, k)] for k, v in obj.items()]
             return {"$": "odict" if type(obj) is OrderedDict else "dict", "items": items}
         finally:
@@ -265,16 +274,21 @@ class Encoder:
         except TypeError:
             return self._pickle(array, path)
         shared = True  # does `flat` share memory with the caller's array?
-        if array.flags.c_contiguous:
+        flags = array.flags
+        if flags.c_contiguous:
             order, flat = "C", array
-        elif array.flags.f_contiguous:
+        elif flags.f_contiguous:
             order, flat = "F", array.T
         else:
             order, flat, shared = "C", np.ascontiguousarray(array), False
         node: dict[str, Any] = {"$": "ndarray", "dtype": dtype, "shape": list(array.shape), "order": order}
-        if shared and flat.nbytes > self.inline_limit and self.snapshot is not None:
+        if flat.nbytes <= self.inline_limit:
+            node["b64"] = _b64(bytes_view(flat))
+            return node
+        if shared and self.snapshot is not None:
             flat = self.snapshot(len(self.blobs), flat)
-        node.update(self._data(bytes_view(flat), path))
+        node["blob"] = len(self.blobs)
+        self.blobs.append(BlobRef(bytes_view(flat), str(path)))
         return node
 
     def _npscalar(self, value: np.generic, path: TreePath | str) -> Any:
@@ -472,6 +486,8 @@ class Decoder:
             for k, v in node.items():
                 if type(v) in scalars and not (sub and isinstance(sub.get(k), np.ndarray)):
                     out[k] = v
+                elif not sub and type(v) is dict and v.get("$") == "ndarray":  # the common leaf
+                    out[k] = self._handle(Decoder._ndarray, "ndarray", v, None, (path, k), depth + 1)
                 else:
                     out[k] = self.decode(v, sub.get(k) if sub else None, (path, k), depth + 1)
             return out
@@ -481,6 +497,11 @@ class Decoder:
                               "written it")
         if target is not None and isinstance(target, np.ndarray) and tag not in ("ndarray", "sharded"):
             raise _mismatch(path, target, f"a {tag}")
+        return self._handle(handler, tag, node, target, path, depth)
+
+    def _handle(self, handler: Callable[[Decoder, dict[str, Any], Any, Any, int], Any], tag: str,
+                node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
+        """``handler``'s value for a tagged node; what it finds malformed is damage."""
         try:
             return handler(self, node, target, path, depth)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
@@ -577,17 +598,29 @@ class Decoder:
     def _ndarray(self, node: dict[str, Any], target: Any, path: Any, depth: int) -> Any:
         dtype = decode_dtype(node["dtype"])
         shape = node["shape"]
-        if not (type(shape) is list and len(shape) <= knobs.MAX_DIMS
-                and all(type(n) is int and n >= 0 for n in shape)):
-            raise _fail(path, f"bad array shape {key_text(shape)}")
-        shape = tuple(shape)
-        order = node.get("order", "C")
-        if order not in ("C", "F"):
-            raise _fail(path, f"bad array order {key_text(order)}")
         count = 1
-        for n in shape:
-            count *= n
+        if type(shape) is list and len(shape) <= knobs.MAX_DIMS:
+            for n in shape:
+                if type(n) is not int or n < 0:
+                    break
+                count *= n
+            else:
+                shape = tuple(shape)
+        if type(shape) is not tuple:
+            raise _fail(path, f"bad array shape {key_text(shape)}")
+        order = node.get("order", "C")
+        if order != "C" and order != "F":
+            raise _fail(path, f"bad array order {key_text(order)}")
         expected = count * dtype.itemsize
+        if (target is None and self.build and expected and type(node.get("blob")) is int
+                and "b64" not in node):
+            buffer = self.source.array(node["blob"])  # the common case: an array of a blob
+            if buffer.nbytes != expected:
+                raise _fail(path, f"array data has {buffer.nbytes} bytes, but {shape} {dtype} "
+                                  f"needs {expected}")
+            if order == "C":
+                return buffer.view(dtype).reshape(shape)
+            return buffer.view(dtype).reshape(shape[::-1]).T
         data, index, size = self._data(node, path)
         if size != expected:
             raise _fail(path, f"array data has {size} bytes, but {shape} {dtype} needs {expected}")

@@ -23,6 +23,7 @@ from safepoint import knobs
 from safepoint.errors import SaveFailed, WriteConflict
 from safepoint.format.chunk_writer import ChunkWriter
 from safepoint.format.chunks import CHUNKS, ChunkIndex, content_cuts, is_chunk_key
+from safepoint.format.collector import collector_paused
 from safepoint.format.layout import data_folder, latest_key, manifest_key, step_text
 from safepoint.format.manifest import (
     BASE_VERSION,
@@ -85,12 +86,13 @@ def prepare(
     """
     encoder = Encoder(allow_pickle=allow_pickle, snapshot=snapshot, share=share,
                       host_only=host_only, shards_only=shards_only)
-    if plain is not None:
-        node = None if shards_only else tree if share else loads(plain)
-        return Prepared(node=node, blobs=[], pickled=[], text=None if shards_only else plain)
-    return Prepared(node=encoder.encode(tree), blobs=encoder.blobs, pickled=encoder.pickled,
-                    shards=encoder.shards, per_rank=encoder.per_rank,
-                    parts=(Part.nodes(encoder.shards), Part.nodes(encoder.per_rank)))
+    with collector_paused():
+        if plain is not None:
+            node = None if shards_only else tree if share else loads(plain)
+            return Prepared(node=node, blobs=[], pickled=[], text=None if shards_only else plain)
+        return Prepared(node=encoder.encode(tree), blobs=encoder.blobs, pickled=encoder.pickled,
+                        shards=encoder.shards, per_rank=encoder.per_rank,
+                        parts=(Part.nodes(encoder.shards), Part.nodes(encoder.per_rank)))
 
 
 @dataclass
@@ -185,28 +187,29 @@ def write_checkpoint(
                          parallel=parallel, written=written)
         parts = exchange(own) if exchange is not None else [own]
         sharded = exchange is not None or bool(prepared.shards or prepared.per_rank)
-        if sharded:
-            table, blobs, pickled = merge_parts(parts, prepared.shards, prepared.per_rank)
-        else:
-            table, blobs, pickled = own.files, own.blobs, own.pickled
-        chunked = any(is_chunk_key(rel) for rel, _ in table)
-        packed = chunked and any(len(r) > 4 for blob in blobs for r in blob["ranges"])
-        body = {
-            "format": FORMAT,
-            "version": (PACKED_CHUNK_VERSION if packed else SHARD_VERSION if sharded
-                        else CHUNK_VERSION if chunked else BASE_VERSION),
-            "name": name,
-            "step": step,
-            "created": time.time(),
-            "save_id": own.save_id,
-            "metadata": meta_json,
-            **extra_json,
-            "pickled": pickled,
-            "files": table,
-            "blobs": blobs,
-            "tree": prepared.node,
-        }
-        data = encode_manifest(body, tree=None if sharded else prepared.text)
+        with collector_paused():
+            if sharded:
+                table, blobs, pickled = merge_parts(parts, prepared.shards, prepared.per_rank)
+            else:
+                table, blobs, pickled = own.files, own.blobs, own.pickled
+            chunked = any(is_chunk_key(rel) for rel, _ in table)
+            packed = chunked and any(len(r) > 4 for blob in blobs for r in blob["ranges"])
+            body = {
+                "format": FORMAT,
+                "version": (PACKED_CHUNK_VERSION if packed else SHARD_VERSION if sharded
+                            else CHUNK_VERSION if chunked else BASE_VERSION),
+                "name": name,
+                "step": step,
+                "created": time.time(),
+                "save_id": own.save_id,
+                "metadata": meta_json,
+                **extra_json,
+                "pickled": pickled,
+                "files": table,
+                "blobs": blobs,
+                "tree": prepared.node,
+            }
+            data = encode_manifest(body, tree=None if sharded else prepared.text)
         if before_commit is not None:
             before_commit()
         published = True
@@ -259,8 +262,9 @@ def write_part(
     (its file table and byte ranges). Every key it creates is appended to ``written``
     first, so that a caller can remove them after a failure."""
     save_id = uuid.uuid4().hex[:12]
-    chunked = _chunk_plan(prepared.blobs) if chunks is not None else {}
-    files = layout(prepared.blobs, frozenset(chunked))
+    with collector_paused():
+        chunked = _chunk_plan(prepared.blobs) if chunks is not None else {}
+        files = layout(prepared.blobs, frozenset(chunked))
     folder = data_folder(name, step)
     keys = [f"{folder}/{save_id}-{i}.bin" for i in range(len(files))]
     ranges: list[list[Any]] = [[] for _ in prepared.blobs]
@@ -274,48 +278,55 @@ def write_part(
             assert writer is not None
             writer.write(i - len(files))
             return
-        file = files[i]
-        for index, offset in file.blobs:
-            blob = prepared.blobs[index]
-            ranges[index] = _ranges(i, offset, blob)
         written.append(keys[i])
-        store.write_blob(keys[i], file.parts, durable=durable)
+        store.write_blob(keys[i], files[i].parts, durable=durable)
+
+    def checksums() -> None:  # on the calling thread, beside the writes (they free the GIL)
+        with collector_paused():
+            for i, file in enumerate(files):
+                for index, offset in file.blobs:
+                    ranges[index] = _ranges(i, offset, prepared.blobs[index])
 
     if parallel is None:
         parallel = prepared.nbytes >= knobs.PARALLEL_BYTES
     try:
         _run_all(write_one, len(files) + (len(writer.segments) if writer else 0),
-                 parallel=parallel)
+                 parallel=parallel, beside=checksums)
     finally:
         if writer is not None:
             writer.close()
     if files and durable:
         store.sync_folder(folder)
-    table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
     if writer is not None:
         writer.finish()
         if writer.wrote and durable:
             store.sync_folder(f"{name}/{CHUNKS}")
-        file_of: dict[str, int] = {}
-        for index, spans in chunked.items():
-            for start, _ in spans:
-                chunk = writer.named[(index, start)]
-                if chunk.rel not in file_of:
-                    file_of[chunk.rel] = len(table)
-                    table.append([chunk.rel, chunk.file_size])
-                ranges[index].append(chunk.range(file_of[chunk.rel]))
-    blobs = [{"size": b.data.nbytes, "path": b.tree_path, "ranges": ranges[i]}
-             for i, b in enumerate(prepared.blobs)]
+    with collector_paused():
+        table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
+        if writer is not None:
+            file_of: dict[str, int] = {}
+            for index, spans in chunked.items():
+                for start, _ in spans:
+                    chunk = writer.named[(index, start)]
+                    if chunk.rel not in file_of:
+                        file_of[chunk.rel] = len(table)
+                        table.append([chunk.rel, chunk.file_size])
+                    ranges[index].append(chunk.range(file_of[chunk.rel]))
+        blobs = [{"size": b.data.nbytes, "path": b.tree_path, "ranges": ranges[i]}
+                 for i, b in enumerate(prepared.blobs)]
     return Part(rank, table, blobs, *prepared.parts, prepared.pickled, save_id=save_id)
 
 
 def _ranges(file: int, offset: int, blob: BlobRef) -> list[list[Any]]:
-    """The byte ranges of a blob written at ``offset`` of data file ``file``: one, or for a
-    shard one per :attr:`~safepoint.format.tree.BlobRef.ranged` bytes."""
-    size = blob.data.nbytes
-    step = blob.ranged or size or 1
-    return [[file, offset + at, min(step, size - at), checksum(blob.data[at : at + step])]
-            for at in range(0, size, step)] or [[file, offset, 0, checksum(b"")]]
+    """The byte ranges ``[file, offset, length, crc32c]`` of a blob written at ``offset`` of
+    data file ``file``: one, or for a shard one per
+    :attr:`~safepoint.format.tree.BlobRef.ranged` bytes."""
+    data, step = blob.data, blob.ranged
+    size = data.nbytes
+    if not step or size <= step:  # (the GIL is freed for the writing threads)
+        return [[file, offset, size, checksum(data, free_gil=True)]]
+    return [[file, offset + at, min(step, size - at), checksum(data[at : at + step], free_gil=True)]
+            for at in range(0, size, step)]
 
 
 def _chunk_plan(blobs: list[BlobRef]) -> dict[int, list[tuple[int, int]]]:
@@ -333,14 +344,19 @@ def _chunk_plan(blobs: list[BlobRef]) -> dict[int, list[tuple[int, int]]]:
     return plan
 
 
-def _run_all(work: Callable[[int], None], count: int, *, parallel: bool) -> None:
+def _run_all(work: Callable[[int], None], count: int, *, parallel: bool,
+             beside: Callable[[], None]) -> None:
+    """``work(i)`` for every index, on threads if ``parallel``; ``beside()`` on the calling
+    thread meanwhile (before the work, when not on threads)."""
     if not parallel or count < 2:
+        beside()
         for index in range(count):
             work(index)
         return
     with ThreadPoolExecutor(min(knobs.WRITE_THREADS, count)) as pool:
         futures = [pool.submit(work, index) for index in range(count)]
         try:
+            beside()
             for future in futures:
                 future.result()
         except BaseException:
