@@ -71,8 +71,8 @@ COPY_THREADS = 4
 COPY_PART_BYTES = 16 << 20
 """Fewest bytes each of those threads copies."""
 PAUSE_GC = True
-"""Pause Python's cyclic garbage collector while a save encodes its tree and builds its
-manifest, and while a restore decodes (:mod:`safepoint.format.collector`)."""
+"""Pause Python's cyclic garbage collector during a blocking save and a restore, and while
+a background save encodes its tree and builds its manifest (:mod:`safepoint.format.collector`)."""
 
 # ---------------------------------------------------------------- housekeeping
 

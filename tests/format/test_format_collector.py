@@ -133,3 +133,28 @@ def test_saves_and_restores_encode_and_decode_with_the_collector_paused(
     assert len(seen["decode"]) == 50 and not any(seen["decode"])
     assert gc.isenabled()
     assert check(tmp_path).ok
+
+
+def test_a_blocking_save_is_paused_throughout_and_a_background_write_only_while_it_encodes(
+        tmp_path: Path) -> None:
+    """A blocking save makes nothing that outlives it, so it pauses from start to end; a
+    background write leaves the collector on while it waits on its writes, so that the
+    caller's own garbage is collected meanwhile."""
+    from safepoint.store import LocalStore
+
+    seen: list[bool] = []
+
+    class Watching(LocalStore):
+        def write_blob(self, key: str, chunks: Any, *, durable: bool) -> None:
+            seen.append(gc.isenabled())
+            super().write_blob(key, chunks, durable=durable)
+
+    state = {"w": np.ones(1 << 16)}
+    ckpt = Checkpointer("watched", location=Watching(tmp_path))
+    ckpt.save(1, state)
+    assert seen == [False] and gc.isenabled()
+    seen.clear()
+    ckpt.save(2, state, blocking=False).wait()
+    assert seen == [True]
+    assert np.array_equal(ckpt.restore().state["w"], state["w"])
+    assert check(tmp_path).ok

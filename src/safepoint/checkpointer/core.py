@@ -78,6 +78,7 @@ from safepoint.format import (
     write_checkpoint,
 )
 from safepoint.format.chunks import Place, Seen, quick_places, unchanged_share
+from safepoint.format.collector import collector_paused
 from safepoint.format.copying import copy_into
 from safepoint.format.shards import Part
 from safepoint.lease import Lease, release_when_dropped
@@ -372,6 +373,13 @@ class Checkpointer:
             raise StepExists(
                 f"{self.name!r} step {step} {what} in {self.store.url}; pass overwrite=True to "
                 "replace it, or save a newer step", name=self.name, step=step)
+        if blocking:  # the whole save: nothing it makes is cyclic garbage (see format.collector)
+            with collector_paused():
+                return self._save(step, state, latest, metadata, True, overwrite, extra)
+        return self._save(step, state, latest, metadata, False, overwrite, extra)
+
+    def _save(self, step: int, state: Any, latest: int | None, metadata: dict[str, Any] | None,
+              blocking: bool, overwrite: bool, extra: dict[str, Any] | None) -> Pending:
         plain = plain_json(state)  # plain JSON values only: nothing to capture, its text made in C
         tree = state if plain is not None else capture(state)
         forked = not blocking and self.snapshot == "fork"
@@ -801,6 +809,10 @@ class Checkpointer:
         instead of reading them.
         """
         self.wait()
+        with collector_paused():  # nothing a restore makes is cyclic garbage
+            return self._restore(step, into, mmap, allow_pickle)
+
+    def _restore(self, step: int | None, into: Any, mmap: bool, allow_pickle: bool | None) -> Restored:
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
         if self.group is not None:
             return restore_distributed(self, self.group, None if step is None else _check_step(step),

@@ -1,13 +1,16 @@
 """Pausing Python's cyclic garbage collector while a save or a restore builds many objects.
 
 Encoding 10,000 arrays makes some 50,000 small dicts and lists (nodes, blob entries, byte
-ranges); that many new containers start a full collection, which walks every object of the
-process (70 ms of a 200 ms save in a process holding the state's 10,000 arrays), though
-nothing a save makes is garbage in a cycle. So the CPU-bound parts of a save and a restore
-run with the collector paused (never across a write or a read), as msgpack advises for
-large unpacks. Nested and concurrent pauses (a background save beside a restore) share one
-count: the collector is enabled again when the last one ends, if it was enabled before the
-first. :data:`~safepoint.knobs.PAUSE_GC` turns it off.
+ranges). That many new containers start collections that walk them all, and a full one
+walks every object of the process: with 10,000 arrays held, 20 to 70 ms of a 150 ms save,
+though nothing a save or a restore makes is garbage in a cycle. So a blocking
+``Checkpointer.save`` and every ``restore`` run with the collector paused from start to end
+(what they make dies with them, or is the returned state), and the CPU-bound parts of a
+save written in the background (encoding, the manifest) pause it too, but not its waits on
+the writes, while the caller goes on making garbage of its own. msgpack advises the same
+for large unpacks. Nested and concurrent pauses share one count: the collector is enabled
+again when the last one ends, if it was enabled before the first. A forked child keeps only
+the forking thread's pauses. :data:`~safepoint.knobs.PAUSE_GC` turns it off.
 """
 
 from __future__ import annotations

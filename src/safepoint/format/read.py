@@ -40,6 +40,7 @@ from safepoint.store.base import KIND_TEXT
 _POPULATE_BYTES = 1 << 20
 _MAP_POPULATE = getattr(mmap_module, "MAP_POPULATE", None)
 _VERIFY_CHUNK = 16 << 20
+_FREE_GIL_BYTES = 32 << 10  # crc32c frees the GIL for buffers of this size or more
 
 
 def read_buffer(size: int) -> np.ndarray:
@@ -227,7 +228,8 @@ class FileSet:
         (crc32c releases the GIL, as the copies do)."""
         total = sum(check[3] for check in checks)
         threads = min(knobs.READ_THREADS, len(checks))
-        if threads < 2 or total < knobs.PARALLEL_BYTES:
+        # crc32c keeps the GIL for a range below 32 KiB: threads would only take turns
+        if threads < 2 or total < knobs.PARALLEL_BYTES or total < len(checks) * _FREE_GIL_BYTES:
             self._verify_share(checks)
             return
         shares: list[list[tuple[int, _File, int, int, str]]] = [[] for _ in range(threads)]

@@ -182,16 +182,14 @@ def write_checkpoint(
         raise ValueError(f"extra may not set the manifest's own keys {clash}")
     written: list[str] = []  # data files this save created (or began to)
     published = False
-    try:
-        own = write_part(store, name, step, prepared, durable=durable, chunks=chunks,
-                         parallel=parallel, written=written)
-        parts = exchange(own) if exchange is not None else [own]
-        sharded = exchange is not None or bool(prepared.shards or prepared.per_rank)
+    sharded = exchange is not None or bool(prepared.shards or prepared.per_rank)
+
+    def manifest_of(parts: list[Part]) -> tuple[dict[str, Any], bytes]:
         with collector_paused():
             if sharded:
                 table, blobs, pickled = merge_parts(parts, prepared.shards, prepared.per_rank)
             else:
-                table, blobs, pickled = own.files, own.blobs, own.pickled
+                table, blobs, pickled = parts[0].files, parts[0].blobs, parts[0].pickled
             chunked = any(is_chunk_key(rel) for rel, _ in table)
             packed = chunked and any(len(r) > 4 for blob in blobs for r in blob["ranges"])
             body = {
@@ -201,7 +199,7 @@ def write_checkpoint(
                 "name": name,
                 "step": step,
                 "created": time.time(),
-                "save_id": own.save_id,
+                "save_id": parts[0].save_id,
                 "metadata": meta_json,
                 **extra_json,
                 "pickled": pickled,
@@ -209,7 +207,14 @@ def write_checkpoint(
                 "blobs": blobs,
                 "tree": prepared.node,
             }
-            data = encode_manifest(body, tree=None if sharded else prepared.text)
+            return body, encode_manifest(body, tree=None if sharded else prepared.text)
+
+    made: list[tuple[dict[str, Any], bytes]] = []  # made while the data was written
+    try:
+        own = write_part(store, name, step, prepared, durable=durable, chunks=chunks,
+                         parallel=parallel, written=written,
+                         ready=None if sharded else lambda part: made.append(manifest_of([part])))
+        body, data = made[0] if made else manifest_of(exchange(own) if exchange is not None else [own])
         if before_commit is not None:
             before_commit()
         published = True
@@ -256,11 +261,16 @@ def write_part(
     parallel: bool | None = None,
     written: list[str],
     rank: int = 0,
+    ready: Callable[[Part], None] | None = None,
 ) -> Part:
     """Write (and make durable) the data files of one process's part of a save: blobs,
     packed or alone, into ``<step>/<save id>-<k>.bin``, and new chunks; returns the part
     (its file table and byte ranges). Every key it creates is appended to ``written``
-    first, so that a caller can remove them after a failure."""
+    first, so that a caller can remove them after a failure.
+
+    ``ready(part)``: called on the calling thread as soon as the part is known, which,
+    without new chunks, is before the writes end (the manifest is made meanwhile): they
+    are not durable yet then."""
     save_id = uuid.uuid4().hex[:12]
     with collector_paused():
         chunked = _chunk_plan(prepared.blobs) if chunks is not None else {}
@@ -281,17 +291,39 @@ def write_part(
         written.append(keys[i])
         store.write_blob(keys[i], files[i].parts, durable=durable)
 
-    def checksums() -> None:  # on the calling thread, beside the writes (they free the GIL)
+    def part() -> Part:
+        with collector_paused():
+            table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
+            if writer is not None:
+                file_of: dict[str, int] = {}
+                for index, spans in chunked.items():
+                    for start, _ in spans:
+                        chunk = writer.named[(index, start)]
+                        if chunk.rel not in file_of:
+                            file_of[chunk.rel] = len(table)
+                            table.append([chunk.rel, chunk.file_size])
+                        ranges[index].append(chunk.range(file_of[chunk.rel]))
+            blobs = [{"size": b.data.nbytes, "path": b.tree_path, "ranges": ranges[i]}
+                     for i, b in enumerate(prepared.blobs)]
+        return Part(rank, table, blobs, *prepared.parts, prepared.pickled, save_id=save_id)
+
+    known: list[Part] = []
+
+    def beside() -> None:  # on the calling thread, beside the writes (they free the GIL)
         with collector_paused():
             for i, file in enumerate(files):
                 for index, offset in file.blobs:
                     ranges[index] = _ranges(i, offset, prepared.blobs[index])
+        if writer is None:  # nothing more to learn from the writes
+            known.append(part())
+            if ready is not None:
+                ready(known[0])
 
     if parallel is None:
         parallel = prepared.nbytes >= knobs.PARALLEL_BYTES
     try:
         _run_all(write_one, len(files) + (len(writer.segments) if writer else 0),
-                 parallel=parallel, beside=checksums)
+                 parallel=parallel, beside=beside)
     finally:
         if writer is not None:
             writer.close()
@@ -301,20 +333,8 @@ def write_part(
         writer.finish()
         if writer.wrote and durable:
             store.sync_folder(f"{name}/{CHUNKS}")
-    with collector_paused():
-        table = [[f"{step_text(step)}/{save_id}-{i}.bin", f.size] for i, f in enumerate(files)]
-        if writer is not None:
-            file_of: dict[str, int] = {}
-            for index, spans in chunked.items():
-                for start, _ in spans:
-                    chunk = writer.named[(index, start)]
-                    if chunk.rel not in file_of:
-                        file_of[chunk.rel] = len(table)
-                        table.append([chunk.rel, chunk.file_size])
-                    ranges[index].append(chunk.range(file_of[chunk.rel]))
-        blobs = [{"size": b.data.nbytes, "path": b.tree_path, "ranges": ranges[i]}
-                 for i, b in enumerate(prepared.blobs)]
-    return Part(rank, table, blobs, *prepared.parts, prepared.pickled, save_id=save_id)
+        return part()
+    return known[0]
 
 
 def _ranges(file: int, offset: int, blob: BlobRef) -> list[list[Any]]:
