@@ -66,6 +66,9 @@ PARALLEL_BYTES = 32 << 20
 """Blob files are written, and read, on several threads above this total size."""
 WRITE_THREADS = 4
 READ_THREADS = 2
+PREFETCH_BLOBS = 256
+"""A full restore of a checkpoint of at least this many blobs (and neither chunks nor
+shards) reads its data files on a thread of its own while it decodes the tree."""
 COPY_THREADS = 4
 """Most threads a large in-memory copy is split between (a snapshot, ``restore(into=)``)."""
 COPY_PART_BYTES = 16 << 20

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from safepoint import check, knobs
 from safepoint.checkpointer import Checkpointer, CorruptCheckpointWarning
 from safepoint.errors import CorruptCheckpoint
 from safepoint.format import checksum, verify_checkpoint
@@ -34,8 +35,13 @@ def _state(step: int) -> dict[str, object]:
     }
 
 
-@pytest.fixture
-def damaged(tmp_path: Path) -> Iterator[tuple[Checkpointer, Path]]:
+@pytest.fixture(params=["read at load", "prefetched"])
+def damaged(tmp_path: Path, request: pytest.FixtureRequest,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Checkpointer, Path]]:
+    """Two steps; step 2 is damaged by the test. Restores read the data files after
+    decoding the tree, or (as for a manifest of many arrays) on a thread beside it."""
+    if request.param == "prefetched":
+        monkeypatch.setattr(knobs, "PREFETCH_BLOBS", 1)
     store = LocalStore(tmp_path)
     ckpt = Checkpointer("job", location=store)
     ckpt.save(1, _state(1), metadata={"note": "intact"})
@@ -188,3 +194,44 @@ def test_a_damaged_blob_never_lands_in_an_array_being_filled(damaged: tuple[Chec
         restored = ckpt.restore(into={"weights": target})
     assert restored.step == 1 and restored.state["weights"] is target
     assert np.array_equal(target, STEP1["weights"])
+
+
+def test_many_arrays_are_read_beside_the_decoding_and_a_failed_read_is_damage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safepoint.format.read import FileSet
+
+    many = {f"a{i}": np.full(1500, i, np.float32) for i in range(knobs.PREFETCH_BLOBS)}
+    ckpt = Checkpointer("many", location=tmp_path)
+    ckpt.save(1, many)
+    ckpt.save(2, {k: v + 1 for k, v in many.items()})
+    prefetched: list[str] = []
+    prefetch = FileSet.prefetch
+
+    def counting(self: FileSet) -> None:
+        prefetched.append(self.manifest.key)
+        prefetch(self)
+
+    monkeypatch.setattr(FileSet, "prefetch", counting)
+    restored = ckpt.restore(step=1).state
+    assert prefetched == ["many/000000000001.json"]
+    assert all(np.array_equal(restored[k], v) for k, v in many.items())
+    assert all(restored[k].flags.writeable for k in many)
+
+    step2 = sorted((tmp_path / "many" / "000000000002").iterdir())
+    read_range = LocalStore.read_range
+
+    def vanishing(self: LocalStore, key: str, offset: int, buffer: object) -> int:
+        if "000000000002/" in key:  # removed after the restore looked at it
+            raise FileNotFoundError(key)
+        return read_range(self, key, offset, buffer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LocalStore, "read_range", vanishing)
+    error = _corrupt_error(ckpt, 2)
+    assert "data file is missing" in str(error) and error.step == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ckpt.restore().step == 1
+    assert [w.category for w in caught] == [CorruptCheckpointWarning]
+    assert step2 and all(p.exists() for p in step2)
+    monkeypatch.undo()
+    assert check(tmp_path).ok
