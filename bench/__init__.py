@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import shutil
 import statistics
 import tempfile
@@ -371,6 +372,7 @@ class Report:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+            settle()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -383,6 +385,13 @@ class Report:
             "skipped": self.skipped,
             "errors": self.errors,
         }
+
+
+def settle() -> None:
+    """Flush the page cache's dirty pages (and a removal's discards) to the disk now, so
+    that their writeback does not fall into the next measurement: after a module has
+    written gigabytes, the first few fsyncs of the next one waited on it."""
+    os.sync()
 
 
 def format_seconds(seconds: float) -> str:

@@ -16,7 +16,8 @@ one run, every loop with the same body (``state["total"] += int(line)``):
    appending a record of the same size to a file and calling ``fdatasync`` every 1000
    lines (less the plain loop, divided by the appends), measured in the same rounds;
 3. the default policy's loop again, alternating with the plain loop alone (15 rounds): the
-   target, away from the loops above whose thousand ``fdatasync`` calls delay its flushes;
+   target, away from the loops above whose thousand ``fdatasync`` calls delay its flushes
+   (their writeback is flushed first, with ``os.sync``);
 4. resuming at 90% against resuming at 0% (open the run, read the first line), and a naive
    resume that re-reads the file up to 90%.
 
@@ -32,7 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bench import Case, Report, compare
+from bench import Case, Report, compare, settle
 from safepoint.policy import Policy, Tick, every, manual
 from safepoint.run import resume
 from safepoint.store.journal import HEADER, scan
@@ -219,7 +220,9 @@ def run(report: Report, quick: bool) -> None:
 
         # The target, measured apart: in the table above the default-policy loop alternates
         # with loops that call fdatasync a thousand times, whose writeback then delays its
-        # own few flushes; here only the two loops alternate, with more rounds.
+        # own few flushes; here only the two loops alternate, with more rounds, after that
+        # writeback is flushed.
+        settle()
         alone = compare({"plain loop": Case(lambda _: plain(path)), DEFAULT: Case(lambda _: resumable(path, store))},
                         repeat=report.pick(full=15, quick=2))
         focused = report.section(
