@@ -115,10 +115,19 @@ class Manifest:
         return float(self.body.get("created", 0.0))
 
 
-def encode_manifest(body: dict[str, Any], *, tree: bytes | None = None) -> bytes:
-    """The manifest file of ``body``; ``tree``: the JSON text of its plain tree, if made."""
-    text = plain.dumps(body, tree=tree)
-    return _PREFIX + checksum(text).encode("ascii") + _MIDDLE + text + _SUFFIX
+def encode_manifest(body: dict[str, Any], *, tree: bytes | memoryview | None = None) -> bytes:
+    """The manifest file of ``body``; ``tree``: the JSON text of its plain tree, if made
+    (written as it is, as the body's last field). The text is checksummed piece by piece
+    and copied once: a tree of many leaves makes a text of megabytes."""
+    if tree is None:
+        parts: list[bytes | memoryview] = [plain.dumps(body)]
+    else:
+        head = plain.dumps({key: value for key, value in body.items() if key != "tree"})
+        parts = [memoryview(head)[:-1], b',"tree":' if len(head) > 2 else b'"tree":', tree, b"}"]
+    crc = 0
+    for part in parts:
+        crc = _crc32c.crc32c(part, crc)
+    return b"".join([_PREFIX, f"{crc & 0xFFFFFFFF:08x}".encode("ascii"), _MIDDLE, *parts, _SUFFIX])
 
 
 def decode_manifest(data: bytes, where: str, *, name: str | None = None,

@@ -110,7 +110,7 @@ _WRAP = max(0, _WRITE_LIMIT - knobs.MAX_DEPTH)
 ``knobs.MAX_DEPTH`` containers deep."""
 
 
-def plain_json(obj: Any) -> bytes | None:
+def plain_json(obj: Any) -> memoryview | None:
     """The JSON text of ``obj`` when ``obj`` is a plain tree (:func:`is_plain`), else None;
     for a large tree, several times faster than :func:`is_plain` and encoding it.
 
@@ -120,7 +120,8 @@ def plain_json(obj: Any) -> bytes | None:
     time (``gc.get_referents``) refuses every type but the plain ones, which orjson would
     write as something else (a tuple, an Enum, a UUID); the nulls in the text are the
     tree's Nones only, not a NaN or an infinity (which orjson writes as null); and a
-    ``"$"`` key shows in the text.
+    ``"$"`` key shows in the text. The text is a view of orjson's output, which is
+    wrapped in lists: the manifest copies it once, into its own text.
     """
     kind = type(obj)
     if kind is not dict and kind is not list:
@@ -135,13 +136,11 @@ def plain_json(obj: Any) -> bytes | None:
         text = orjson.dumps(wrapped, option=_STRICT)
     except (TypeError, ValueError):
         return None
-    if wrap:
-        text = text[wrap:-wrap]
     if b"$" in text and b'"$":' in text:  # a "$" key (or one ending in '"$'): tagged objects decide
         return None
     nulls = text.count(b"null")  # Nones, NaNs, infinities; "null" inside a str counts too
     nones = _plain_types_nones(obj, count=nulls > 0)
-    return text if nones is not None and nones == nulls else None
+    return memoryview(text)[wrap : len(text) - wrap] if nones is not None and nones == nulls else None
 
 
 def _plain_types_nones(obj: Any, *, count: bool) -> int | None:
@@ -163,12 +162,11 @@ def _plain_types_nones(obj: Any, *, count: bool) -> int | None:
     return nones
 
 
-def dumps(body: Any, *, tree: bytes | None = None) -> bytes:
+def dumps(body: Any) -> bytes:
     """Strict JSON text of a manifest's ``body`` (plain values, finite floats; see
-    :mod:`safepoint.format.manifest`); ``tree``: the JSON text of ``body["tree"]`` as
-    :func:`plain_json` made it, written as it is."""
+    :mod:`safepoint.format.manifest`)."""
     try:
-        return orjson.dumps(body if tree is None else {**body, "tree": orjson.Fragment(tree)})
+        return orjson.dumps(body)
     except orjson.JSONEncodeError:  # a lone surrogate in a str: escaped by the standard library
         return json.dumps(body, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 

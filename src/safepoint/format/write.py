@@ -57,7 +57,7 @@ class Prepared:
     parts: tuple[list[list[Any]], list[list[Any]]] = ([], [])
     """Copies of ``shards`` and ``per_rank`` as encoded, for this process's part (a merge
     changes the tree's own nodes in place, and a retried commit merges again)."""
-    text: bytes | None = None
+    text: memoryview | None = None
     """The JSON text of ``node`` when the whole tree is plain (:func:`plain_json`)."""
 
     @property
@@ -71,7 +71,7 @@ def prepare(
     allow_pickle: bool = False,
     snapshot: Callable[[int, np.ndarray], np.ndarray] | None = None,
     share: bool = False,
-    plain: bytes | None = None,
+    plain: memoryview | None = None,
     host_only: bool = False,
     shards_only: bool = False,
 ) -> Prepared:
@@ -88,7 +88,7 @@ def prepare(
                       host_only=host_only, shards_only=shards_only)
     with collector_paused():
         if plain is not None:
-            node = None if shards_only else tree if share else loads(plain)
+            node = None if shards_only else tree if share else loads(plain.tobytes())
             return Prepared(node=node, blobs=[], pickled=[], text=None if shards_only else plain)
         return Prepared(node=encoder.encode(tree), blobs=encoder.blobs, pickled=encoder.pickled,
                         shards=encoder.shards, per_rank=encoder.per_rank,
